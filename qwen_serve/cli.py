@@ -1,0 +1,7 @@
+"""The `qwen-serve` command."""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    raise SystemExit("qwen-serve: not yet wired")

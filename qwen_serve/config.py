@@ -1,0 +1,80 @@
+"""Engine configuration: slotted dataclasses validated once, and CLI flags generated from them.
+
+Flag names follow `vllm serve` where one exists (`--max-model-len`, `--gpu-memory-utilization`, ...).
+Each field's `metadata["help"]` is its flag's help text, so a field and its flag cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str = _opt("demo", "model to serve: a HF folder, a .gguf file, a hub id, or 'demo' (Qwen2.5-Coder-0.5B-Instruct)")
+    tokenizer: str | None = _opt(None, "tokenizer folder or hub id, when it differs from the model's")
+    dtype: str = _opt("auto", "weights and activations: auto, float32, bfloat16, float16")
+    device: str = _opt("auto", "auto (cuda when available), cuda, cuda:N or cpu")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context length)")
+    max_num_seqs: int = _opt(128, "most requests in one step")
+    max_num_batched_tokens: int = _opt(2048, "token budget of one step; longer prompts are prefilled in chunks")
+    block_size: int = _opt(16, "tokens per KV-cache block")
+    gpu_memory_utilization: float = _opt(0.90, "fraction of GPU memory the engine may use (weights, activations, KV cache)")
+    kv_cache_gb: float = _opt(2.0, "KV-cache size in GiB on the CPU (the GPU sizes it from --gpu-memory-utilization)")
+    num_kv_blocks: int | None = _opt(None, "force this many KV-cache blocks (tests, debugging)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
+    enforce_eager: bool = _opt(False, "no CUDA graphs")
+    rope_scaling: str | None = _opt(
+        None, "add YaRN to a model whose config lacks it: 'yarn' (factor 4 over 32768) or a JSON object"
+    )
+    seed: int = _opt(0, "seed for requests that give none")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+            raise ValueError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be at least 1, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"--kv-cache-gb must be positive, got {self.kv_cache_gb}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"--num-kv-blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.rope_scaling not in (None, "yarn"):
+            try:
+                block = json.loads(self.rope_scaling)
+            except json.JSONDecodeError:
+                raise ValueError(f"--rope-scaling must be 'yarn' or a JSON object, got {self.rope_scaling!r}") from None
+            if not isinstance(block, dict):
+                raise ValueError("--rope-scaling JSON must be an object")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        add_dataclass_args(parser, cls)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> Self:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--kebab-case` flag per field; booleans get `--x` / `--no-x`."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")

@@ -1,0 +1,230 @@
+"""Attention over a paged KV cache, behind a small backend interface.
+
+The model never sees batching: it calls `Attention.forward(q, k, v)` on a flat batch of tokens,
+and the per-step description of that batch (`AttentionMetadata`) travels beside it through
+`forward_context`, a context manager that always resets, so metadata can never leak into the
+next step. The runner binds each layer's slice of the preallocated KV cache with `bind_kv_cache`.
+
+Cache layout per layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads, head_dim].
+A token's slot is `block_id * block_size + offset`; `slot_mapping[i]` is where token i's key and
+value are written, and a negative slot means "do not write" (padding in CUDA-graph batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch: sequences laid end to end, each with `query_len` new tokens.
+
+    Sequence i owns query rows `query_start_loc[i]:query_start_loc[i+1]`; its new tokens are the
+    last `query_len` of its `seq_len` tokens, so they attend to all cached tokens before them.
+    """
+
+    query_start_loc: list[int]  # [num_seqs + 1], host side
+    seq_lens: list[int]  # [num_seqs] cached + new tokens, host side
+    slot_mapping: torch.Tensor | None  # [num_tokens] int64 on the device; None: no cache (plain prefill)
+    block_tables: torch.Tensor | None  # [num_seqs, max_blocks] int32 on the device
+    max_query_len: int
+    max_seq_len: int
+    # Device copies for kernels that need them; filled by the runner (None on the torch path).
+    query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
+    seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @classmethod
+    def prefill_without_cache(cls, seq_lens: list[int]) -> "AttentionMetadata":
+        """Whole sequences, no KV cache: what a plain forward pass over full prompts needs."""
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        longest = max(seq_lens) if seq_lens else 0
+        return cls(starts, list(seq_lens), None, None, longest, longest)
+
+
+_current: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(metadata: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Makes `metadata` visible to every attention layer for one forward pass, then clears it."""
+    global _current
+    previous, _current = _current, metadata
+    try:
+        yield metadata
+    finally:
+        _current = previous
+
+
+def current_metadata(num_tokens: int) -> AttentionMetadata:
+    """The metadata of the running forward pass; without one, the batch is one causal sequence."""
+    if _current is None:
+        return AttentionMetadata.prefill_without_cache([num_tokens])
+    return _current
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for a flat batch; k_cache/v_cache already hold this step's keys and values."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor | None,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatters this step's keys and values into their cache slots (torch reference of the fused kernel)."""
+    num_blocks, block_size = k_cache.shape[:2]
+    flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
+    flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+    valid = slot_mapping >= 0
+    if bool(valid.all()):
+        flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    else:
+        flat_k[slot_mapping[valid]] = k[valid].to(k_cache.dtype)
+        flat_v[slot_mapping[valid]] = v[valid].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first `seq_len` cached tokens of one sequence: [seq_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+class TorchAttentionBackend:
+    """Portable reference: one scaled_dot_product_attention call per sequence (CPU and GPU).
+
+    Decode-only batches are grouped into one padded call, which is what makes batched decoding
+    on the CPU pay off; mixed batches loop over sequences.
+    """
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        if k_cache is None or meta.block_tables is None:
+            return self._prefill_no_cache(q, k, v, meta, scale)
+        if meta.is_decode_only and meta.num_seqs > 1:
+            return self._decode_batched(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc
+        for i, seq_len in enumerate(meta.seq_lens):
+            s, e = starts[i], starts[i + 1]
+            keys = gather_kv(k_cache, meta.block_tables[i], seq_len)
+            values = gather_kv(v_cache, meta.block_tables[i], seq_len)
+            out[s:e] = _causal_attention(q[s:e], keys.to(q.dtype), values.to(q.dtype), scale)
+        return out
+
+    @staticmethod
+    def _prefill_no_cache(q, k, v, meta, scale):
+        out = torch.empty_like(q)
+        starts = meta.query_start_loc
+        for i in range(meta.num_seqs):
+            s, e = starts[i], starts[i + 1]
+            out[s:e] = _causal_attention(q[s:e], k[s:e], v[s:e], scale)
+        return out
+
+    @staticmethod
+    def _decode_batched(q, k_cache, v_cache, meta, scale):
+        # q: [num_seqs, num_heads, head_dim], one query per sequence.
+        num_seqs, max_len = meta.num_seqs, meta.max_seq_len
+        block_size = k_cache.shape[1]
+        max_blocks = (max_len + block_size - 1) // block_size
+        tables = meta.block_tables[:, :max_blocks].long()
+        # [num_seqs, max_len, num_kv_heads, head_dim]
+        keys = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
+        values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
+        lens = torch.tensor(meta.seq_lens, device=q.device)
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [num_seqs, max_len]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [num_seqs, num_heads, 1, head_dim]
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [q_len, H, D] are the last q_len positions of k, v: [kv_len, KVH, D]."""
+    q_len, kv_len = q.shape[0], k.shape[0]
+    if q_len == kv_len:
+        mask, causal = None, True
+    elif q_len == 1:
+        mask, causal = None, False
+    else:
+        # Query row r sits at absolute position kv_len - q_len + r and sees keys up to it.
+        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask, causal = torch.arange(kv_len, device=q.device)[None, :] <= rows, False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )
+    return out.transpose(0, 1)
+
+
+class Attention(nn.Module):
+    """Writes this step's keys/values into the bound cache, then runs the backend."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend: AttentionBackend = TorchAttentionBackend()
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        meta = current_metadata(n)
+        use_cache = self.k_cache is not None and meta.slot_mapping is not None
+        if use_cache:
+            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = self.backend.forward(
+            q, k, v, self.k_cache if use_cache else None, self.v_cache if use_cache else None, meta, self.scale
+        )
+        return out.reshape(n, self.num_heads * self.head_dim)
+
+
+def bind_kv_cache(model: nn.Module, kv_cache: torch.Tensor | None, backend: AttentionBackend | None = None) -> int:
+    """Gives each attention layer its slice of `kv_cache` [2, num_layers, num_blocks, block_size, kv_heads, head_dim].
+
+    Returns the number of layers bound. `None` unbinds (plain prefill without cache).
+    """
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for i, layer in enumerate(layers):
+        layer.k_cache = None if kv_cache is None else kv_cache[0, i]
+        layer.v_cache = None if kv_cache is None else kv_cache[1, i]
+        if backend is not None:
+            layer.backend = backend
+    return len(layers)

@@ -1,0 +1,82 @@
+"""Rotary position embedding, plain or YaRN-scaled, as a cos/sin table looked up by position."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qwen_serve.models.config import RopeScaling
+
+
+def plain_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+
+
+def yarn_inv_freq(head_dim: int, base: float, s: RopeScaling) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): interpolate low frequencies, keep high ones, ramp between.
+
+    Returns the inverse frequencies and the attention temperature factor (0.1 ln(s) + 1), which
+    scales cos and sin, so that q·k grows by its square, as the paper prescribes.
+    """
+    extrapolation = plain_inv_freq(head_dim, base)
+    interpolation = extrapolation / s.factor
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 where the dimension rotates fast enough to extrapolate
+    inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    if s.attention_factor is not None:
+        mscale = float(s.attention_factor)
+    else:
+        mscale = 1.0 if s.factor <= 1 else 0.1 * math.log(s.factor) + 1.0
+    return inv_freq, mscale
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE in the rotate-half layout (Qwen2/HF), from a float32 cos|sin table.
+
+    The table is derived, never loaded, and must stay float32 whatever the model's dtype, so it is
+    a plain attribute built on first use on each device rather than a buffer that `.to()` converts.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, base: float, scaling: RopeScaling | None) -> None:
+        super().__init__()
+        if scaling is None:
+            self.inv_freq, self.mscale = plain_inv_freq(head_dim, base), 1.0
+        else:
+            self.inv_freq, self.mscale = yarn_inv_freq(head_dim, base, scaling)
+        self.head_dim, self.max_positions = head_dim, max_positions
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, device: torch.device) -> torch.Tensor:
+        """[max_positions, head_dim] float32: cos in the first half, sin in the second."""
+        if device not in self._tables:
+            pos = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(pos, self.inv_freq)  # [max_pos, head_dim/2]
+            cos_sin = torch.cat([freqs.cos() * self.mscale, freqs.sin() * self.mscale], dim=-1)
+            self._tables[device] = cos_sin.to(device)
+        return self._tables[device]
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [num_tokens]; q: [num_tokens, heads * head_dim]; k: [num_tokens, kv_heads * head_dim]
+        cos, sin = self.table(q.device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
+        return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    shape, dtype = x.shape, x.dtype
+    x = x.view(shape[0], -1, head_dim).float()
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(dtype).view(shape)
