@@ -1,0 +1,99 @@
+"""From a resolved model folder to a model in memory: config (with the YaRN switch), dtype, weights.
+
+`resolve.resolve_model` turns any model spec into an HF-style folder first, so this module only
+ever reads config.json, generation_config.json and safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_serve.loader.hf import iter_safetensors
+from qwen_serve.loader.weights import build_model, load_weights
+from qwen_serve.models.config import DEFAULT_YARN, Qwen2Config
+from qwen_serve.models.qwen2 import Qwen2ForCausalLM
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | None = None) -> Qwen2Config:
+    """config.json of `folder`; `rope_scaling` ('yarn' or a JSON object) adds or replaces its YaRN block."""
+    cfg = Qwen2Config.from_file(Path(folder) / "config.json")
+    if rope_scaling is None:
+        return cfg
+    if rope_scaling == "yarn":
+        block: Any = dict(DEFAULT_YARN)
+    elif isinstance(rope_scaling, dict):
+        block = dict(rope_scaling)
+    else:
+        try:
+            block = json.loads(rope_scaling)
+        except json.JSONDecodeError:
+            raise ValueError(f"--rope-scaling must be 'yarn' or a JSON object, got {rope_scaling!r}") from None
+        if not isinstance(block, dict):
+            raise ValueError(f"--rope-scaling JSON must be an object, got {rope_scaling!r}")
+    if "type" not in block and "rope_type" not in block:  # the switch exists to add YaRN
+        block["rope_type"] = "yarn"
+    raw = dict(cfg.raw)
+    raw.pop("rope_parameters", None)  # newer transformers' spelling; the switch replaces it
+    raw["rope_scaling"] = block
+    return Qwen2Config.from_dict(raw, source=f"{folder}/config.json with --rope-scaling {json.dumps(block)}")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs where bfloat16 matmuls beat float32 (Linux /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device | str, cfg: Qwen2Config) -> torch.dtype:
+    """The compute dtype for `--dtype name`: `auto` is the checkpoint's dtype on GPU, and on CPU
+    bfloat16 where the CPU has bf16 instructions, else float32."""
+    name = (name or "auto").lower()
+    device = torch.device(device)
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"--dtype {name!r}: choose auto, float32, bfloat16 or float16")
+        return _DTYPES[name]
+    if device.type == "cuda":
+        dtype = _DTYPES.get(str(cfg.torch_dtype or "bfloat16").removeprefix("torch."), torch.bfloat16)
+        if dtype == torch.float32:  # as vLLM does: fp32 checkpoints (e.g. converted GGUF) serve in bf16
+            dtype = torch.bfloat16
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+        return dtype
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def load_model(folder: str | Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str) -> Qwen2ForCausalLM:
+    """Builds the model in `dtype` on `device` and streams the folder's safetensors into it
+    (one tensor at a time from memory-mapped files, converted on copy)."""
+    model = build_model(cfg, dtype, device)
+    with torch.no_grad():
+        load_weights(model, iter_safetensors(Path(folder)))
+    return model
+
+
+def load_generation_config(folder: str | Path) -> dict[str, Any]:
+    """generation_config.json as a dict (sampling defaults, eos ids); empty when the folder has none."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data

@@ -1,0 +1,158 @@
+"""The tokenizer of a model folder: `tokenizers` for text <-> ids, plus what transformers keeps beside it.
+
+A folder carries tokenizer.json (the fast tokenizer: vocab, merges, pre-tokenizer, added tokens),
+tokenizer_config.json (special-token names, the chat template) and optionally generation_config.json
+(extra end-of-sequence ids) and chat_template.jinja (where newer transformers save the template).
+This class reads them once and answers everything the engine and server need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from qwen_serve.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _token_text(entry: Any) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    if isinstance(entry, dict):
+        return entry.get("content")
+    return entry if isinstance(entry, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _pick_template(config: dict[str, Any], folder: Path) -> str | None:
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if template is None:
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens, end-of-sequence ids and the chat template of one model."""
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        config: dict[str, Any] | None = None,
+        generation_config: dict[str, Any] | None = None,
+        chat_template: str | None = None,
+        name: str = "tokenizer",
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        config = config or {}
+        generation_config = generation_config or {}
+        self.special_tokens: dict[str, str] = {}
+        for key in _SPECIAL_NAMES:
+            text = _token_text(config.get(key))
+            if text is not None:
+                self.special_tokens[key] = text
+        # Added tokens flagged special are dropped by decode(skip_special_tokens=True); the
+        # tokenizer.json flags and tokenizer_config.json's added_tokens_decoder agree in HF checkpoints.
+        self.all_special_ids: set[int] = {
+            tok_id for tok_id, tok in backend.get_added_tokens_decoder().items() if tok.special
+        }
+        for text in self.special_tokens.values():
+            tok_id = backend.token_to_id(text)
+            if tok_id is not None:
+                self.all_special_ids.add(tok_id)
+        eos: list[int] = []
+        eos_text = self.special_tokens.get("eos_token")
+        if eos_text is not None and backend.token_to_id(eos_text) is not None:
+            eos.append(backend.token_to_id(eos_text))
+        eos.extend(_ids(generation_config.get("eos_token_id")))
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
+        self.eos_token_id: int | None = self.eos_token_ids[0] if self.eos_token_ids else None
+        bos_text = self.special_tokens.get("bos_token")
+        self.bos_token_id: int | None = backend.token_to_id(bos_text) if bos_text else None
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self._template = ChatTemplate(chat_template) if chat_template else None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {folder} (qwen-serve needs the fast tokenizer file)")
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception for unreadable files
+            raise ValueError(f"{path}: cannot load tokenizer: {e}") from None
+        config = _read_json(folder / "tokenizer_config.json")
+        try:
+            template = _pick_template(config, folder)
+            return cls(backend, config, _read_json(folder / "generation_config.json"), template, name=str(folder))
+        except ChatTemplateError as e:
+            raise ValueError(f"{folder}: {e}") from None
+
+    # -- text <-> ids -------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up(text) if self.clean_up_tokenization_spaces else text
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    # -- chat -----------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        return self._template.source if self._template else None
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
+        """The prompt text for a conversation, rendered by the model's own template."""
+        if self._template is None:
+            raise ChatTemplateError(f"{self.name} has no chat template; send plain prompts to /v1/completions instead")
+        # transformers passes the special-token strings (bos_token, eos_token, ...) to every template.
+        return self._template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                     **{**self.special_tokens, **extra})
+
+
+def _clean_up(text: str) -> str:
+    """transformers' `clean_up_tokenization` (only for tokenizers whose config asks for it)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
