@@ -1,0 +1,392 @@
+"""Converts a qwen2-architecture GGUF file into an HF-style folder in the cache, once per file.
+
+Output (the same files a Hugging Face checkpoint has, so one loader path serves both):
+  config.json             Qwen2ForCausalLM hyperparameters from `qwen2.*` metadata
+  model.safetensors       every tensor dequantized to float32 (`gguf.quants.dequantize`, any type
+                          the gguf package supports), under HF names
+  tokenizer.json          byte-level BPE with Qwen2's pre-tokenizer regex, vocab + merges + added
+                          tokens from `tokenizer.ggml.*` (CONTROL tokens special, USER_DEFINED not)
+  tokenizer_config.json   special-token names and `tokenizer.chat_template`
+  generation_config.json  bos / eos / pad ids (+ `general.sampling.*` defaults when the file has them)
+
+Memory: the GGUF is memory-mapped and each tensor is dequantized and written on its own, so the
+peak is one float32 tensor (plus numpy's temporaries), never the whole model twice. The folder is
+built under a temporary name and renamed into place, so an interrupted conversion leaves no half
+cache. llama.cpp does not permute q/k for qwen2 (only for llama-style rope), so none is undone here;
+the demo-model logit parity test against transformers checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF tensor names -> HF Qwen2 names ("{i}" is the layer index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+# llama.cpp's token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED are added but not.
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+# Tokens llama.cpp treats as end-of-generation by their text (llama-vocab.cpp, `special_eog_ids`),
+# beside the file's eos/eot/eom ids: for Qwen this adds <|endoftext|> to <|im_end|>, as Qwen's own
+# generation_config.json does.
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|eom_id|>")
+
+# The pre-tokenizer split of Qwen2's tokenizer (transformers' Qwen2Tokenizer, llama.cpp's "qwen2").
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+_ALPHABET = frozenset(_BYTE_TO_CHAR.values())
+
+
+def cache_root() -> Path:
+    """Where converted models live: $QWEN_SERVE_CACHE, else ~/.cache/qwen-serve."""
+    return Path(os.environ.get("QWEN_SERVE_CACHE") or Path.home() / ".cache" / "qwen-serve")
+
+
+def file_key(path: Path) -> str:
+    """A cheap identity of a file: size, mtime and a hash of its first and last MiB (header and tail)."""
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:20]
+
+
+def convert_gguf(path: str | Path, key: str | None = None, root: Path | None = None) -> Path:
+    """The cached HF folder for a GGUF file, converting it first if needed. `key` overrides the
+    file identity (the demo passes its verified sha256)."""
+    path = Path(path).expanduser()
+    _check_gguf_file(path)
+    root = root or cache_root()
+    target = root / "gguf" / f"{path.stem}-{key or file_key(path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        write_hf_folder(path, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, target)  # atomic: readers see no folder or a complete one
+        except OSError:
+            if not (target / "config.json").is_file():  # not a lost race with another process
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_gguf_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+
+
+def open_gguf(path: Path):
+    """A `gguf.GGUFReader` over `path`, with truncation and corruption turned into one clear error."""
+    from gguf import GGUFReader
+
+    _check_gguf_file(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader fails with numpy/struct/Value errors on cut or damaged files
+        raise ValueError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(f"{path}: truncated GGUF file: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+def _metadata(reader, path: Path) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        try:
+            meta[name] = field.contents()
+        except Exception as e:
+            raise ValueError(f"{path}: corrupt metadata field {name!r} ({e})") from None
+    return meta
+
+
+def gguf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
+    """config.json for a qwen2 GGUF (`tensor_shapes` in HF order, [out, in])."""
+    arch = meta.get("general.architecture")
+    if arch != "qwen2":
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; qwen-serve converts qwen2 GGUF files only")
+
+    def need(key: str) -> Any:
+        full = f"qwen2.{key}"
+        if full not in meta:
+            raise ValueError(f"{path}: GGUF metadata lacks {full!r}")
+        return meta[full]
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    if "token_embd.weight" not in tensor_shapes:
+        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
+    vocab = tensor_shapes["token_embd.weight"][0]
+    cfg: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get("qwen2.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get("qwen2.attention.key_length", hidden // heads)),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(need("context_length")),
+        "rope_theta": _f32(meta.get("qwen2.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_shapes,  # llama.cpp drops output.weight when tied
+        "use_sliding_window": False,
+        "torch_dtype": "float32",
+    }
+    if meta.get("qwen2.rope.scaling.type") == "yarn":
+        cfg["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": float(meta["qwen2.rope.scaling.factor"]),
+            "original_max_position_embeddings": int(
+                meta.get("qwen2.rope.scaling.original_context_length", cfg["max_position_embeddings"])
+            ),
+        }
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            cfg[name] = int(meta[f"tokenizer.ggml.{key}"])
+    return cfg
+
+
+def _f32(value: Any) -> float:
+    """GGUF stores float32: 1e-6 reads back as 9.99999997e-07. Take the shortest decimal that
+    rounds to the same float32, which is what the original config.json said."""
+    return float(str(np.float32(value)))
+
+
+def hf_tensor_name(gguf_name: str, path: Path) -> str:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a Qwen2 model")
+
+
+def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a Qwen2 config implies, with its shape ([out, in] for weights)."""
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
+        })
+    return shapes
+
+
+def write_hf_folder(path: Path, out: Path) -> None:
+    """Writes config, weights, tokenizer and generation config of the GGUF at `path` into `out`."""
+    reader = open_gguf(path)
+    meta = _metadata(reader, path)
+    # GGUF lists dimensions innermost first ([in, out]); torch/HF order is the reverse.
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    cfg = gguf_config(meta, shapes, path)
+    wanted = expected_shapes(cfg)
+    plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name, path)
+        if name not in wanted:
+            raise ValueError(f"{path}: tensor {t.name} ({name}) is not part of a model with this config")
+        if shapes[t.name] != wanted[name]:
+            raise ValueError(
+                f"{path}: tensor {t.name} ({name}) has shape {list(shapes[t.name])}, but the metadata "
+                f"implies {list(wanted[name])}"
+            )
+        plan.append((name, wanted[name], _dequantizer(t, wanted[name], path)))
+    missing = sorted(set(wanted) - {name for name, _, _ in plan})
+    if missing:
+        raise ValueError(f"{path}: GGUF lacks tensors for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    write_safetensors_streaming(out / "model.safetensors", plan)
+    tokenizer, tok_config = build_tokenizer(meta, cfg, path)
+    tokenizer.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", tok_config)
+    _write_json(out / "generation_config.json", generation_config(meta, tokenizer))
+    _write_json(out / "config.json", cfg)  # written last: its presence marks a complete folder
+    _write_json(out / "source.json", {"gguf": str(path.resolve()), "size": path.stat().st_size})
+
+
+def _dequantizer(t: Any, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
+    from gguf.quants import dequantize
+
+    def run() -> np.ndarray:
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize ({e})") from None
+        return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+
+    return run
+
+
+def write_safetensors_streaming(out: Path, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]) -> None:
+    """A float32 safetensors file written one tensor at a time: the header is known from the shapes,
+    so no tensor has to wait in memory for the others."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in plan:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    with out.open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, produce in plan:
+            arr = produce()  # [out, in] float32
+            arr.tofile(f)  # no bytes() copy of large tensors
+            del arr
+
+
+def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
+    """The `tokenizers.Tokenizer` and tokenizer_config.json a qwen2 GGUF's metadata describes."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in _QWEN2_PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not Qwen2's ({', '.join(_QWEN2_PRE_TOKENIZERS)})")
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or not merges:
+        raise ValueError(f"{path}: GGUF lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    # Byte-level vocabularies spell every byte as a printable stand-in; a token written in raw text
+    # (rare mislabelled entries) is respelled so its bytes map the same way.
+    vocab = {
+        (tok if set(tok) <= _ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in tok.encode("utf-8"))): i
+        for i, tok in enumerate(tokens)
+    }
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
+                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    # No normalizer: llama.cpp applies none for qwen2, and without one the round trip is exact.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = [i for i, t in enumerate(types) if t == _TOKEN_CONTROL and set(tokens[i]) <= _ALPHABET]
+    user = [i for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
+    special = set(control)
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+
+    def token_at(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    config: dict[str, Any] = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": token_at("bos_token_id"),
+        "eos_token": token_at("eos_token_id"),
+        "pad_token": token_at("padding_token_id"),
+        "unk_token": token_at("unknown_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "split_special_tokens": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "added_tokens_decoder": {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": i in special}
+            for i in sorted(control + user)
+        },
+    }
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, config
+
+
+def generation_config(meta: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    eos = [int(meta[f"tokenizer.ggml.{k}"]) for k in ("eos_token_id", "eot_token_id", "eom_token_id")
+           if f"tokenizer.ggml.{k}" in meta]
+    eos += [i for text in _EOG_TEXTS if (i := tokenizer.token_to_id(text)) is not None]
+    gen: dict[str, Any] = {"eos_token_id": list(dict.fromkeys(eos))}
+    for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            gen[name] = int(meta[f"tokenizer.ggml.{key}"])
+    for key, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"), ("min_p", "min_p")):
+        if f"general.sampling.{key}" in meta:
+            gen[name] = meta[f"general.sampling.{key}"]
+    return gen
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
