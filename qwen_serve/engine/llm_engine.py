@@ -1,0 +1,187 @@
+"""The offline engine: add_request / abort_request / step, driving scheduler -> runner -> outputs.
+
+`step()` = `scheduler.schedule()` -> `runner.execute()` -> append sampled tokens, decide stops,
+free finished sequences -> one `RequestOutput` per request that produced something (with deltas
+for streaming). Single-threaded; the async front end (engine/async_engine.py) runs it in a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.block_manager import BlockManager
+from qwen_serve.engine.output_processor import OutputProcessor
+from qwen_serve.engine.outputs import EngineStats, RequestOutput
+from qwen_serve.engine.request import Request
+from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_generation_config
+from qwen_serve.engine.scheduler import Scheduler
+from qwen_serve.models.config import Qwen2Config
+from qwen_serve.worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, folder: Path | None = None, model_config: Qwen2Config | None = None,
+                 tokenizer: Any = None, generation_config: dict[str, Any] | None = None) -> None:
+        """`folder`: a resolved HF-style model folder; or `folder=None` with `model_config` for random weights."""
+        from qwen_serve.loader.model_loader import load_generation_config, load_model_config, resolve_dtype
+
+        self.config = config
+        if folder is not None:
+            model_config = load_model_config(folder, config.rope_scaling)
+            if generation_config is None:
+                generation_config = load_generation_config(folder)
+            if tokenizer is None:
+                tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else folder)
+        elif model_config is None:
+            raise ValueError("LLMEngine needs a model folder or a model config")
+        self.model_config = model_config
+        self.generation_config = generation_config or {}
+        self.tokenizer = tokenizer
+        self.max_model_len = min(config.max_model_len or model_config.max_context, model_config.max_context)
+        self.device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, self.device, model_config)
+        self.eos_token_ids = _eos_ids(tokenizer, self.generation_config, model_config)
+
+        self.runner = ModelRunner.load(folder, model_config, config, self.device, dtype, self.max_model_len,
+                                       self.eos_token_ids)
+        num_blocks = self.runner.num_blocks
+        if num_blocks * config.block_size < self.max_model_len:
+            # A lone sequence must always fit, or preemption could not make progress.
+            raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than "
+                             f"max_model_len {self.max_model_len}: lower --max-model-len or give the cache more memory")
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._defaults = defaults_from_generation_config(self.generation_config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        from qwen_serve.loader.resolve import resolve_model
+
+        return cls(config, resolve_model(config.model))
+
+    def default_sampling_params(self) -> dict[str, Any]:
+        """SamplingParams fields the model's generation_config.json sets (for fields a request leaves out)."""
+        return dict(self._defaults)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        params = (params or SamplingParams()).with_defaults(self._defaults).validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give the prompt as token ids")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
+                             "which leaves no room to generate")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        request = Request(request_id, token_ids, params, arrival_time or time.time(), text)
+        if params.structured_output is not None:
+            request.sample_constraints = self._new_constraints(params)
+            request.sequences[0].constraint = request.sample_constraints[0]
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+
+    def _new_constraints(self, params: SamplingParams) -> list[Any]:
+        if self.tokenizer is None:
+            raise ValueError("structured_output needs a tokenizer")
+        import qwen_serve.structured as structured  # written separately; imported only when used
+
+        return [structured.new_constraint(params.structured_output, self.tokenizer) for _ in range(params.n)]
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.finish_request(request)
+        self.outputs.drop(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        now = time.time()
+        for chunk in sched.chunks:
+            request = chunk.seq.request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for s in result.sampled:
+            seq, request = s.seq, s.seq.request
+            seq.token_ids.append(s.token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if self.outputs.append(seq, s.token_id, s.logprob, s.rank, s.top):
+                self.scheduler.finish_sequence(seq)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            finished = request.is_finished
+            if finished:
+                request.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self.outputs.make_output(request, finished))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_total=bm.num_blocks,
+            num_kv_blocks_free=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not (folder / "tokenizer.json").is_file():
+        log.warning("no tokenizer.json in %s: prompts must be token ids", folder)
+        return None
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(folder)
+
+
+def _eos_ids(tokenizer: Any, generation_config: dict[str, Any], cfg: Qwen2Config) -> list[int]:
+    if tokenizer is not None and tokenizer.eos_token_ids:
+        return list(tokenizer.eos_token_ids)
+    ids: list[int] = []
+    for value in (generation_config.get("eos_token_id"), cfg.eos_token_id):
+        if value is not None:
+            ids.extend(value if isinstance(value, list) else [value])
+    return list(dict.fromkeys(ids))

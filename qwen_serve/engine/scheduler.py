@@ -1,0 +1,162 @@
+"""Decides what one step computes, under a token budget; pure Python (no torch).
+
+As in vLLM v1 there is no prefill phase and no decode phase: each running sequence is
+`num_tokens - num_computed_tokens` tokens behind, and a step gives each as many tokens as the
+budget allows - one for a decode, a chunk for a prompt. Running sequences come first (oldest
+first), then waiting ones are admitted while budget, `max_num_seqs` and free blocks last.
+When a running sequence cannot get a block, the newest running sequence is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed later (its full blocks stay
+in the prefix cache, so the recompute is often cheap).
+
+`SchedulerOutput` is the typed contract with the model runner; the runner answers with sampled
+tokens, and the engine appends them and tells the scheduler which sequences finished.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qwen_serve.engine.block_manager import BlockManager
+from qwen_serve.engine.request import Request, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq` starting at position `start` (its computed count before the step)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    # Sequences that sample their next token from this chunk's last row: [] for a prompt chunk
+    # that does not reach the end; [seq, forked samples...] when a request with n > 1 forks.
+    sample_seqs: list[Sequence]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): before the forward pass
+    finished_seq_ids: list[int] = field(default_factory=list)  # gone since the last step: drop their state
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._finished_ids: list[int] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.extend(request.sequences)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput([], finished_seq_ids=self._finished_ids)
+        self._finished_ids = []
+
+        # 1. Running sequences, oldest first; preempt the newest when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 0:  # a sample forked this step: it samples from its parent's row
+                i += 1
+                continue
+            copies = self.bm.allocate_slots(seq, num_new)
+            while copies is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+                copies = self.bm.allocate_slots(seq, num_new)
+            if copies is None:
+                break
+            out.block_copies.extend(copies)
+            self._schedule_chunk(out, seq, num_new)
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting sequences, in order, unless this step already had to preempt.
+        while self.waiting and budget > 0 and not out.preempted:
+            seq = self.waiting[0]
+            request = seq.request
+            seats = request.n - len(request.sequences) + 1 if request.needs_fork else 1
+            if len(self.running) + seats > self.max_num_seqs:
+                break
+            cached = self.bm.find_cached_blocks(seq) if not seq.block_ids else []
+            start = len(cached) * self.bm.block_size if cached else seq.num_computed_tokens
+            num_new = min(seq.num_tokens - start, budget)
+            copies = self.bm.allocate_slots(seq, num_new, cached)
+            if copies is None:
+                break
+            self.waiting.popleft()
+            if seq.num_preemptions == 0 and seq.sample_index == 0:
+                seq.num_cached_tokens = start
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.block_copies.extend(copies)
+            self._schedule_chunk(out, seq, num_new)
+            budget -= num_new
+        return out
+
+    def _schedule_chunk(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start = seq.num_computed_tokens
+        seq.num_computed_tokens += num_new
+        samples: list[Sequence] = []
+        if seq.num_computed_tokens == seq.num_tokens:
+            samples = [seq]
+            request = seq.request
+            if request.needs_fork and seq is request.sequences[0]:
+                # The prompt is computed: the other samples share its blocks and sample from its row.
+                for k in range(len(request.sequences), request.n):
+                    child = seq.fork(k)
+                    self.bm.fork(seq, child)
+                    request.sequences.append(child)
+                    self.running.append(child)
+                    samples.append(child)
+        out.chunks.append(ScheduledChunk(seq, start, num_new, samples))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free_sequence(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish_sequence(self, seq: Sequence) -> None:
+        """Frees a finished or aborted sequence's blocks, wherever it is."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            self.bm.free_sequence(seq)
+            seq.status = SequenceStatus.FINISHED
+            self._finished_ids.append(seq.seq_id)
+
+    def finish_request(self, request: Request) -> None:
+        request.n = len(request.sequences)  # an aborted request forks no more samples
+        for seq in request.sequences:
+            self.finish_sequence(seq)
