@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_serve.layers import kernel_dispatch
+
 
 @dataclass
 class AttentionMetadata:
@@ -98,6 +100,9 @@ def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatters this step's keys and values into their cache slots (torch reference of the fused kernel)."""
+    if kernel_dispatch.use_kernels(k):  # one kernel, and no host sync (CUDA-graph safe)
+        kernel_dispatch.attention_ops().write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return
     num_blocks, block_size = k_cache.shape[:2]
     flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
     flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_serve.layers import kernel_dispatch
 from qwen_serve.layers.attention import Attention
 from qwen_serve.layers.rotary import RotaryEmbedding
 from qwen_serve.models.config import Qwen2Config
@@ -61,6 +62,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds `residual` first when given; returns (normed, new residual) as the fused kernel does."""
+        if kernel_dispatch.use_kernels(x):
+            return kernel_dispatch.ops().rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         residual = x
@@ -94,7 +97,10 @@ class Qwen2MLP(nn.Module):
         self.down_proj.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
+        if kernel_dispatch.use_kernels(gate_up):
+            return self.down_proj(kernel_dispatch.ops().silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,301 @@
+"""Triton attention over the paged KV cache: the GPU implementation of `AttentionBackend`.
+
+Three kernels, each checked against the torch reference (`layers.attention.TorchAttentionBackend`,
+`layers.attention.write_kv_cache`) in tests/gpu/test_kernels.py:
+
+- `_write_kv_kernel` (reshape_and_cache): one program per token scatters its keys and values into
+  their cache slot; slot < 0 (CUDA-graph padding) writes nothing. No host sync, unlike the reference.
+- `_paged_attention_kernel`: one varlen kernel for mixed batches (prefill chunks over cached
+  prefixes, and decodes). A program owns BLOCK_Q query tokens of one sequence and one KV head; the
+  GQA group's query heads are stacked into the rows of one tile, so each key/value tile is read once
+  per group (BLOCK_M = BLOCK_Q * heads_per_kv rows; 126 of 128 rows used at GQA 7). The program finds
+  its sequence by a binary search over query_start_loc, so the grid depends only on num_tokens and
+  num_seqs: fixed per CUDA-graph bucket. Causal within the chunk, online softmax in fp32 (exp2).
+- Split-KV decode (flash-decoding): for decode-only batches with too few (sequence, kv head) pairs to
+  fill the GPU, axis 2 of the grid splits each sequence's keys into NUM_SPLITS ranges whose partial
+  outputs and log-sum-exps `_merge_splits_kernel` combines. The ranges are computed on the device from
+  seq_lens (at least MIN_SPLIT_TILES tiles each; surplus splits exit at once), so one captured graph
+  serves any context length.
+
+Everything reads the metadata's device tensors (query_start_loc_t, seq_lens_t, block_tables,
+slot_mapping) and nothing calls .item(): decode is CUDA-graph capturable. The host values that pick
+the launch shape (max_query_len == 1, num_tokens, num_seqs) are fixed per batch-size bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, HEADS_POW2)
+        dims = tl.arange(0, HEAD_DIM)
+        ok = (heads < NUM_KV_HEADS)[:, None]
+        dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
+        k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=ok)
+        v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=ok)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr, PER_SEQ_PAD: tl.constexpr):
+    """Last sequence whose first query block is <= q_block. Sequence i's blocks start at
+    query_start_loc[i] // BLOCK_Q + i * PER_SEQ_PAD (the pad leaves room for a partial last block)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid * PER_SEQ_PAD
+        if first <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    scale_log2, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    NUM_HEADS: tl.constexpr, NUM_QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PER_SEQ_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q, PER_SEQ_PAD)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local_block = q_block - (q_start // BLOCK_Q + seq * PER_SEQ_PAD)
+    if local_block * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context_len = seq_len - q_len  # cached tokens before this step's chunk
+
+        # Row r of the tile is query token r // NUM_QPK of this block, query head r % NUM_QPK of the group.
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_idx = local_block * BLOCK_Q + offs_m // NUM_QPK  # [BLOCK_M] query index within the chunk
+        head = kv_head * NUM_QPK + offs_m % NUM_QPK
+        row_ok = (offs_m // NUM_QPK < BLOCK_Q) & (q_idx < q_len)
+        q_tok = (q_start + q_idx).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None], other=0.0,
+        )  # [BLOCK_M, HEAD_DIM]
+        q_pos = context_len + q_idx  # absolute position: row sees keys 0..q_pos
+
+        # Keys this block needs end at its last valid query's position (causal).
+        kv_end = context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len)
+        num_tiles = tl.cdiv(kv_end, BLOCK_N)
+        if NUM_SPLITS == 1:
+            tile_lo = 0
+            tile_hi = num_tiles
+        else:
+            per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), MIN_SPLIT_TILES)
+            tile_lo = split * per_split
+            tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        for tile in range(tile_lo, tile_hi):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < kv_end
+            # Each key's physical block: tiles may span several cache blocks (BLOCK_N != BLOCK_SIZE).
+            blk = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            kv_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [BLOCK_N]
+            k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
+            s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+            visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        if NUM_SPLITS == 1:
+            tl.store(
+                out_ptr + q_tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None],
+            )
+        else:
+            # Partials [num_tokens, NUM_HEADS, NUM_SPLITS, HEAD_DIM] fp32, lse [num_tokens, NUM_HEADS, NUM_SPLITS];
+            # an empty split writes out = 0 and lse = -inf, so the merge never reads unwritten memory.
+            row = (q_tok * NUM_HEADS + head) * NUM_SPLITS + split
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+            tl.store(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+            tl.store(part_lse_ptr + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row = tok * NUM_HEADS + head
+    offs_s = tl.arange(0, SPLITS_POW2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)  # [SPLITS_POW2]; 0 for empty splits
+    parts = tl.load(
+        part_out_ptr + (row * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0
+    )
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def write_kv_cache(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+) -> None:
+    """Fused reshape_and_cache: the kernel version of `layers.attention.write_kv_cache`."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("write_kv_cache needs a contiguous last dimension and contiguous caches")
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=num_kv_heads,
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+    )
+
+
+class TritonAttentionBackend:
+    """Paged attention for mixed batches on CUDA (see the module docstring).
+
+    num_splits: None picks the split count from the batch (flash-decoding only when the
+    (sequence, kv head) pairs do not fill the GPU); an int forces it for decode batches (1 = off).
+    The tile sizes are the measured defaults (docs/gpu-notes.md); they are arguments for benchmarks.
+
+    CUDA graphs: the split count is chosen on the host from meta.max_seq_len when the graph is
+    captured, so capture decode graphs with max_seq_len set to the longest context the graph will
+    serve (e.g. max_model_len); the kernel reads the real lengths on the device at every replay.
+    """
+
+    # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
+    MIN_SPLIT_TILES = 4
+    MAX_SPLITS = 64
+
+    def __init__(
+        self,
+        num_splits: int | None = None,
+        decode_block_n: int = 64,
+        prefill_block_m: int = 128,
+        prefill_block_n: int = 64,
+    ) -> None:
+        if num_splits is not None and not 1 <= num_splits <= 256:
+            raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
+        self.num_splits = num_splits
+        self.decode_block_n, self.prefill_block_m, self.prefill_block_n = decode_block_n, prefill_block_m, prefill_block_n
+        self._num_sms: dict[torch.device, int] = {}
+
+    def splits_for(self, device: torch.device, num_tokens: int, num_kv_heads: int, max_seq_len: int) -> int:
+        """Split count for a decode batch: enough programs for ~2 waves of the GPU, never more
+        splits than the longest context has MIN_SPLIT_TILES-tile ranges."""
+        if self.num_splits is not None:
+            return self.num_splits
+        if device not in self._num_sms:
+            # Off CUDA only Triton's interpreter runs this: assume an H100's 132 SMs.
+            cuda = device.type == "cuda"
+            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 132
+        programs = num_tokens * num_kv_heads
+        wanted = triton.cdiv(2 * self._num_sms[device], programs)
+        useful = triton.cdiv(max_seq_len, self.MIN_SPLIT_TILES * self.decode_block_n)
+        return max(1, min(wanted, useful, self.MAX_SPLITS))
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
+        if k_cache is None or meta.block_tables is None:
+            # Plain prefill without a cache (tests, profiling): not a serving path.
+            return TorchAttentionBackend._prefill_no_cache(q, k, v, meta, scale)
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+        if head_dim & (head_dim - 1) or head_dim < 16:
+            raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+        if q.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+            raise ValueError("attention needs q with a contiguous last dimension and contiguous caches")
+        qpk = num_heads // num_kv_heads
+        device = q.device
+        qsl = meta.query_start_loc_t
+        if qsl is None:  # eager callers only; a captured graph must bring device tensors
+            qsl = torch.tensor(meta.query_start_loc, dtype=torch.int32, device=device)
+        seq_lens = meta.seq_lens_t
+        if seq_lens is None:
+            seq_lens = torch.tensor(meta.seq_lens, dtype=torch.int32, device=device)
+        num_seqs = meta.num_seqs
+        out = torch.empty_like(q)
+        if num_tokens == 0:
+            return out
+
+        if meta.max_query_len == 1:
+            # Decode: one query token per program, the GQA group's heads as the tile rows.
+            block_m, block_q, block_n, pad = max(16, triton.next_power_of_2(qpk)), 1, self.decode_block_n, 0
+            splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len)
+            grid0, warps, stages = num_tokens, 4, 3
+        else:
+            block_m = max(self.prefill_block_m, triton.next_power_of_2(qpk))
+            block_q, block_n, pad, splits = block_m // qpk, self.prefill_block_n, 1, 1
+            grid0, warps, stages = num_tokens // block_q + num_seqs, 8, 2
+        if splits > 1:
+            part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=device)
+            part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=device)
+        else:
+            part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+        _paged_attention_kernel[(grid0, num_kv_heads, splits)](
+            q, k_cache, v_cache, out, part_out, part_lse,
+            meta.block_tables, qsl, seq_lens,
+            scale * _LOG2E, num_seqs,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+            NUM_HEADS=num_heads, NUM_QPK=qpk, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PER_SEQ_PAD=pad,
+            NUM_SPLITS=splits, MIN_SPLIT_TILES=self.MIN_SPLIT_TILES,
+            num_warps=warps, num_stages=stages,
+        )
+        if splits > 1:
+            _merge_splits_kernel[(num_tokens, num_heads)](
+                part_out, part_lse, out, out.stride(0), out.stride(1),
+                NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits,
+                SPLITS_POW2=triton.next_power_of_2(splits), num_warps=4,
+            )
+        return out

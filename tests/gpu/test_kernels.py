@@ -1,0 +1,196 @@
+"""Triton kernels against their torch references, on fresh random inputs of many shapes.
+
+Runs on a CUDA GPU (marked `gpu`: skipped without one). With Triton installed, the same tests
+run on the CPU through Triton's interpreter, which is how the kernels were checked before a GPU was
+at hand: `TRITON_INTERPRET=1 pytest --noconftest tests/gpu/test_kernels.py` (the conftest skips
+everything under tests/gpu without CUDA; the bf16 cases and the whole-model test need the GPU). References run on the CPU in float32 from the same inputs; the error measure is
+||out - ref|| / ||ref||, and outputs are poisoned (NaN) before each run, so an element the kernel
+never writes fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from qwen_serve.kernels import fused  # noqa: E402
+from qwen_serve.kernels.attention import TritonAttentionBackend, write_kv_cache  # noqa: E402
+from qwen_serve.kernels.random_batch import random_paged_batch  # noqa: E402
+from qwen_serve.layers import attention as ref_attention  # noqa: E402
+from qwen_serve.layers.rotary import RotaryEmbedding  # noqa: E402
+from qwen_serve.models.config import RopeScaling  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [] if INTERPRETED else [pytest.mark.gpu]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter runs numpy, which has no bfloat16 matmul: it checks the logic in float16.
+DTYPES = [torch.float16] if INTERPRETED else [torch.bfloat16, torch.float16]
+# ||out - ref|| / ||ref|| bounds: bf16 operands land between 1e-3 and 1e-2, fp16 ~8x tighter.
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-3}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    assert not torch.isnan(out).any(), "NaN in output (an element was never written?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator() -> None:
+    """Fill freed device memory with NaN so outputs from torch.empty start poisoned."""
+    if DEVICE == "cuda":
+        torch.empty(64 << 20, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+        torch.cuda.synchronize()
+
+
+def reference_attention(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU float32 oracle: reference cache write, then TorchAttentionBackend. Returns (out, k_cache, v_cache)."""
+    meta = batch.meta
+    kc, vc = batch.k_cache.cpu().clone(), batch.v_cache.cpu().clone()
+    ref_attention.write_kv_cache(batch.k.cpu(), batch.v.cpu(), kc, vc, meta.slot_mapping.cpu())
+    cpu_meta = ref_attention.AttentionMetadata(
+        meta.query_start_loc, meta.seq_lens, meta.slot_mapping.cpu(), meta.block_tables.cpu(),
+        meta.max_query_len, meta.max_seq_len,
+    )
+    out = ref_attention.TorchAttentionBackend().forward(
+        batch.q.cpu().float(), batch.k.cpu().float(), batch.v.cpu().float(), kc.float(), vc.float(), cpu_meta, batch.scale
+    )
+    return out, kc, vc
+
+
+# (context, new tokens) per sequence
+DECODE = [(0, 1), (16, 1), (99, 1), (300, 1), (31, 1)]
+PREFILL = [(0, 1), (0, 5), (0, 37), (0, 130)]
+MIXED = [(50, 20), (0, 33), (200, 1), (31, 1), (17, 64), (0, 1)]
+GQA = [(4, 4), (8, 4), (14, 2)]  # (heads, kv heads): ratios 1, 2, 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("heads,kv_heads", GQA)
+@pytest.mark.parametrize("specs", [DECODE, PREFILL, MIXED], ids=["decode", "prefill", "mixed"])
+def test_paged_attention_matches_reference(specs, heads, kv_heads, block_size, dtype):
+    batch = random_paged_batch(specs, heads, kv_heads, 128, block_size, dtype, DEVICE, seed=len(specs) * block_size + heads)
+    ref_out, ref_kc, ref_vc = reference_attention(batch)
+    poison_allocator()
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    assert torch.equal(batch.k_cache.cpu(), ref_kc) and torch.equal(batch.v_cache.cpu(), ref_vc)
+    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_split_kv_decode_matches_reference(num_splits, head_dim):
+    # Long and short contexts together: some splits of the short ones are empty.
+    specs = [(1000, 1), (2, 1), (513, 1), (255, 1)] if not INTERPRETED else [(700, 1), (2, 1), (300, 1)]
+    dtype = DTYPES[0]
+    batch = random_paged_batch(specs, 14, 2, head_dim, 16, dtype, DEVICE, seed=head_dim + (num_splits or 0))
+    ref_out, _, _ = reference_attention(batch)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    poison_allocator()
+    backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=32)
+    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+def test_write_kv_cache_skips_negative_slots():
+    batch = random_paged_batch([(3, 5), (0, 2)], 4, 2, 64, 16, DTYPES[0], DEVICE, seed=7)
+    slots = batch.meta.slot_mapping.clone()
+    slots[1] = -1
+    slots[5] = -1
+    before_k = batch.k_cache.cpu().clone()
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, slots)
+    ref_k, ref_v = before_k.clone(), batch.v_cache.cpu().clone()
+    ref_k.view(-1, 2, 64)[slots[slots >= 0].cpu()] = batch.k[slots.cpu() >= 0].cpu()
+    assert torch.equal(batch.k_cache.cpu(), ref_k)
+    assert not torch.equal(batch.k_cache.cpu(), before_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 3584), (7, 896), (300, 64), (5, 100)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(rows, hidden, with_residual, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=dtype, generator=g)
+    res = torch.randn(rows, hidden, device=DEVICE, dtype=dtype, generator=g) if with_residual else None
+    w = (1 + 0.1 * torch.randn(hidden, device=DEVICE, generator=g)).to(dtype)
+    ref_out, ref_res = fused.rms_norm_reference(x.cpu().float(), None if res is None else res.cpu().float(), w.cpu().float(), 1e-6)
+    poison_allocator()
+    out, new_res = fused.rms_norm(x, res, w, 1e-6)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    assert rel_err(new_res, ref_res) < TOL[dtype]
+    # Against the same-precision torch code (what the CPU path runs): equal up to one rounding.
+    same_out, _ = fused.rms_norm_reference(x, res, w, 1e-6)
+    assert rel_err(out, same_out) < 4e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 18944), (9, 4864), (64, 100)])
+def test_silu_and_mul_matches_reference(rows, inter, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(rows + inter)
+    x = torch.randn(rows, 2 * inter, device=DEVICE, dtype=dtype, generator=g) * 3
+    ref = fused.silu_and_mul_reference(x.cpu().float())
+    poison_allocator()
+    assert rel_err(fused.silu_and_mul(x), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64), (4, 4, 128)])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_rotary_matches_reference(heads, kv_heads, head_dim, yarn, dtype):
+    scaling = RopeScaling(factor=4.0, original_max_position_embeddings=256) if yarn else None
+    rope = RotaryEmbedding(head_dim, 1024, 1e6, scaling)
+    n = 37
+    g = torch.Generator(device=DEVICE).manual_seed(heads + head_dim)
+    # q and k as strided column slices of one qkv tensor, the way the model passes them.
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype, generator=g)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 1024, (n,), device=DEVICE, generator=g)
+    ref_q, ref_k = rope.forward(positions.cpu(), q.cpu().float(), k.cpu().float())
+    poison_allocator()
+    out_q, out_k = fused.rotary(positions, q, k, rope.table(q.device), head_dim)
+    assert rel_err(out_q, ref_q) < TOL[dtype] and rel_err(out_k, ref_k) < TOL[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the whole model on the GPU")
+def test_model_with_kernels_matches_cpu_float32():
+    """A small Qwen2 on the GPU (bf16, fused kernels, paged Triton attention, chunked prefill then
+    decode) against the CPU float32 model run without a cache."""
+    from qwen_serve.layers.attention import bind_kv_cache, forward_context
+    from qwen_serve.loader.weights import build_model, random_weights
+    from qwen_serve.models.config import Qwen2Config
+
+    cfg = Qwen2Config.from_dict({
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
+        "num_hidden_layers": 2, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "vocab_size": 1000, "max_position_embeddings": 4096,
+    })
+    cpu = build_model(cfg, torch.float32, "cpu")
+    random_weights(cpu, seed=0, std=0.05)
+    gpu = build_model(cfg, torch.bfloat16, "cuda")
+    gpu.load_state_dict({k: v.to(torch.bfloat16) for k, v in cpu.state_dict().items()})
+    n, chunk, block = 150, 64, 16
+    ids = torch.randint(0, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = cpu(ids, torch.arange(n))  # [n, hidden], one causal sequence
+        kv = torch.zeros(2, cfg.num_hidden_layers, 32, block, 2, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+        bind_kv_cache(gpu, kv, TritonAttentionBackend())
+        table = torch.randperm(32, generator=torch.Generator().manual_seed(2))[: (n + block - 1) // block]
+        outs = []
+        # Chunked prefill over a cached prefix, then the rest one token at a time (decode).
+        bounds = [(0, chunk), (chunk, 2 * chunk)] + [(i, i + 1) for i in range(2 * chunk, n)]
+        for s, e in bounds:
+            pos = torch.arange(s, e)
+            meta = ref_attention.AttentionMetadata(
+                [0, e - s], [e], (table[pos // block] * block + pos % block).cuda(),
+                table[None].to(torch.int32).cuda(), e - s, e,
+                torch.tensor([0, e - s], dtype=torch.int32, device="cuda"), torch.tensor([e], dtype=torch.int32, device="cuda"),
+            )
+            with forward_context(meta):
+                outs.append(gpu(ids[s:e].cuda(), pos.cuda()))
+        out = torch.cat(outs)
+    assert rel_err(out, ref) < 3e-2
