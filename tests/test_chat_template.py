@@ -1,0 +1,141 @@
+"""Chat templates: parity with transformers' apply_chat_template on the demo model's own template,
+and the sandbox's helpers and errors on small inline templates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qwen_serve.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city. Returns <b>°C</b> & more.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "城市名"}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now", "description": "The time", "parameters": {"type": "object", "properties": {}}}},
+]
+
+CONVERSATIONS = {
+    "no_system": [{"role": "user", "content": "Hello!"}],
+    "system": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Why is the sky blue?"}],
+    "multi_turn": [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+        {"role": "user", "content": "Write `print(1)` in Python."},
+        {"role": "assistant", "content": "```python\nprint(1)\n```"},
+        {"role": "user", "content": "Thanks"},
+    ],
+    "tools": [
+        {"role": "user", "content": "Weather in Paris and Tokyo, and the time?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "東京", "unit": "c"}}},
+            ],
+        },
+        {"role": "tool", "content": json.dumps({"temp": 18})},
+        {"role": "tool", "content": "{\"temp\": 25}"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "now", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00"},
+        {"role": "assistant", "content": "Paris 18 °C, Tokyo 25 °C, noon."},
+        {"role": "user", "content": "Thanks"},
+    ],
+}
+
+
+@pytest.mark.demo
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("with_tools", [False, True])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_matches_transformers(demo_folder: Path, hf_demo_tokenizer, name: str, with_tools: bool,
+                              add_generation_prompt: bool) -> None:
+    tok = Tokenizer.from_folder(demo_folder)
+    messages = CONVERSATIONS[name]
+    tools = TOOLS if with_tools else None
+    ours = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+    ref = hf_demo_tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+    assert ours == ref
+    assert ours.endswith("<|im_start|>assistant\n") == add_generation_prompt
+    if with_tools:
+        assert '"description": "城市名"' in ours and "<b>°C</b> & more" in ours  # tojson: no escaping
+
+
+@pytest.mark.demo
+def test_demo_template_error_becomes_chat_template_error(demo_folder: Path) -> None:
+    tok = Tokenizer.from_folder(demo_folder)
+    with pytest.raises(ChatTemplateError):  # the template concatenates a None content
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}])
+
+
+def test_tojson_follows_transformers() -> None:
+    t = ChatTemplate("{{ x | tojson }}|{{ x | tojson(indent=2) }}|{{ x | tojson(sort_keys=true) }}")
+    x = {"b": "<é>&'", "a": [1, 2.5, None, True]}
+    out = t.render([{"role": "user", "content": ""}], x=x).split("|")
+    assert out == [json.dumps(x, ensure_ascii=False), json.dumps(x, ensure_ascii=False, indent=2),
+                   json.dumps(x, ensure_ascii=False, sort_keys=True)]
+
+
+def test_trim_blocks_lstrip_blocks_and_globals() -> None:
+    src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}{{ strftime_now('%Y') | length }}"
+    assert ChatTemplate(src).render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "[a]\n[b]\n4"
+    ns = "{% set n = namespace(c=0) %}{% for m in messages %}{% set n.c = n.c + 1 %}{% endfor %}{{ n.c }}"
+    assert ChatTemplate(ns).render([{"role": "user", "content": "x"}] * 3) == "3"
+
+
+def test_raise_exception_becomes_chat_template_error() -> None:
+    t = ChatTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok")
+    assert t.render([{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(ChatTemplateError, match="first message must be from the user"):
+        t.render([{"role": "assistant", "content": "x"}])
+
+
+def test_template_syntax_and_sandbox_errors() -> None:
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate("{% for m in messages %}")
+    with pytest.raises(ChatTemplateError):  # the sandbox refuses attribute access to internals
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError):
+        ChatTemplate("{% set n = namespace(_x=1) %}").render([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ("hello", "must be a list"),
+        ([], "must not be empty"),
+        (["hello"], r"messages\[0\] must be an object"),
+        ([{"content": "x"}], r"messages\[0\]\.role"),
+        ([{"role": "robot", "content": "x"}], "role must be one of"),
+        ([{"role": "user"}], "needs a 'content'"),
+        ([{"role": "user", "content": 5}], "content must be a string"),
+        ([{"role": "user", "content": ["x"]}], "content part must be an object"),
+        ([{"role": "assistant", "content": "", "tool_calls": "f()"}], "tool_calls must be a list"),
+        ([{"role": "user", "content": "x", "meta": object()}], "cannot be passed"),
+    ],
+)
+def test_bad_message_lists(messages, match: str) -> None:
+    t = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ChatTemplateError, match=match):
+        t.render(messages)
+
+
+def test_bad_tools() -> None:
+    with pytest.raises(ChatTemplateError, match="tools must be a list"):
+        ChatTemplate("x").render([{"role": "user", "content": "x"}], tools={"name": "f"})
