@@ -1,0 +1,121 @@
+"""Batched sampler against reference computations written out plainly, row by row."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen_serve.layers.sampler import SamplingTensors, _apply_penalties, sample
+
+V = 40
+
+
+def _tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=None, **extra):
+    temps = torch.full((n,), float(temperature))
+    greedy = temps == 0
+    return SamplingTensors(
+        temperature=torch.where(greedy, torch.ones(n), temps), greedy=greedy, all_greedy=bool(greedy.all()),
+        top_k=[top_k] * n, top_p=torch.full((n,), float(top_p)) if top_p < 1 else None,
+        min_p=torch.full((n,), float(min_p)) if min_p > 0 else None,
+        generators=generators or [None] * n, default_generator=torch.Generator().manual_seed(0), **extra,
+    )
+
+
+def _reference_probs(logits, temperature, top_k, top_p, min_p):
+    """The filtered distribution of one row, computed the slow and obvious way."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = sorted(range(V), key=lambda i: -probs[i].item())
+    keep = order[:top_k] if top_k > 0 else order
+    keep_mass = sum(probs[i].item() for i in keep)  # top_p applies to the distribution after top_k
+    mass, kept = 0.0, set()
+    for i in keep:
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i].item() / keep_mass
+    kept_probs = {i: probs[i].item() for i in kept}
+    cap = max(kept_probs.values())  # min_p is relative to the most likely token (after top_k/top_p)
+    kept_probs = {i: p for i, p in kept_probs.items() if p >= min_p * cap}
+    total = sum(kept_probs.values())
+    return torch.tensor([kept_probs.get(i, 0.0) / total for i in range(V)])
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(1))
+    out = sample(logits.clone(), _tensors(5, temperature=0.0))
+    assert out.token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_filtered_distribution_matches_reference():
+    base = torch.randn(V, generator=torch.Generator().manual_seed(2)) * 2
+    draws = 6000
+    for temperature, top_k, top_p, min_p in [(0.7, 0, 1.0, 0.0), (1.0, 5, 1.0, 0.0), (1.3, 0, 0.6, 0.0),
+                                             (1.0, 8, 0.8, 0.0), (1.0, 0, 1.0, 0.2)]:
+        out = sample(base.repeat(draws, 1), _tensors(draws, temperature, top_k, top_p, min_p))
+        freq = torch.bincount(out.token_ids, minlength=V).float() / draws
+        ref = _reference_probs(base, temperature, top_k, top_p, min_p)
+        assert (freq[ref == 0] == 0).all(), (temperature, top_k, top_p, min_p)
+        assert (freq - ref).abs().max() < 0.03, (temperature, top_k, top_p, min_p)
+
+
+def test_seeded_rows_ignore_their_companions():
+    base = torch.randn(3, V, generator=torch.Generator().manual_seed(3))
+
+    def draw(rows, top_ks, steps=20):
+        gens = [torch.Generator().manual_seed(7)] + [None] * (len(rows) - 1)
+        st = _tensors(len(rows), 1.0, generators=gens)
+        st.top_k = top_ks
+        return [sample(base[rows].clone(), st).token_ids[0].item() for _ in range(steps)]
+
+    # Row 0 with seed 7: alone, with companions, and with a companion that forces a full sort.
+    alone = draw([0], [0])
+    assert draw([0, 1, 2], [0, 0, 0]) == alone
+    assert draw([0, 1], [0, 3]) == alone
+    assert len(set(alone)) > 1
+    with_k = draw([0], [4])
+    assert draw([0, 2], [4, 9]) == with_k and draw([0, 1], [4, 0]) == with_k
+
+
+def test_penalties_match_reference():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, V, generator=gen)
+    prompt = [[1, 2, 3], [5]]
+    output = [[3, 3, 7], [5, 8, 8, 8]]
+    counts = torch.zeros(2, V)
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    for r in range(2):
+        for t in output[r]:
+            counts[r, t] += 1
+        seen[r, prompt[r] + output[r]] = True
+    st = _tensors(2, temperature=0.0, presence=torch.tensor([0.5, 0.0]), frequency=torch.tensor([0.25, 1.0]),
+                  repetition=torch.tensor([1.3, 2.0]), output_counts=counts, seen_mask=seen)
+    got = logits.clone()
+    _apply_penalties(got, st)
+    ref = logits.clone()
+    for r, (pres, freq, rep) in enumerate([(0.5, 0.25, 1.3), (0.0, 1.0, 2.0)]):
+        for t in set(prompt[r] + output[r]):
+            ref[r, t] = ref[r, t] / rep if ref[r, t] > 0 else ref[r, t] * rep
+        for t in set(output[r]):
+            ref[r, t] -= freq * output[r].count(t) + pres
+    torch.testing.assert_close(got, ref)
+
+
+def test_logprobs_ranks_and_top_alternatives():
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5))
+    st = _tensors(3, temperature=1.0, logprob_rows=torch.tensor([0, 2]), max_logprobs=4)
+    out = sample(logits.clone(), st)
+    ref = torch.log_softmax(logits, -1)
+    for j, row in enumerate([0, 2]):
+        tok = out.token_ids[row].item()
+        assert abs(out.sampled_logprob[j].item() - ref[row, tok].item()) < 1e-5
+        assert out.sampled_rank[j].item() == 1 + int((ref[row] > ref[row, tok]).sum())
+        vals, ids = ref[row].topk(4)
+        assert out.top_ids[j].tolist() == ids.tolist()
+        torch.testing.assert_close(out.top_logprobs[j], vals)
+
+
+def test_banned_tokens_are_never_sampled():
+    logits = torch.zeros(200, V)
+    banned = torch.zeros(200, V, dtype=torch.bool)
+    banned[:, : V - 2] = True
+    out = sample(logits, _tensors(200, temperature=1.0, banned=banned))
+    assert set(out.token_ids.tolist()) == {V - 2, V - 1}
