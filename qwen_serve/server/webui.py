@@ -16,10 +16,11 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from fastapi import FastAPI, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,122 @@
+"""`POST /v1/documents/extract` and the page routes of `mount_webui`, on a bare FastAPI app."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from pagekit import make_docx, make_pdf
+from qwen_serve.server.webui import CSP, mount_webui
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def client() -> TestClient:
+    app = FastAPI()
+    mount_webui(app, max_upload_bytes=LIMIT)
+    return TestClient(app)
+
+
+def upload(client: TestClient, name: str, data: bytes):
+    return client.post("/v1/documents/extract", files={"file": (name, data, "application/octet-stream")})
+
+
+def assert_error(response, status: int, code: str, words: str) -> None:
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code
+    assert err["type"] == "invalid_request_error"
+    assert words in err["message"]
+
+
+def test_page_and_assets_are_served_with_a_same_origin_policy(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"] == CSP
+    assert "connect-src 'self'" in CSP and "script-src 'self'" in CSP
+    html = page.text
+    for asset in ("/static/app.js", "/static/app.css", "/static/theme.js"):
+        assert asset in html
+        assert client.get(asset).status_code == 200
+    # Everything the page loads is local: no absolute http(s) URL in the HTML.
+    assert "http://" not in html and "https://" not in html
+
+
+def test_text_and_markdown(client: TestClient) -> None:
+    text = "# Title\n\nSome *text* – ünïcode.\n"
+    r = upload(client, "notes.md", text.encode())
+    assert r.status_code == 200
+    assert r.json() == {"text": text, "filename": "notes.md", "chars": 32}
+    r = upload(client, "bom.txt", "\ufeffhello".encode("utf-8"))
+    assert r.json()["text"] == "hello"
+    r = upload(client, "wide.txt", "hi there".encode("utf-16"))
+    assert r.json()["text"] == "hi there"
+
+
+def test_pdf(client: TestClient) -> None:
+    r = upload(client, "report.pdf", make_pdf(["Quarterly report (draft)", "Revenue grew 12 percent."]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "Quarterly report (draft)" in body["text"]
+    assert "Revenue grew 12 percent." in body["text"]
+    assert body["chars"] == len(body["text"])
+    assert body["filename"] == "report.pdf"
+
+
+def test_docx_with_table(client: TestClient) -> None:
+    data = make_docx(["Meeting notes", "Ship the chat page."], table=[["owner", "task"], ["ana", "tests"]])
+    r = upload(client, "notes.DOCX", data)
+    assert r.status_code == 200, r.text
+    text = r.json()["text"]
+    assert text.splitlines() == ["Meeting notes", "Ship the chat page.", "owner | task", "ana | tests"]
+
+
+def test_path_in_filename_is_dropped(client: TestClient) -> None:
+    r = upload(client, "../../etc/notes.txt", b"x")
+    assert r.json()["filename"] == "notes.txt"
+
+
+def test_unsupported_type(client: TestClient) -> None:
+    assert_error(upload(client, "tool.exe", b"MZ\x90\x00"), 415, "unsupported_file_type", "'.exe'")
+    assert_error(upload(client, "README", b"text"), 415, "unsupported_file_type", "no extension")
+
+
+def test_oversized(client: TestClient) -> None:
+    assert_error(upload(client, "big.txt", b"a" * (LIMIT + 1)), 413, "file_too_large", "0.0625 MB")
+    assert upload(client, "fits.txt", b"a" * LIMIT).status_code == 200
+
+
+def test_oversized_by_declared_length(client: TestClient) -> None:
+    r = client.post(
+        "/v1/documents/extract",
+        content=b"x" * 10,
+        headers={"content-type": "multipart/form-data; boundary=b", "content-length": str(LIMIT * 4)},
+    )
+    assert_error(r, 413, "file_too_large", "limit")
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "code", "words"),
+    [
+        ("broken.pdf", b"%PDF-1.4\n this is not a pdf", "unreadable_file", "PDF could not be read"),
+        ("fake.pdf", b"plain text", "unreadable_file", "not a PDF"),
+        ("broken.docx", b"PK\x03\x04 not a zip", "unreadable_file", "DOCX could not be read"),
+        ("latin1.txt", "café".encode("latin-1"), "unreadable_file", "not UTF-8"),
+        ("binary.txt", b"\x00\x01\x02abc", "unreadable_file", "binary"),
+        ("empty.md", b"  \n", "empty_document", "no text"),
+        ("blank.pdf", make_pdf([]), "empty_document", "no text"),
+    ],
+)
+def test_unreadable(client: TestClient, name: str, data: bytes, code: str, words: str) -> None:
+    assert_error(upload(client, name, data), 422, code, words)
+    assert name in upload(client, name, data).json()["error"]["message"]
+
+
+def test_missing_file_field(client: TestClient) -> None:
+    r = client.post("/v1/documents/extract", files={"other": ("a.txt", b"x", "text/plain")})
+    assert_error(r, 400, "missing_file", "'file'")
+    r = client.post("/v1/documents/extract", json={"file": "a.txt"})
+    assert_error(r, 400, "missing_file", "'file'")
