@@ -68,3 +68,46 @@ def make_tiny_checkpoint(
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
     return make_tiny_checkpoint(tmp_path / "tiny")
+
+
+# -- the demo model (Qwen2.5-Coder-0.5B-Instruct GGUF from the `demo` extra) -----------------------
+# Converted once into the user's qwen-serve cache ($QWEN_SERVE_CACHE or ~/.cache/qwen-serve), so
+# later test sessions reuse it (first conversion ~20 s on 2 cores).
+
+
+@pytest.fixture(scope="session")
+def demo_folder() -> Path:
+    """The converted demo model folder (config.json, model.safetensors, tokenizer files)."""
+    from qwen_serve.loader.demo import demo_model_folder
+
+    return demo_model_folder()
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """The assembled, sha256-verified demo GGUF file (for transformers' own GGUF loading)."""
+    from qwen_serve.loader.demo import demo_gguf_path
+
+    return demo_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_demo_tokenizer(demo_gguf: Path):
+    """transformers' tokenizer built from the GGUF itself: independent of our conversion (~20 s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(demo_gguf.parent), gguf_file=demo_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, demo_folder: Path) -> Path:
+    """A tiny random Qwen2 whose vocabulary is the demo tokenizer's, with the demo's tokenizer.json,
+    tokenizer_config.json (chat template) and generation_config.json, so text prompts and chat work."""
+    import json
+    import shutil
+
+    model_vocab = json.loads((demo_folder / "config.json").read_text())["vocab_size"]
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_chat") / "model", vocab=model_vocab, max_pos=4096)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo_folder / name, folder / name)
+    return folder
