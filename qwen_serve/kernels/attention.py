@@ -222,11 +222,16 @@ class TritonAttentionBackend:
         decode_block_n: int = 64,
         prefill_block_m: int = 128,
         prefill_block_n: int = 64,
+        prefill_num_warps: int = 8,
+        prefill_num_stages: int = 2,
+        decode_num_stages: int = 3,
     ) -> None:
         if num_splits is not None and not 1 <= num_splits <= 256:
             raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
         self.num_splits = num_splits
         self.decode_block_n, self.prefill_block_m, self.prefill_block_n = decode_block_n, prefill_block_m, prefill_block_n
+        self.prefill_num_warps, self.prefill_num_stages = prefill_num_warps, prefill_num_stages
+        self.decode_num_stages = decode_num_stages
         self._num_sms: dict[torch.device, int] = {}
 
     def splits_for(self, device: torch.device, num_tokens: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -271,11 +276,12 @@ class TritonAttentionBackend:
             # Decode: one query token per program, the GQA group's heads as the tile rows.
             block_m, block_q, block_n, pad = max(16, triton.next_power_of_2(qpk)), 1, self.decode_block_n, 0
             splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len)
-            grid0, warps, stages = num_tokens, 4, 3
+            grid0, warps, stages = num_tokens, 4, self.decode_num_stages
         else:
             block_m = max(self.prefill_block_m, triton.next_power_of_2(qpk))
             block_q, block_n, pad, splits = block_m // qpk, self.prefill_block_n, 1, 1
-            grid0, warps, stages = num_tokens // block_q + num_seqs, 8, 2
+            grid0 = num_tokens // block_q + num_seqs
+            warps, stages = self.prefill_num_warps, self.prefill_num_stages
         if splits > 1:
             part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=device)
             part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=device)

@@ -131,6 +131,16 @@ def _rotary_kernel(
     _rotate_heads(k_ptr + tok * stride_k, k_out_ptr + tok * num_k_heads * (2 * HALF), cos, sin, num_k_heads, K_HEADS_POW2, HALF)
 
 
+def rotary_reference(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `layers.rotary.RotaryEmbedding.forward` computes on the CPU."""
+    from qwen_serve.layers.rotary import _rotate
+
+    cos, sin = table[positions].chunk(2, dim=-1)
+    return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
+
+
 def rotary(
     positions: torch.Tensor,  # [num_tokens] int
     q: torch.Tensor,  # [num_tokens, heads * head_dim], rows may be strided (a split of qkv)

@@ -1,0 +1,398 @@
+"""GPU kernel and model-step benchmarks for qwen-serve's Triton kernels (one CUDA GPU, fixed seeds).
+
+Sections (--sections, comma separated; default all):
+  attn     decode attention, batch 1 and 64, contexts 4K..131K: Triton (split-KV auto, no split,
+           variants) vs the torch reference, against the KV-read floor (bytes / read bandwidth).
+  prefill  one prefill chunk of 4K..32K tokens (with and without a cached prefix): Triton tile
+           variants vs torch's flash SDPA on contiguous tensors, against the matmul-rate floor.
+  fused    RMSNorm+residual, SwiGLU, RoPE kernels vs their torch references (CUDA-graph timed).
+  model    the whole Qwen2.5-7B shape with random bf16 weights: prefill time (TTFT) at 4K..32K and
+           131K (YaRN), and decode tok/s from a CUDA graph of one decode step (model + greedy argmax)
+           at batch 1 (prompt 128 + 256 new, fused kernels on and off) and at long contexts and batch 64.
+Prints a table per section and writes every figure to OUT/bench_kernels.json.
+
+Timing: small kernels are captured in one CUDA graph that runs R different inputs back to back
+(R chosen so the inputs exceed the 50 MB L2), median of the replays over R; large ones use
+triton.testing.do_bench (median, L2 flushed before each run).
+
+    python scripts/bench_kernels.py --out /tmp/bench [--sections attn,model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from qwen_serve.kernels import fused
+from qwen_serve.kernels.attention import TritonAttentionBackend
+from qwen_serve.kernels.random_batch import random_paged_batch
+from qwen_serve.layers import kernel_dispatch
+from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, bind_kv_cache, forward_context
+from qwen_serve.loader.weights import build_model, random_weights
+from qwen_serve.models.config import Qwen2Config
+
+# Measured on the lent H100 (../shared/MODELS.md): read bandwidth and bf16 dense matmul rate.
+READ_BW = 3058e9
+MATMUL_FLOPS = 786e12
+QWEN7B = {
+    "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+H, KVH, D = 28, 4, 128
+BF16 = torch.bfloat16
+
+
+def graph_ms(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Median ms per call of one CUDA graph that runs every call once (warmed up eagerly first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / len(calls)
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def attention_call(backend, b) -> Callable[[], torch.Tensor]:
+    return lambda: backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, b.scale)
+
+
+# ------------------------------------------------------------------------------------------ attn
+def section_attn(rows: list[dict]) -> None:
+    variants = {
+        "split-auto": TritonAttentionBackend(),
+        "no-split": TritonAttentionBackend(num_splits=1),
+        "split-auto bn128": TritonAttentionBackend(decode_block_n=128),
+        "split-auto st2": TritonAttentionBackend(decode_num_stages=2),
+    }
+    for batch in (1, 64):
+        for ctx in (4096, 8192, 16384, 32768, 65536, 131072):
+            probe = random_paged_batch([(ctx - 1, 1)], H, KVH, D, 16, BF16, "cuda", seed=0)
+            per_seq = probe.kv_bytes_read
+            del probe
+            size = per_seq * batch
+            copies = max(1, min(16, math.ceil(256e6 / size)))
+            batches = [random_paged_batch([(ctx - 1, 1)] * batch, H, KVH, D, 16, BF16, "cuda", seed=r) for r in range(copies)]
+            floor_ms = size / READ_BW * 1e3
+            row = {"batch": batch, "context": ctx, "kv_MB": size / 1e6, "floor_ms": floor_ms, "copies": copies}
+            for name, backend in variants.items():
+                ms = graph_ms([attention_call(backend, b) for b in batches])
+                row[name] = ms
+            row["splits_auto"] = variants["split-auto"].splits_for(torch.device("cuda"), batch, KVH, ctx)
+            if batch * ctx <= 256 * 1024:
+                try:
+                    row["torch-ref"] = bench_ms(attention_call(TorchAttentionBackend(), batches[0]))
+                except torch.OutOfMemoryError:
+                    row["torch-ref"] = "OOM"
+            rows.append(row)
+            del batches
+            torch.cuda.empty_cache()
+            print(f"attn b={batch} ctx={ctx}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ prefill
+def section_prefill(rows: list[dict]) -> None:
+    variants = {
+        "m128n64w8s2": TritonAttentionBackend(),
+        "m128n64w8s3": TritonAttentionBackend(prefill_num_stages=3),
+        "m64n64w4s2": TritonAttentionBackend(prefill_block_m=64, prefill_num_warps=4),
+        "m128n128w8s2": TritonAttentionBackend(prefill_block_n=128),
+    }
+    for ctx, new in ((0, 4096), (0, 8192), (0, 16384), (0, 32768), (24576, 8192), (122880, 8192)):
+        b = random_paged_batch([(ctx, new)], H, KVH, D, 16, BF16, "cuda", seed=1)
+        visible = new * ctx + new * (new + 1) / 2
+        flops = 4 * H * D * visible
+        row = {"context": ctx, "new": new, "TFLOP": flops / 1e12, "floor_ms": flops / MATMUL_FLOPS * 1e3}
+        for name, backend in variants.items():
+            try:
+                row[name] = bench_ms(attention_call(backend, b))
+            except Exception as e:  # a tile shape the compiler rejects (shared memory) is a result too
+                row[name] = f"fail: {type(e).__name__}"
+        if ctx == 0:
+            q = b.q.transpose(0, 1)[None]  # [1, H, new, D]
+            k = torch.randn(1, H, new, D, device="cuda", dtype=BF16)
+            v = torch.randn(1, H, new, D, device="cuda", dtype=BF16)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                row["torch-flash(dense)"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        rows.append(row)
+        del b
+        torch.cuda.empty_cache()
+        print("prefill " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ fused
+def section_fused(rows: list[dict]) -> None:
+    table = torch.randn(40000, D, device="cuda", dtype=torch.float32)
+    for tokens in (1, 2048):
+        copies = 28 if tokens == 1 else 4
+        g = torch.Generator(device="cuda").manual_seed(tokens)
+        xs = [torch.randn(tokens, 3584, device="cuda", dtype=BF16, generator=g) for _ in range(copies)]
+        rs = [torch.randn(tokens, 3584, device="cuda", dtype=BF16, generator=g) for _ in range(copies)]
+        w = torch.randn(3584, device="cuda", dtype=BF16, generator=g)
+        gu = [torch.randn(tokens, 2 * 18944, device="cuda", dtype=BF16, generator=g) for _ in range(copies)]
+        qkv = [torch.randn(tokens, (H + 2 * KVH) * D, device="cuda", dtype=BF16, generator=g) for _ in range(copies)]
+        pos = torch.randint(0, 40000, (tokens,), device="cuda", generator=g)
+        cases = {
+            "rms_norm+residual": (
+                [lambda x=x, r=r: fused.rms_norm(x, r, w, 1e-6) for x, r in zip(xs, rs)],
+                [lambda x=x, r=r: fused.rms_norm_reference(x, r, w, 1e-6) for x, r in zip(xs, rs)],
+            ),
+            "silu_and_mul": (
+                [lambda x=x: fused.silu_and_mul(x) for x in gu],
+                [lambda x=x: fused.silu_and_mul_reference(x) for x in gu],
+            ),
+            "rotary": (
+                [lambda t=t: fused.rotary(pos, t[:, : H * D], t[:, H * D : (H + KVH) * D], table, D) for t in qkv],
+                [lambda t=t: fused.rotary_reference(pos, t[:, : H * D], t[:, H * D : (H + KVH) * D], table, D) for t in qkv],
+            ),
+        }
+        for name, (kernel, reference) in cases.items():
+            row = {"op": name, "tokens": tokens, "triton_us": graph_ms(kernel) * 1e3, "torch_us": graph_ms(reference) * 1e3}
+            rows.append(row)
+            print(f"fused {row}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ model
+class DecodeRunner:
+    """A model bound to a paged KV cache; sequences own contiguous block ranges (slot = base + position)."""
+
+    def __init__(self, model, cfg: Qwen2Config, batch: int, max_len: int, backend, block_size: int = 16) -> None:
+        self.model, self.cfg, self.batch, self.max_len, self.bs = model, cfg, batch, max_len, block_size
+        self.blocks_per_seq = triton.cdiv(max_len, block_size)
+        self.kv = torch.empty(
+            2, cfg.num_hidden_layers, batch * self.blocks_per_seq, block_size, cfg.num_key_value_heads, cfg.head_dim,
+            dtype=BF16, device="cuda",
+        )
+        self.kv.normal_()  # stands for prompts when the benchmark does not prefill them
+        bind_kv_cache(model, self.kv, backend)
+        self.tables = torch.arange(batch * self.blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, -1)
+
+    def meta(self, seq: int, start: int, end: int) -> AttentionMetadata:
+        slots = torch.arange(start, end, device="cuda") + seq * self.blocks_per_seq * self.bs
+        return AttentionMetadata(
+            [0, end - start], [end], slots, self.tables[seq : seq + 1], end - start, end,
+            torch.tensor([0, end - start], dtype=torch.int32, device="cuda"),
+            torch.tensor([end], dtype=torch.int32, device="cuda"),
+        )
+
+    def prefill(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Sequence 0's prompt in chunks; returns the greedy next token (what TTFT measures)."""
+        n = ids.shape[0]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            with forward_context(self.meta(0, s, e)):
+                hidden = self.model(ids[s:e], torch.arange(s, e, device="cuda"))
+        return self.model.compute_logits(hidden[-1:]).argmax(-1)
+
+    def decode_ms(self, context: int, steps: int) -> float:
+        """ms per decode step of all `batch` sequences at `context` cached tokens, from a CUDA graph."""
+        b = self.batch
+        ids = torch.randint(0, self.cfg.vocab_size, (b,), device="cuda")
+        pos = torch.full((b,), context, dtype=torch.long, device="cuda")
+        base = torch.arange(b, device="cuda") * self.blocks_per_seq * self.bs
+        slots = base + context
+        seq_lens = torch.full((b,), context + 1, dtype=torch.int32, device="cuda")
+        meta = AttentionMetadata(
+            list(range(b + 1)), [context + 1] * b, slots, self.tables, 1, self.max_len,
+            torch.arange(b + 1, dtype=torch.int32, device="cuda"), seq_lens,
+        )
+
+        def step() -> None:
+            with forward_context(meta):
+                hidden = self.model(ids, pos)
+            ids.copy_(self.model.compute_logits(hidden).argmax(-1))
+            pos.add_(1)
+            slots.add_(1)
+            seq_lens.add_(1)
+
+        def reset() -> None:
+            pos.fill_(context)
+            slots.copy_(base + context)
+            seq_lens.fill_(context + 1)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        reset()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        if int(pos[0]) != context + steps + 1 or not bool((ids >= 0).all()):
+            raise RuntimeError("decode graph did not advance as expected")
+        del graph
+        return start.elapsed_time(end) / steps
+
+
+def timed(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e3
+
+
+def section_model(rows: list[dict]) -> None:
+    reference_ops = SimpleNamespace(
+        rms_norm=fused.rms_norm_reference, silu_and_mul=fused.silu_and_mul_reference, rotary=fused.rotary_reference
+    )
+    fused_ops = kernel_dispatch.ops
+
+    cfg = Qwen2Config.from_dict(QWEN7B)
+    model = build_model(cfg, BF16, "cuda")
+    random_weights(model, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"model: {weight_bytes / 1e9:.2f} GB of weights; roofline {READ_BW / weight_bytes:.1f} tok/s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    # Batch-1 decode, prompt 128 + 256 new: fused kernels on, then off (torch references).
+    for label, ops in (("fused", fused_ops), ("torch-elementwise", lambda: reference_ops)):
+        kernel_dispatch.ops = ops
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            runner = DecodeRunner(model, cfg, 1, 128 + 256 + 16, TritonAttentionBackend())
+            ids = torch.randint(0, cfg.vocab_size, (128,), device="cuda", generator=gen)
+            runner.prefill(ids, 128)
+            ms = runner.decode_ms(128, 256)
+            rows.append({"figure": f"decode b=1 prompt128+256 ({label})", "ms_per_step": ms, "tok_s": 1e3 / ms,
+                         "roofline_tok_s": READ_BW / weight_bytes, "peak_GB": torch.cuda.max_memory_allocated() / 1e9})
+            print(rows[-1], flush=True)
+            del runner
+        finally:
+            kernel_dispatch.ops = fused_ops
+        torch.cuda.empty_cache()
+
+    # TTFT and decode at long contexts.
+    for n in (4096, 8192, 16384, 32768):
+        torch.cuda.reset_peak_memory_stats()
+        runner = DecodeRunner(model, cfg, 1, n + 80, TritonAttentionBackend())
+        ids = torch.randint(0, cfg.vocab_size, (n,), device="cuda", generator=gen)
+        for chunk in sorted({min(n, 8192), n}):
+            runner.prefill(ids, chunk)  # warm-up: compiles this shape
+            ms = timed(lambda: runner.prefill(ids, chunk))
+            rows.append({"figure": f"TTFT {n} (chunk {chunk})", "ms": ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9})
+            print(rows[-1], flush=True)
+        ms = runner.decode_ms(n, 64)
+        rows.append({"figure": f"decode b=1 at {n}", "ms_per_step": ms, "tok_s": 1e3 / ms})
+        print(rows[-1], flush=True)
+        del runner
+        torch.cuda.empty_cache()
+
+    # Batch-64 decode (random cache standing for the prompts).
+    for ctx in (1024, 4096):
+        runner = DecodeRunner(model, cfg, 64, ctx + 80, TritonAttentionBackend())
+        ms = runner.decode_ms(ctx, 32)
+        rows.append({"figure": f"decode b=64 at {ctx}", "ms_per_step": ms, "tok_s": 64e3 / ms})
+        print(rows[-1], flush=True)
+        del runner
+        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
+
+    # 131,072 tokens with YaRN: chunked prefill, then decode.
+    ycfg = cfg.with_yarn()
+    model = build_model(ycfg, BF16, "cuda")
+    random_weights(model, seed=0)
+    n = 131072 - 80
+    torch.cuda.reset_peak_memory_stats()
+    runner = DecodeRunner(model, ycfg, 1, 131072, TritonAttentionBackend())
+    ids = torch.randint(0, ycfg.vocab_size, (n,), device="cuda", generator=gen)
+    runner.prefill(ids[:16384], 16384)  # compile
+    ms = timed(lambda: runner.prefill(ids, 16384))
+    rows.append({"figure": f"TTFT {n} YaRN (chunk 16384)", "ms": ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9})
+    print(rows[-1], flush=True)
+    ms = runner.decode_ms(n, 64)
+    rows.append({"figure": f"decode b=1 at {n} YaRN", "ms_per_step": ms, "tok_s": 1e3 / ms})
+    print(rows[-1], flush=True)
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    print(f"\n## {title}\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--sections", default="attn,prefill,fused,model")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    results: dict = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__}
+    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    results["copy_GBps"] = 2 * x.numel() / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
+    del x, y
+    print(results, flush=True)
+    sections = {"attn": section_attn, "prefill": section_prefill, "fused": section_fused, "model": section_model}
+    for name in args.sections.split(","):
+        rows: list[dict] = []
+        t = time.perf_counter()
+        try:
+            with torch.no_grad():
+                sections[name](rows)
+        except Exception:
+            traceback.print_exc()
+            rows.append({"error": traceback.format_exc(limit=3)[-400:]})
+        results[name] = rows
+        results[f"{name}_seconds"] = time.perf_counter() - t
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_kernels.json").write_text(json.dumps(results, indent=1))
+    for name in args.sections.split(","):
+        print_table(name, [r for r in results[name] if "error" not in r])
+
+
+if __name__ == "__main__":
+    main()
