@@ -1,0 +1,345 @@
+"""LLMEngine end to end on tiny random-weight models, against transformers and plain reference loops."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.llm import LLM
+from qwen_serve.engine.llm_engine import LLMEngine
+from qwen_serve.engine.sampling_params import SamplingParams
+
+from conftest import make_tiny_checkpoint
+
+VOCAB = 320
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny checkpoint with weights scaled up: its greedy choices have clear margins (float noise
+    cannot swap them) and its outputs vary instead of repeating one token."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("engine") / "m", vocab=VOCAB, max_pos=512)
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors = {name: t * 8 if t.dim() == 2 else t for name, t in tensors.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: token i decodes to one or two letters, so text spans tokens."""
+
+    def __init__(self, eos: list[int] | None = None) -> None:
+        self.eos_token_ids = eos or []
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) * (1 + i % 2) for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        raise NotImplementedError
+
+
+def _engine(folder, tokenizer=None, **overrides) -> LLMEngine:
+    cfg = dict(model=str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_model_len=128)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg), Path(folder), tokenizer=tokenizer)
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randint(0, VOCAB, (13,), generator=gen).tolist()
+    out = []
+    for i, n in enumerate([1, 3, 5, 8, 13, 21, 34, 40, 2, 9, 17, 27, 6, 11, 30, 15]):
+        tail = torch.randint(0, VOCAB, (n,), generator=gen).tolist()
+        out.append(shared + tail if i % 4 == 0 else tail)  # a quarter share a 13-token prefix
+    return out
+
+
+def _greedy(**kw) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": NEW, "ignore_eos": True, **kw})
+
+
+def _generate(engine: LLMEngine, prompts, params) -> list:
+    return LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def expected(reference) -> list[list[int]]:
+    out = []
+    for p in _prompts():
+        with torch.no_grad():
+            ids = reference.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"enable_prefix_caching": False},
+    {"max_num_batched_tokens": 7},
+    {"num_kv_blocks": 20, "max_model_len": 64},
+], ids=["prefix-cache", "no-prefix-cache", "chunked-prefill", "preemption"])
+def test_greedy_batch_matches_transformers(tiny, expected, overrides):
+    engine = _engine(tiny, **overrides)
+    outs = _generate(engine, _prompts(), _greedy())
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    stats = engine.stats()
+    if "num_kv_blocks" in overrides:
+        assert stats.num_preemptions > 0
+    if not overrides:
+        assert stats.prefix_cache_hits > 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+def test_each_alone_equals_together(tiny, expected):
+    engine = _engine(tiny)
+    for p, exp in zip(_prompts(), expected):
+        assert _generate(engine, [p], _greedy())[0].outputs[0].token_ids == exp
+
+
+def test_seeded_sampling_ignores_batch_companions(tiny):
+    engine = _engine(tiny)
+    prompt = _prompts()[5]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = _generate(engine, [prompt], seeded)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, top_k=5, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.2, top_p=0.7, max_tokens=3, ignore_eos=True), _greedy()]
+    mixed = _generate(engine, _prompts()[:3] + [prompt] + _prompts()[6:8], others + [seeded] + others[:2])
+    assert mixed[3].outputs[0].token_ids == alone
+    reseeded = _generate(engine, [prompt], SamplingParams(temperature=1.0, seed=1235, max_tokens=12, ignore_eos=True))
+    assert reseeded[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_share_prompt_and_follow_their_seeds(tiny, expected):
+    engine = _engine(tiny)
+    prompt = _prompts()[7]
+    out = _generate(engine, [prompt], _greedy(n=3))[0]
+    assert [o.token_ids for o in out.outputs] == [expected[7]] * 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    params = SamplingParams(n=4, temperature=1.0, seed=99, max_tokens=8, ignore_eos=True)
+    out = _generate(engine, [prompt], params)[0]
+    single = _generate(engine, [prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=8, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == single.outputs[0].token_ids  # sample 0 uses the seed itself
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert engine.stats().num_kv_blocks_free == engine.stats().num_kv_blocks_total
+
+
+def test_logprobs_match_reference(tiny, reference):
+    engine = _engine(tiny)
+    prompt = _prompts()[3]
+    out = _generate(engine, [prompt], _greedy(logprobs=5))[0].outputs[0]
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(ids).logits[0].float(), -1)[len(prompt) - 1 : -1]  # [NEW, V]
+    total = 0.0
+    for pos, (tok, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert abs(entry[tok].logprob - ref[pos, tok].item()) < 1e-4 and entry[tok].rank == 1
+        assert set(entry) == set(ref[pos].topk(5).indices.tolist())
+        total += entry[tok].logprob
+    assert abs(out.cumulative_logprob - total) < 1e-4
+
+
+def test_repetition_penalty_matches_transformers(tiny, reference):
+    engine = _engine(tiny)
+    prompt = _prompts()[6]
+    out = _generate(engine, [prompt], _greedy(repetition_penalty=1.8))[0].outputs[0].token_ids
+    with torch.no_grad():
+        ref = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 repetition_penalty=1.8)
+    assert out == ref[0, len(prompt):].tolist()
+
+
+def test_presence_and_frequency_penalties_match_reference_loop(tiny, reference):
+    engine = _engine(tiny)
+    prompt = _prompts()[2]
+    out = _generate(engine, [prompt], _greedy(presence_penalty=1.5, frequency_penalty=2.0))[0].outputs[0].token_ids
+    tokens, generated = list(prompt), []
+    for _ in range(NEW):
+        with torch.no_grad():
+            logits = reference(torch.tensor([tokens])).logits[0, -1].float()
+        for t in set(generated):
+            logits[t] -= 1.5 + 2.0 * generated.count(t)
+        generated.append(int(logits.argmax()))
+        tokens.append(generated[-1])
+    assert out == generated
+
+
+def test_stop_strings_span_tokens_and_are_never_emitted(tiny):
+    engine = _engine(tiny, tokenizer=CharTokenizer())
+    prompt = _prompts()[4]
+    free = _generate(engine, [prompt], _greedy(max_tokens=16))[0].outputs[0]
+    text = free.text
+    assert text == CharTokenizer().decode(free.token_ids)
+    # A stop string made of the end of token 3's text and the start of token 4's.
+    t3, t4 = (CharTokenizer().decode([t]) for t in free.token_ids[3:5])
+    start = len(CharTokenizer().decode(free.token_ids[:3]))
+    stop = t3[-1] + t4[0]
+    cut = text.find(stop)
+    assert cut <= start + len(t3) - 1
+    engine.add_request("s", prompt, _greedy(max_tokens=16, stop=["zzzzzz", stop]))
+    deltas, final = [], None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            deltas.append(o.outputs[0].delta_text)
+            final = o
+    out = final.outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:cut] and "".join(deltas) == text[:cut]
+    assert all(stop not in d for d in deltas)
+    included = _generate(engine, [prompt], _greedy(max_tokens=16, stop=stop, include_stop_str_in_output=True))[0]
+    assert included.outputs[0].text == text[: cut + len(stop)]
+
+
+def test_stop_tokens_eos_and_min_tokens(tiny, expected):
+    prompt, exp = _prompts()[0], expected[0]
+    stop_id = exp[3]
+    first = exp.index(stop_id)
+    engine = _engine(tiny, tokenizer=CharTokenizer(eos=[stop_id]))
+    out = _generate(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=NEW))[0].outputs[0]
+    assert out.token_ids == exp[: first + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    out = _generate(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == exp
+    out = _generate(engine, [prompt], SamplingParams(temperature=0.0, max_tokens=NEW, min_tokens=first + 2))[0].outputs[0]
+    assert stop_id not in out.token_ids[: first + 2] and len(out.token_ids) >= first + 2
+    plain = _engine(tiny)
+    out = _generate(plain, [prompt], _greedy(stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == exp[: first + 1] and out.stop_reason == stop_id
+
+
+def test_every_block_returns_after_finish_abort_and_preemption(tiny):
+    engine = _engine(tiny, num_kv_blocks=24, max_model_len=64, max_num_batched_tokens=16)
+    prompts = _prompts()
+    for i, p in enumerate(prompts):
+        n = 2 if i % 5 == 0 else 1
+        engine.add_request(str(i), p, SamplingParams(n=n, temperature=1.0, seed=i, max_tokens=4 + i, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        if steps in (2, 5, 9):  # aborts in the middle of prefills, decodes and waiting
+            for rid in list(engine.requests)[::3]:
+                engine.abort_request(rid)
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+    engine.step()  # hands the finished ids to the runner
+    assert engine.runner.generators == {}
+
+
+def test_streaming_deltas_add_up(tiny):
+    engine = _engine(tiny, tokenizer=CharTokenizer())
+    engine.add_request("x", _prompts()[1], _greedy(n=2, logprobs=2))
+    texts, ids, lps = {0: "", 1: ""}, {0: [], 1: []}, {0: 0, 1: 0}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            for c in o.outputs:
+                texts[c.index] += c.delta_text
+                ids[c.index] += c.delta_token_ids
+                lps[c.index] += len(c.delta_logprobs)
+    for c in o.outputs:
+        assert texts[c.index] == c.text and ids[c.index] == c.token_ids and lps[c.index] == len(c.token_ids) == NEW
+
+
+def test_bad_requests_raise_value_error(tiny):
+    engine = _engine(tiny, max_model_len=32)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("long", list(range(40)), _greedy())
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add_request("p", [1, 2], SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("s", [1, 2], SamplingParams(stop="x"))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("v", [VOCAB + 5], _greedy())
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("e", [], _greedy())
+
+
+def test_generation_config_defaults_fill_unset_fields(tiny):
+    engine = LLMEngine(EngineConfig(model=str(tiny), dtype="float32", device="cpu", num_kv_blocks=64),
+                       Path(tiny), generation_config={"temperature": 0.0, "max_new_tokens": 5, "top_k": 20})
+    assert engine.default_sampling_params() == {"temperature": 0.0, "max_tokens": 5, "top_k": 20}
+    out = _generate(engine, [[1, 2, 3]], SamplingParams(ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 5
+    out = _generate(engine, [[1, 2, 3]], SamplingParams(max_tokens=7, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 7
+
+
+def test_structured_output_hook_masks_and_stops(tiny, monkeypatch):
+    class OnlyFrom:
+        """Allows tokens 5..9 and is complete after four of them."""
+
+        def __init__(self):
+            self.seen = 0
+
+        def fill_mask(self, allowed):
+            allowed[5:10] = True
+
+        def accept(self, token_id):
+            self.seen += 1
+            return 5 <= token_id < 10
+
+        def is_finished(self):
+            return self.seen >= 4
+
+    fake = types.ModuleType("qwen_serve.structured")
+    fake.new_constraint = lambda spec, tokenizer: OnlyFrom()
+    monkeypatch.setitem(sys.modules, "qwen_serve.structured", fake)
+    engine = _engine(tiny, tokenizer=CharTokenizer())
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=NEW, structured_output={"type": "json_object"})
+    out = _generate(engine, [_prompts()[2]], params)[0]
+    for c in out.outputs:
+        assert len(c.token_ids) == 4 and all(5 <= t < 10 for t in c.token_ids) and c.finish_reason == "stop"
+
+
+@pytest.mark.demo
+def test_structured_output_with_real_grammar(tiny_chat_checkpoint):
+    pytest.importorskip("qwen_serve.structured")
+    import json
+
+    llm = LLM(model=str(tiny_chat_checkpoint), dtype="float32", device="cpu", num_kv_blocks=256, max_model_len=512)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    params = SamplingParams(temperature=0.0, max_tokens=40, structured_output={"type": "json_schema", "schema": schema})
+    out = llm.generate(["Give JSON:"], params, use_tqdm=False)[0].outputs[0]
+    if out.finish_reason == "stop":
+        assert isinstance(json.loads(out.text)["a"], int)
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_chat_matches_transformers(demo_folder):
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(model=str(demo_folder), dtype="float32", device="cpu", kv_cache_gb=0.5, max_model_len=2048)
+    conversations = [[{"role": "user", "content": "用一句话介绍一下北京。"}],
+                     [{"role": "user", "content": "Write a Python function that reverses a string."}]]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    outs = llm.chat(conversations, params, use_tqdm=False)
+    ref = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    tok = llm.get_tokenizer()
+    for conv, out in zip(conversations, outs):
+        ids = tok.encode(tok.apply_chat_template(conv, add_generation_prompt=True))
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, top_k=None, top_p=None,
+                               temperature=None, eos_token_id=tok.eos_token_ids, pad_token_id=tok.eos_token_ids[0])
+        expected = gen[0, len(ids):].tolist()
+        got = out.outputs[0].token_ids
+        assert got == expected[: len(got)] and (len(got) == 32 or got[-1] in tok.eos_token_ids)
+        assert out.outputs[0].text.strip()
