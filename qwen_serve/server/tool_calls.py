@@ -15,7 +15,7 @@ Rules (the same whatever the chunking):
   verbatim (the JSON value, without the closing brace of the outer object).
 * Any other block is read when it closes: a JSON object with a string "name" (and "arguments" or
   "parameters") is a call whose arguments are re-serialized; anything else is not a call and is kept as
-  content verbatim, tags included, so no model output is silently lost. With tool_choice "required" or a
+  content verbatim, tags and surrounding whitespace included, so no model output is silently lost. With tool_choice "required" or a
   named function the grammar makes every block well-formed, so this only happens under "auto".
 * A block cut off by the end of the output (max_tokens) still ends its call with the text generated so far.
 * Text that may be the start of `<tool_call>` is held back until it is known not to be.
@@ -105,7 +105,8 @@ class ToolCallParser:
         self._make_id = make_id
         self._pending = ""        # text not yet emitted: outside text held back, or the open block's body
         self._in_block = False
-        self._after_block = False  # drop whitespace right after a block
+        self._after_block = False  # drop whitespace right after a call
+        self._ws_before = ""      # whitespace dropped before the open block (restored if it is not a call)
         self._header_end = -1     # in a block: end of the streamed header in _pending, -1 until seen
         self._args_sent = 0       # characters of the current call's arguments already emitted
         self._content: list[str] = []
@@ -143,7 +144,9 @@ class ToolCallParser:
             self._after_block = not text
         start = text.find(TOOL_CALL_START)
         if start >= 0:
-            self._emit_content(events, text[:start].rstrip())
+            before = text[:start]
+            self._emit_content(events, before.rstrip())
+            self._ws_before = before[len(before.rstrip()):]
             self._pending = text[start + len(TOOL_CALL_START):]
             self._in_block, self._header_end, self._args_sent = True, -1, 0
             return True
@@ -177,6 +180,7 @@ class ToolCallParser:
                 self._call_id, self._call_name = self._make_id(), json.loads(f'"{header.group(1)}"')
                 events.append(ToolCallDelta(len(self._calls), "", self._call_id, self._call_name))
         done = closed or final
+        call: ToolCall | None = None
         if self._header_end >= 0:
             args = region[self._header_end:].lstrip()
             if done:
@@ -194,13 +198,13 @@ class ToolCallParser:
             if call is not None:
                 events.append(ToolCallDelta(len(self._calls), call.arguments, call.id, call.name))
                 self._calls.append(call)
-            else:
+            else:  # not a call: the block is the model's text, verbatim
                 tail = TOOL_CALL_END if closed else ""
-                self._emit_content(events, TOOL_CALL_START + region + tail)
+                self._emit_content(events, self._ws_before + TOOL_CALL_START + region + tail)
         if not done:
             return False
         self._pending = body[end + len(TOOL_CALL_END):] if closed else ""
-        self._in_block, self._after_block = False, True
+        self._in_block, self._after_block = False, self._header_end >= 0 or call is not None
         return True
 
 

@@ -1,0 +1,252 @@
+"""Structured output with real llguidance and the demo tokenizer: masks allow exactly the schema's texts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from qwen_serve.structured import (
+    GrammarCompiler,
+    StructuredOutputError,
+    TokenConstraint,
+    allocate_bitmask,
+    apply_bitmask_,
+    fill_bitmasks,
+    new_constraint,
+    precompile,
+)
+from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string"},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+ORDER = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "maxLength": 8},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                    "kind": {"enum": ["book", "toy", "food"]},
+                },
+                "required": ["sku", "qty", "kind"],
+                "additionalProperties": False,
+            },
+        },
+        "express": {"type": "boolean"},
+    },
+    "required": ["id", "items"],
+    "additionalProperties": False,
+}
+TREE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+            "required": ["v"],
+            "additionalProperties": False,
+        }
+    },
+    "$ref": "#/$defs/node",
+}
+
+
+@pytest.fixture(scope="module")
+def tok(demo_folder: Path) -> Tokenizer:
+    return Tokenizer.from_folder(demo_folder)
+
+
+@pytest.fixture(scope="module")
+def vocab(demo_folder: Path) -> int:
+    """The logits width of the demo model (masks must cover it)."""
+    return json.loads((demo_folder / "config.json").read_text())["vocab_size"]
+
+
+def schema_spec(schema: dict) -> dict:
+    return {"type": "json_schema", "schema": schema, "strict": True}
+
+
+def first_rejected(c: TokenConstraint, ids: list[int], vocab: int) -> int | None:
+    """Feed ids through the constraint, checking mask and accept agree; index of the first forbidden id."""
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    for n, token in enumerate(ids):
+        c.fill_mask(allowed)
+        if not allowed[token]:
+            assert not c.accept(token)  # the matcher agrees with its mask
+            return n
+        assert c.accept(token), (n, token)
+    return None
+
+
+@pytest.mark.parametrize(
+    "schema,valid,invalid",
+    [
+        (PERSON, [{"name": "Ada", "age": 36}, {"name": "Bob \"B\" Ray", "age": 0, "email": "b@x.org"}],
+         [{"name": "Ada", "age": 200}, {"age": 3}, {"name": "Ada", "age": 3, "nick": "A"}, {"name": 5, "age": 3}]),
+        (ORDER, [{"id": "ABC-1234", "items": [{"sku": "b-1", "qty": 2, "kind": "book"}], "express": True}],
+         [{"id": "abc-1234", "items": [{"sku": "b", "qty": 2, "kind": "book"}]},
+          {"id": "ABC-1234", "items": []},
+          {"id": "ABC-1234", "items": [{"sku": "b", "qty": 0, "kind": "book"}]},
+          {"id": "ABC-1234", "items": [{"sku": "b", "qty": 1, "kind": "car"}]}]),
+        (TREE, [{"v": 1, "kids": [{"v": 2}, {"v": -3, "kids": []}]}], [{"v": 1, "kids": [{"v": "x"}]}, {"kids": []}]),
+    ],
+)
+def test_json_schema_masks(tok, vocab, schema, valid, invalid):
+    for instance in valid:
+        jsonschema.validate(instance, schema)
+        c = new_constraint(schema_spec(schema), tok, vocab)
+        ids = tok.encode(json.dumps(instance))  # json.dumps writes ", " / ": " like the grammar
+        assert first_rejected(c, ids, vocab) is None
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        c.fill_mask(allowed)
+        assert c.is_finished()
+        assert allowed.nonzero().flatten().tolist() == sorted(tok.eos_token_ids)  # only end-of-sequence left
+        assert c.accept(tok.eos_token_ids[0])
+    for instance in invalid:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(instance, schema)
+        c = new_constraint(schema_spec(schema), tok, vocab)
+        assert first_rejected(c, tok.encode(json.dumps(instance)), vocab) is not None, instance
+
+
+def test_json_object_mode(tok, vocab):
+    spec = {"type": "json_object"}
+    for text in ['{"a": [1, 2.5, null], "b": {"c": "d"}}', "{}"]:
+        c = new_constraint(spec, tok, vocab)
+        assert first_rejected(c, tok.encode(text), vocab) is None
+        assert c.is_finished()
+    for text in ["[1, 2]", '"hi"', '{"a": 1}}', '{"a" 1}', "Sure! {"]:
+        assert first_rejected(new_constraint(spec, tok, vocab), tok.encode(text), vocab) is not None, text
+    # end of sequence is not allowed while the object is open
+    c = new_constraint(spec, tok, vocab)
+    for token in tok.encode('{"a": '):
+        assert c.accept(token)
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    c.fill_mask(allowed)
+    assert not allowed[tok.eos_token_ids].any()
+    assert not c.accept(tok.eos_token_ids[0]) and c.is_error()
+
+
+_CLOSERS = ('"', "}", "]", ",", "0", "1", "true", "false", "null")
+
+
+def random_walk(c: TokenConstraint, tok: Tokenizer, vocab: int, seed: int, limit: int = 600) -> str:
+    """Sample like a model would, but at random among allowed ids; half the time prefer short closing tokens
+    so that the walk ends. Returns the text; fails if the grammar ever dead-ends."""
+    rng = random.Random(seed)
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    out: list[int] = []
+    for _ in range(limit):
+        c.fill_mask(allowed)
+        ids = allowed.nonzero().flatten().tolist()
+        assert ids, "the mask allowed nothing"
+        if any(i in tok.eos_token_ids for i in ids) and rng.random() < 0.5:
+            return tok.decode(out)
+        short = [i for i in ids if (tok.id_to_token(i) or "") in _CLOSERS]
+        token = rng.choice(short if short and rng.random() < 0.5 else ids)
+        if token in tok.eos_token_ids:
+            return tok.decode(out)
+        assert c.accept(token)
+        out.append(token)
+    raise AssertionError(f"no end after {limit} tokens: {tok.decode(out)!r}")
+
+
+@pytest.mark.parametrize("schema", [PERSON, ORDER, TREE], ids=["person", "order", "tree"])
+def test_random_walk_is_schema_valid(tok, vocab, schema):
+    for seed in range(3):
+        text = random_walk(new_constraint(schema_spec(schema), tok, vocab), tok, vocab, seed)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_unsupported_and_malformed_specs(tok, vocab):
+    with pytest.raises(StructuredOutputError, match="uniqueItems"):
+        new_constraint(schema_spec({"type": "array", "uniqueItems": True}), tok, vocab)
+    with pytest.raises(StructuredOutputError, match="contains"):
+        precompile(schema_spec({"type": "array", "contains": {"type": "integer"}}), tok, vocab).result()
+    with pytest.raises(StructuredOutputError, match="one of"):
+        new_constraint({"type": "xml"}, tok, vocab)
+    with pytest.raises(StructuredOutputError, match="schema"):
+        new_constraint({"type": "json_schema", "schema": "not a schema"}, tok, vocab)
+    with pytest.raises(StructuredOutputError):
+        new_constraint({"type": "lark", "grammar": "start: undefined_rule\n"}, tok, vocab)
+    assert issubclass(StructuredOutputError, ValueError)
+
+
+def test_openai_wrapper_and_lark(tok, vocab):
+    spec = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
+    assert first_rejected(new_constraint(spec, tok, vocab), tok.encode('{"name": "A", "age": 1}'), vocab) is None
+    lark = {"type": "lark", "grammar": 'start: ("yes" | "no") "!"\n'}
+    assert first_rejected(new_constraint(lark, tok, vocab), tok.encode("no!"), vocab) is None
+    assert first_rejected(new_constraint(lark, tok, vocab), tok.encode("maybe"), vocab) == 0
+
+
+def test_cache_is_keyed_by_canonical_spec_and_bounded(tok, vocab):
+    compiler = GrammarCompiler(max_entries=2)
+    a = compiler.precompile(schema_spec({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}), tok, vocab)
+    b = compiler.precompile(schema_spec({"properties": {"y": {"type": "string"}, "x": {"type": "integer"}}, "type": "object"}), tok, vocab)
+    assert a is b  # same schema, other key order: one compile
+    assert a.result().vocab_size == vocab
+    compiler.precompile({"type": "json_object"}, tok, vocab)
+    compiler.precompile({"type": "lark", "grammar": 'start: "a"\n'}, tok, vocab)
+    assert compiler.cache_size() == 2
+    assert compiler.precompile(schema_spec({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}), tok, vocab) is not a
+    # constraints from one compiled grammar are independent
+    first, second = a.result().new_constraint(), a.result().new_constraint()
+    assert first.accept(tok.encode("{")[0])
+    assert first_rejected(second, tok.encode('{"x": 1}'), vocab) is None
+
+
+def test_mask_covers_logits_wider_than_tokenizer(tok):
+    wide = tok.vocab_size + 128
+    c = new_constraint({"type": "json_object"}, tok, wide)
+    allowed = torch.ones(wide + 64, dtype=torch.bool)  # longer rows are fine: the tail is cleared
+    c.fill_mask(allowed)
+    assert not allowed[tok.vocab_size:].any()
+    assert allowed.sum() > 0
+    with pytest.raises(ValueError):
+        c.fill_mask(torch.zeros(tok.vocab_size, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        new_constraint({"type": "json_object"}, tok, tok.vocab_size - 1)
+
+
+def test_batched_bitmask_matches_bool_masks(tok, vocab):
+    spec = schema_spec(PERSON)
+    constraints = [new_constraint(spec, tok, vocab) for _ in range(3)]
+    for token in tok.encode('{"name": "A'):
+        assert constraints[1].accept(token)
+    for token in tok.encode('{"name": "A", "age": 1'):
+        assert constraints[2].accept(token)
+    bitmask = allocate_bitmask(4, vocab)  # row 0 stays unconstrained
+    fill_bitmasks([(constraints[0], 1), (constraints[1], 2), (constraints[2], 3)], bitmask)
+    logits = torch.randn(4, vocab)
+    reference = logits.clone()
+    apply_bitmask_(logits, bitmask)
+    assert torch.equal(logits[0], reference[0])
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    for row, c in enumerate(constraints, start=1):
+        c.fill_mask(allowed)
+        assert torch.equal(torch.isfinite(logits[row]), allowed)
+        assert torch.equal(logits[row][allowed], reference[row][allowed])
+        single = allocate_bitmask(1, vocab)
+        c.fill_bitmask(single)
+        assert torch.equal(single[0], bitmask[row])
+    with pytest.raises(ValueError):
+        constraints[0].fill_bitmask(allocate_bitmask(1, vocab + 64))

@@ -1,0 +1,245 @@
+"""Qwen <tool_call> parsing (whole and streamed) and the tool_choice grammars with real llguidance."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+from qwen_serve.server.tool_calls import (
+    ContentDelta,
+    ParsedMessage,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallParser,
+    parse_tool_calls,
+    tool_choice_spec,
+)
+from qwen_serve.structured import new_constraint
+from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+CALC = {
+    "type": "object",
+    "properties": {"expression": {"type": "string"}, "precision": {"type": "integer", "minimum": 0, "maximum": 10}},
+    "required": ["expression"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic", "parameters": CALC}},
+]
+
+
+def block(name: str, arguments: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def ids():
+    counter = itertools.count()
+    return lambda: f"call_{next(counter)}"
+
+
+TWO_CALLS = block("get_weather", {"city": "Paris", "unit": "celsius"}) + "\n" + block("calculator", {"expression": "2*(3+4)"})
+
+CASES = [
+    "Just text, no tools. 1 < 2 and <b>bold</b>.",
+    block("get_weather", {"city": "Paris"}),
+    TWO_CALLS,
+    "Let me check both.\n" + TWO_CALLS + "\nDone.",
+    block("get_weather", {"city": "Zürich \"Z\" {x}", "unit": "celsius"}),
+    '<tool_call>\n{"arguments": {"expression": "1+1"}, "name": "calculator"}\n</tool_call>',  # name last
+    "See: <tool_call>\nnot json at all\n</tool_call> and after",  # malformed: stays content
+    "text " + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
+    "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"}}\"}}\n  \n</tool_call>",
+    "Ends with a partial tag <tool_c",
+    "",
+]
+
+
+def test_single_and_several_calls():
+    msg = parse_tool_calls("Let me check both.\n" + TWO_CALLS + "\n", ids())
+    assert msg.content == "Let me check both."
+    assert msg.tool_calls == [
+        ToolCall("call_0", "get_weather", '{"city": "Paris", "unit": "celsius"}'),
+        ToolCall("call_1", "calculator", '{"expression": "2*(3+4)"}'),
+    ]
+    assert msg.tool_calls[0].to_openai() == {
+        "id": "call_0", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+    assert parse_tool_calls(TWO_CALLS, ids()).content is None
+    assert parse_tool_calls("plain", ids()) == ParsedMessage("plain", [])
+    assert parse_tool_calls("", ids()) == ParsedMessage("", [])
+
+
+def test_random_ids():
+    first, second = parse_tool_calls(TWO_CALLS).tool_calls
+    assert first.id.startswith("call_") and len(first.id) > 10 and first.id != second.id
+
+
+def test_other_block_shapes():
+    name_last = parse_tool_calls(CASES[5], ids())
+    assert name_last.tool_calls == [ToolCall("call_0", "calculator", '{"expression": "1+1"}')]
+    bad = parse_tool_calls(CASES[6], ids())
+    assert bad.tool_calls == [] and bad.content == CASES[6]
+    cut = parse_tool_calls(CASES[7], ids())
+    assert cut.content == "text" and cut.tool_calls == [ToolCall("call_0", "get_weather", '{"city": "Par')]
+    braces = parse_tool_calls(CASES[8], ids())
+    assert json.loads(braces.tool_calls[0].arguments) == {"expression": "}}"}
+    assert parse_tool_calls(CASES[9], ids()).content == CASES[9]
+
+
+def stream(text: str, cuts: list[int]) -> tuple[list, ParsedMessage]:
+    parser = ToolCallParser(ids())
+    events = []
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    for piece in pieces:
+        events += parser.feed(piece)
+    events += parser.finish()
+    return events, parser.result()
+
+
+def replay(events: list) -> ParsedMessage:
+    """What an OpenAI client reconstructs from the deltas."""
+    content, calls = "", {}
+    for e in events:
+        delta = e.to_openai()
+        content += delta.get("content", "")
+        for c in delta.get("tool_calls", []):
+            if "id" in c:
+                assert c["index"] not in calls and c["type"] == "function"
+                calls[c["index"]] = [c["id"], c["function"]["name"], c["function"]["arguments"]]
+            else:
+                calls[c["index"]][2] += c["function"]["arguments"]
+    tool_calls = [ToolCall(*calls[i]) for i in sorted(calls)]
+    return ParsedMessage(None if tool_calls and not content else content, tool_calls)
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_streaming_equals_whole_parse(text):
+    whole = parse_tool_calls(text, ids())
+    rng = random.Random(len(text))
+    splits = [[], list(range(1, len(text)))]  # one chunk; one character at a time
+    splits += [sorted(rng.sample(range(1, len(text)), rng.randint(1, min(8, len(text) - 1)))) for _ in range(30) if len(text) > 2]
+    for cuts in splits:
+        events, result = stream(text, cuts)
+        assert result == whole, cuts
+        assert replay(events) == whole, cuts
+        for e in events:
+            if isinstance(e, ContentDelta) and whole.tool_calls:
+                assert "<tool_call>" not in e.text and not e.text.isspace()
+
+
+def test_streamed_deltas_name_first_and_tags_held_back():
+    parser = ToolCallParser(ids())
+    assert parser.feed("Checking <tool") == [ContentDelta("Checking")]  # " <tool" might open a block
+    assert parser.feed("_call>\n{\"name\": \"get_wea") == []
+    assert parser.feed('ther", "arguments": {"ci') == [
+        ToolCallDelta(0, "", "call_0", "get_weather"), ToolCallDelta(0, '{"ci')]
+    assert parser.feed('ty": "Oslo"') == [ToolCallDelta(0, 'ty": "Oslo"')]
+    assert parser.feed("}") == []  # this "}" may close the outer object, not the arguments: held
+    assert parser.feed("}") == [ToolCallDelta(0, "}")]
+    assert parser.feed("\n</tool_call>") == []
+    assert parser.feed("\n") == []
+    assert parser.finish() == []
+    assert parser.result() == ParsedMessage("Checking", [ToolCall("call_0", "get_weather", '{"city": "Oslo"}')])
+    assert ToolCallDelta(0, "", "call_0", "get_weather").to_openai() == {"tool_calls": [
+        {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}
+    assert ToolCallDelta(1, "x").to_openai() == {"tool_calls": [{"index": 1, "function": {"arguments": "x"}}]}
+
+
+def test_tool_choice_spec_shapes():
+    assert tool_choice_spec(TOOLS, "auto") is None
+    assert tool_choice_spec(TOOLS, "none") is None
+    assert tool_choice_spec(None, None) is None
+    assert tool_choice_spec(TOOLS, "required")["type"] == "lark"
+    with pytest.raises(ValueError, match="not in 'tools'"):
+        tool_choice_spec(TOOLS, {"type": "function", "function": {"name": "send_email"}})
+    with pytest.raises(ValueError, match="at least one tool"):
+        tool_choice_spec([], "required")
+    with pytest.raises(ValueError, match="tool_choice"):
+        tool_choice_spec(TOOLS, "always")
+    with pytest.raises(ValueError, match="duplicate"):
+        tool_choice_spec(TOOLS + TOOLS[:1], "required")
+
+
+# -- grammars, with llguidance and the demo tokenizer ------------------------------------------------
+@pytest.fixture(scope="module")
+def tok(demo_folder: Path) -> Tokenizer:
+    return Tokenizer.from_folder(demo_folder)
+
+
+@pytest.fixture(scope="module")
+def vocab(demo_folder: Path) -> int:
+    return json.loads((demo_folder / "config.json").read_text())["vocab_size"]
+
+
+def accepts(spec: dict, text: str, tok: Tokenizer, vocab: int) -> bool:
+    c = new_constraint(spec, tok, vocab)
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    for token in tok.encode(text):
+        c.fill_mask(allowed)
+        if not allowed[token]:
+            return False
+        assert c.accept(token)
+    c.fill_mask(allowed)
+    return bool(allowed[tok.eos_token_ids].all())  # complete: the answer may end here
+
+
+def test_required_grammar(tok, vocab):
+    spec = tool_choice_spec(TOOLS, "required")
+    assert tok.encode("<tool_call>")[0] == tok.token_to_id("<tool_call>")  # the tag is one token, as the model writes it
+    assert accepts(spec, block("get_weather", {"city": "Paris"}), tok, vocab)
+    assert accepts(spec, TWO_CALLS, tok, vocab)
+    assert not accepts(spec, "Sure! " + block("get_weather", {"city": "Paris"}), tok, vocab)  # a call must come first
+    assert not accepts(spec, block("send_email", {"to": "x"}), tok, vocab)  # undeclared tool
+    assert not accepts(spec, block("get_weather", {"unit": "celsius"}), tok, vocab)  # missing required "city"
+    assert not accepts(spec, block("calculator", {"expression": "1", "precision": 11}), tok, vocab)  # above maximum
+    assert not accepts(spec, "", tok, vocab)  # at least one call
+
+
+def test_named_function_grammar(tok, vocab):
+    spec = tool_choice_spec(TOOLS, {"type": "function", "function": {"name": "calculator"}})
+    assert accepts(spec, block("calculator", {"expression": "6*7", "precision": 2}), tok, vocab)
+    assert not accepts(spec, block("get_weather", {"city": "Paris"}), tok, vocab)
+    assert not accepts(spec, block("calculator", {"expression": "1"}) + "\n" + block("calculator", {"expression": "2"}), tok, vocab)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_constrained_random_output_parses_to_valid_calls(tok, vocab, choice):
+    """Whatever a sampler picks under the grammar, the parser returns calls whose arguments fit the schema."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    closers = {'"', "}", "]", ",", "0", "1", "</tool_call>"}
+    for seed in range(3):
+        rng = random.Random(seed)
+        c = new_constraint(tool_choice_spec(TOOLS, choice), tok, vocab)
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        out: list[int] = []
+        for _ in range(400):
+            c.fill_mask(allowed)
+            choices = allowed.nonzero().flatten().tolist()
+            if allowed[tok.eos_token_ids[0]]:
+                break
+            short = [i for i in choices if tok.id_to_token(i) in closers]
+            token = rng.choice(short if short and rng.random() < 0.6 else choices)
+            assert c.accept(token)
+            out.append(token)
+        else:
+            raise AssertionError("no end")
+        msg = parse_tool_calls(tok.decode(out), ids())
+        assert msg.content is None and msg.tool_calls
+        for call in msg.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+            if isinstance(choice, dict):
+                assert call.name == "get_weather"
