@@ -1,0 +1,124 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with the right status.
+
+Bad input is always a 4xx: pydantic's validation errors and malformed JSON become 400 with `param`
+naming the field; `ValueError`s raised while turning a request into engine work become 400 too.
+Only a bug reaches the catch-all 500 handler, which logs the traceback and hides it from the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("qwen_serve.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error the client gets back as JSON; raise it anywhere in a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers
+
+    @classmethod
+    def bad_request(cls, message: str, param: str | None = None, code: str | None = None) -> "APIError":
+        return cls(400, message, param=param, code=code)
+
+    @classmethod
+    def from_value_error(cls, err: ValueError) -> "APIError":
+        """A ValueError whose message starts with the field's name ("top_p must be ...") -> 400 naming it."""
+        message = str(err) or "invalid request"
+        head = message.split(":", 1)[0].split(" ", 1)[0]
+        param = head if head.replace("_", "").replace(".", "").isalnum() and head.islower() else None
+        return cls(400, message, param=param, code=getattr(err, "code", None))
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# Names pydantic puts into an error's location for the member of a union it tried; not field names.
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "TextPart"})
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages.0.role', without pydantic's union-member tags."""
+    parts = [str(p) for p in loc
+             if p != "body" and not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p.startswith("function-")))]
+    return ".".join(parts) or None
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}").response()
+    param = _param_of(tuple(first.get("loc", ())))
+    if first.get("type") == "missing" and param:
+        message = f"{param}: field required"
+    else:
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(400, message, param=param).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = "no such route"
+        elif exc.status_code == 405:
+            message = "method not allowed on this route"
+        return APIError(exc.status_code, message, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error", None, None), status_code=500)

@@ -1,0 +1,144 @@
+"""`qwen-serve serve`: flags, loading with progress, the ready line, and a graceful stop.
+
+The HTTP socket opens first and the model loads in the engine thread, so `/health` answers 503
+while loading. Once loaded, one line on stdout gives the URL of the API and of the chat page.
+SIGTERM or Ctrl-C: uvicorn stops accepting, waits for in-flight requests to finish, then the
+engine thread stops and the process exits 0 (uvicorn would re-raise the signal; we do not).
+A second Ctrl-C forces the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from types import FrameType
+
+import uvicorn
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.async_engine import AsyncEngine
+
+API_KEY_ENV = "QWEN_SERVE_API_KEY"
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    EngineConfig.add_cli_args(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default: 8000)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use in requests (default: the --model argument)")
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' on the API (default: ${API_KEY_ENV} if set)")
+    g.add_argument("--generation-config", default="auto",
+                   help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' (none), or a folder")
+    g.add_argument("--max-waiting", type=int, default=1024,
+                   help="requests that may wait for the engine before new ones get 503 (default: 1024)")
+    g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
+    g.add_argument("--timeout-graceful-shutdown", type=float, default=None,
+                   help="seconds to let in-flight requests finish on shutdown (default: no limit)")
+    g.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+
+
+def _settings(args: argparse.Namespace):
+    from qwen_serve.server.serving import ServerSettings
+
+    return ServerSettings(
+        served_model_names=args.served_model_name or [args.model],
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        generation_config=args.generation_config,
+        max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
+        model_root=args.model,
+    )
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1" if host != "::" else "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(args: argparse.Namespace) -> int:
+    from qwen_serve.server.app import build_app, webui_available
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        config = EngineConfig.from_cli_args(args)
+        settings = _settings(args)
+        engine = AsyncEngine(config, max_waiting=args.max_waiting)
+        if args.generation_config not in ("auto", "vllm") and not os.path.isdir(args.generation_config):
+            raise ValueError(f"--generation-config: {args.generation_config!r} is not 'auto', 'vllm' or a folder")
+    except ValueError as err:
+        print(f"qwen-serve: {err}", file=sys.stderr)
+        return 2
+    app = build_app(engine, settings)
+    uv_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.timeout_graceful_shutdown,
+        lifespan="on",
+    )
+    server = _Server(uv_config, engine, has_page=webui_available(), model=args.model)
+    try:
+        server.run()
+    except OSError as err:  # e.g. the port is taken
+        print(f"qwen-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 1
+    if engine.load_error is not None:
+        return 1
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server plus the loading / ready announcements and an exit status of 0 after a signal."""
+
+    def __init__(self, config: uvicorn.Config, engine: "AsyncEngine", *, has_page: bool, model: str) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.has_page = has_page
+        self.model = model
+        self._announcer: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its graceful shutdown, which would end the process with
+        # a non-zero status; a clean stop on SIGTERM / Ctrl-C exits 0.
+        self._captured_signals.clear()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._announcer = asyncio.create_task(self._announce())
+
+    async def _announce(self) -> None:
+        start = time.monotonic()
+        engine = self.engine
+        print(f"qwen-serve: loading model {self.model!r} ...", file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()
+        last = 0.0
+        while engine.is_loading and not self.should_exit:
+            await asyncio.sleep(0.25)
+            elapsed = time.monotonic() - start
+            if tty:
+                print(f"\rqwen-serve: loading ... {elapsed:5.1f} s", end="", file=sys.stderr, flush=True)
+            elif elapsed - last >= 10:
+                last = elapsed
+                print(f"qwen-serve: still loading ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+        if tty:
+            print(file=sys.stderr)
+        if engine.load_error is not None:
+            print(f"qwen-serve: loading failed: {engine.load_error}", file=sys.stderr, flush=True)
+            self.should_exit = True
+            return
+        if self.should_exit:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        base = f"http://{_url_host(str(host))}:{port}"
+        page = f", chat page at {base}/" if self.has_page else ""
+        print(f"qwen-serve ready in {time.monotonic() - start:.1f} s: API at {base}/v1{page}", flush=True)

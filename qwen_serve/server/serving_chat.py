@@ -1,0 +1,226 @@
+"""`POST /v1/chat/completions`: messages -> prompt (the model's own chat template) -> engine -> message.
+
+The two conversions are small functions of their own, `render_prompt` and `output_to_message` (and
+`delta_to_message` for streams), so tool-call parsing can slot in there without touching the flow.
+Streams follow OpenAI's order per choice: a role chunk, content deltas, a finish chunk; then a
+usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen_serve.server.errors import APIError
+from qwen_serve.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    DeltaMessage,
+    ResponseMessage,
+    TokenLogprob,
+    TopLogprob,
+)
+from qwen_serve.server.serving import (
+    SSE_DONE,
+    SSEResponse,
+    ClientDisconnected,
+    Serving,
+    merge_streams,
+    random_id,
+    sse,
+    sse_error,
+    top_entries,
+    until_disconnected,
+    usage_of,
+)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the plain dicts chat templates expect.
+
+    Text parts are joined into one string; tool-call arguments sent as a JSON string become an object
+    (Qwen's template serializes them itself); OpenAI's `developer` role is a system message here.
+    """
+    import json
+
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role}
+        if m.content is not None or m.role != "assistant":
+            d["content"] = m.text()
+        if m.name is not None:
+            d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                args: Any = c.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except json.JSONDecodeError:
+                        pass  # keep the string: the template shows it as it came
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+            d["tool_calls"] = calls
+        out.append(d)
+    return out
+
+
+def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
+    """The prompt text for a chat request, by the model's template (ValueError for a bad conversation)."""
+    tools = None
+    if req.tools and req.tool_choice != "none":
+        tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    return tokenizer.apply_chat_template(
+        message_dicts(req.messages), tools=tools, add_generation_prompt=req.add_generation_prompt,
+        **(req.chat_template_kwargs or {}),
+    )
+
+
+def output_to_message(output: CompletionOutput, req: ChatCompletionRequest) -> tuple[ResponseMessage, str | None]:
+    """The assistant message and finish reason of one finished sample."""
+    return ResponseMessage(content=output.text), output.finish_reason
+
+
+def delta_to_message(delta_text: str, req: ChatCompletionRequest) -> DeltaMessage | None:
+    """The delta of one stream step (None: nothing to send for this text)."""
+    return DeltaMessage(content=delta_text) if delta_text else None
+
+
+def chat_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | None, k: int) -> ChoiceLogprobs | None:
+    if positions is None:
+        return None
+    content = []
+    for tok, pos in zip(token_ids, positions):
+        chosen = pos.get(tok)
+        if chosen is None:  # the engine always includes the sampled token; guard anyway
+            continue
+        content.append(TokenLogprob(
+            token=chosen.decoded_token, logprob=chosen.logprob, bytes=list(chosen.decoded_token.encode()),
+            top_logprobs=[TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode()))
+                          for _, lp in top_entries(pos, k)],
+        ))
+    return ChoiceLogprobs(content=content)
+
+
+class ChatServing(Serving):
+    async def create(self, req: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+        try:
+            req.validate_fields()
+        except ValueError as err:
+            raise APIError.from_value_error(err) from None
+        model = self.check_model(req.model)
+        self.check_ready()
+        structured = None
+        if req.response_format is not None:
+            try:
+                structured = req.response_format.structured_output()
+            except ValueError as err:
+                raise APIError.from_value_error(err) from None
+        try:
+            prompt_text = render_prompt(self.tokenizer, req)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from None
+        prompt_ids = await self.encode(prompt_text)
+        limit = req.output_limit if req.output_limit is not None else self.max_tokens_default()
+        max_tokens = self.check_context(len(prompt_ids), limit)
+        top_k = req.top_logprobs or 0
+        params = self.sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None,
+                                      structured_output=structured)
+        request_id = random_id("chatcmpl")
+        merged = merge_streams([self.generate(prompt_ids, params, request_id)])
+        try:
+            first = await until_disconnected(request, anext(merged))
+        except ClientDisconnected:
+            return JSONResponse({}, status_code=499)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned no output") from None
+        first_out = first[1]
+        if req.stream:
+            return SSEResponse(self._stream(req, model, request_id, first_out, merged, top_k))
+        try:
+            final = await until_disconnected(request, self._collect(first_out, merged))
+        except ClientDisconnected:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(self._response(req, model, request_id, first_out, final, top_k).model_dump())
+
+    async def _collect(self, first: RequestOutput, rest: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput]:
+        final = {o.index: o for o in first.outputs}
+        async for _, out in rest:
+            for o in out.outputs:
+                final[o.index] = o
+        return final
+
+    def _response(self, req: ChatCompletionRequest, model: str, request_id: str, first: RequestOutput,
+                  final: dict[int, CompletionOutput], top_k: int) -> ChatCompletionResponse:
+        choices = []
+        for index in sorted(final):
+            o = final[index]
+            message, finish = output_to_message(o, req)
+            choices.append(ChatChoice(
+                index=index, message=message, finish_reason=finish, stop_reason=o.stop_reason,
+                logprobs=chat_logprobs(o.token_ids, o.logprobs, top_k) if req.logprobs else None,
+            ))
+        return ChatCompletionResponse(
+            id=request_id, model=model, choices=choices,
+            usage=usage_of(final, len(first.prompt_token_ids), first.metrics.num_cached_tokens),
+        )
+
+    async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str, first: RequestOutput,
+                      rest: AsyncIterator[tuple[int, RequestOutput]], top_k: int) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        exclude = None if include_usage else {"usage"}
+        final: dict[int, CompletionOutput] = {}
+
+        def chunk(choices: list[ChatStreamChoice], usage: Any = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices,
+                                           usage=usage), exclude=exclude)
+
+        for i in range(req.n):  # the role comes first, alone, for every choice
+            yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        finished: set[int] = set()
+        out = first
+        try:
+            while True:
+                for o in out.outputs:
+                    final[o.index] = o
+                    delta = delta_to_message(o.delta_text, req)
+                    logprobs = (chat_logprobs(o.delta_token_ids, o.delta_logprobs, top_k)
+                                if req.logprobs and o.delta_token_ids else None)
+                    if delta is not None or logprobs is not None:
+                        usage = usage_of(final, len(out.prompt_token_ids), out.metrics.num_cached_tokens) if continuous else None
+                        yield chunk([ChatStreamChoice(index=o.index, delta=delta or DeltaMessage(content=""),
+                                                      logprobs=logprobs)], usage)
+                    if o.finish_reason is not None and o.index not in finished:
+                        finished.add(o.index)
+                        _, reason = output_to_message(o, req)
+                        yield chunk([ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason,
+                                                      stop_reason=o.stop_reason)])
+                nxt = await anext(rest, None)
+                if nxt is None:
+                    break
+                out = nxt[1]
+        except APIError as err:
+            yield sse_error(err)
+            yield SSE_DONE
+            return
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+        if include_usage:
+            yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                          usage=usage_of(final, len(first.prompt_token_ids),
+                                                         first.metrics.num_cached_tokens)))
+        yield SSE_DONE

@@ -1,0 +1,204 @@
+"""`POST /v1/completions`: raw prompts (text or token ids, one or a batch) for base models.
+
+A batch of prompts becomes one engine request per prompt, run concurrently; choice `index` is
+`prompt_index * n + sample_index`, as in OpenAI's API. `echo` puts the prompt's text in front of the
+completion (in the first chunk when streaming); `logprobs` gives OpenAI's legacy logprobs shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen_serve.server.errors import APIError
+from qwen_serve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    PromptTokensDetails,
+    UsageInfo,
+)
+from qwen_serve.server.serving import (
+    SSE_DONE,
+    ClientDisconnected,
+    Serving,
+    SSEResponse,
+    merge_streams,
+    random_id,
+    sse,
+    sse_error,
+    top_entries,
+    until_disconnected,
+)
+
+
+def completion_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | None, k: int,
+                        text_start: int) -> CompletionLogprobs | None:
+    """OpenAI's legacy shape; `text_offset` counts characters from the start of the choice's text."""
+    if positions is None:
+        return None
+    out = CompletionLogprobs()
+    offset = text_start
+    for tok, pos in zip(token_ids, positions):
+        chosen = pos.get(tok)
+        if chosen is None:
+            continue
+        out.tokens.append(chosen.decoded_token)
+        out.token_logprobs.append(chosen.logprob)
+        tops = {lp.decoded_token: lp.logprob for _, lp in top_entries(pos, k)}
+        tops.setdefault(chosen.decoded_token, chosen.logprob)
+        out.top_logprobs.append(tops)
+        out.text_offset.append(offset)
+        offset += len(chosen.decoded_token)
+    return out
+
+
+class _Prompt:
+    __slots__ = ("ids", "text")
+
+    def __init__(self, ids: list[int], text: str) -> None:
+        self.ids = ids
+        self.text = text
+
+
+class CompletionServing(Serving):
+    async def create(self, req: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+        try:
+            req.validate_fields()
+            raw_prompts = req.prompts()
+        except ValueError as err:
+            raise APIError.from_value_error(err) from None
+        model = self.check_model(req.model)
+        self.check_ready()
+        prompts = [await self._prompt(p, i, len(raw_prompts), req.echo) for i, p in enumerate(raw_prompts)]
+        limit = req.max_tokens if "max_tokens" in req.model_fields_set else (self.max_tokens_default() or req.max_tokens)
+        requests = []
+        base_id = random_id("cmpl")
+        for i, p in enumerate(prompts):
+            max_tokens = self.check_context(len(p.ids), limit)
+            params = self.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+            rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+            requests.append(self.generate(p.ids, params, rid))
+        merged = merge_streams(requests)
+        try:
+            first = await until_disconnected(request, anext(merged))
+        except ClientDisconnected:
+            return JSONResponse({}, status_code=499)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned no output") from None
+        if req.stream:
+            return SSEResponse(self._stream(req, model, base_id, prompts, first, merged))
+        try:
+            finals = await until_disconnected(request, self._collect(first, merged))
+        except ClientDisconnected:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(self._response(req, model, base_id, prompts, finals).model_dump())
+
+    async def _prompt(self, p: str | list[int], i: int, count: int, echo: bool) -> _Prompt:
+        param = "prompt" if count == 1 else f"prompt.{i}"
+        if isinstance(p, str):
+            if not p:
+                raise APIError.bad_request(f"{param}: must not be empty", "prompt")
+            return _Prompt(await self.encode(p), p)
+        if not p:
+            raise APIError.bad_request(f"{param}: must not be empty", "prompt")
+        self.check_token_ids(p, "prompt")
+        return _Prompt(p, self.tokenizer.decode(p) if echo else "")
+
+    async def _collect(self, first: tuple[int, RequestOutput],
+                       rest: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, tuple[RequestOutput, dict[int, CompletionOutput]]]:
+        finals: dict[int, tuple[RequestOutput, dict[int, CompletionOutput]]] = {}
+
+        def take(i: int, out: RequestOutput) -> None:
+            _, samples = finals.setdefault(i, (out, {}))
+            finals[i] = (out, samples)
+            for o in out.outputs:
+                samples[o.index] = o
+
+        take(*first)
+        async for i, out in rest:
+            take(i, out)
+        return finals
+
+    def _response(self, req: CompletionRequest, model: str, request_id: str, prompts: list[_Prompt],
+                  finals: dict[int, tuple[RequestOutput, dict[int, CompletionOutput]]]) -> CompletionResponse:
+        choices = []
+        prompt_tokens = completion_tokens = cached = 0
+        for i in sorted(finals):
+            out, samples = finals[i]
+            prompt_tokens += len(out.prompt_token_ids)
+            cached += out.metrics.num_cached_tokens
+            prefix = prompts[i].text if req.echo else ""
+            for j in sorted(samples):
+                o = samples[j]
+                completion_tokens += len(o.token_ids)
+                choices.append(CompletionChoice(
+                    index=i * req.n + j, text=prefix + o.text, finish_reason=o.finish_reason,
+                    stop_reason=o.stop_reason,
+                    logprobs=completion_logprobs(o.token_ids, o.logprobs, req.logprobs or 0, len(prefix))
+                    if req.logprobs is not None else None,
+                ))
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens,
+                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    async def _stream(self, req: CompletionRequest, model: str, request_id: str, prompts: list[_Prompt],
+                      first: tuple[int, RequestOutput], rest: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        created = int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+        offsets: dict[int, int] = {}  # choice index -> characters sent so far (for text_offset)
+        finished: set[int] = set()
+        token_counts: dict[int, int] = {}
+        prompt_tokens: dict[int, int] = {}
+        cached: dict[int, int] = {}
+
+        def chunk(choice: CompletionChoice) -> str:
+            return sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
+                       exclude=exclude)
+
+        if req.echo:
+            for i, p in enumerate(prompts):
+                for j in range(req.n):
+                    offsets[i * req.n + j] = len(p.text)
+                    yield chunk(CompletionChoice(index=i * req.n + j, text=p.text))
+        item: tuple[int, RequestOutput] | None = first
+        try:
+            while item is not None:
+                i, out = item
+                prompt_tokens[i] = len(out.prompt_token_ids)
+                cached[i] = out.metrics.num_cached_tokens
+                for o in out.outputs:
+                    index = i * req.n + o.index
+                    token_counts[index] = len(o.token_ids)
+                    start = offsets.get(index, 0)
+                    logprobs = (completion_logprobs(o.delta_token_ids, o.delta_logprobs, req.logprobs or 0, start)
+                                if req.logprobs is not None and o.delta_token_ids else None)
+                    done = o.finish_reason is not None and index not in finished
+                    if o.delta_text or logprobs is not None or done:
+                        offsets[index] = start + len(o.delta_text)
+                        yield chunk(CompletionChoice(index=index, text=o.delta_text, logprobs=logprobs,
+                                                     finish_reason=o.finish_reason if done else None,
+                                                     stop_reason=o.stop_reason if done else None))
+                    if done:
+                        finished.add(index)
+                item = await anext(rest, None)
+        except APIError as err:
+            yield sse_error(err)
+            yield SSE_DONE
+            return
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+        if include_usage:
+            p, c = sum(prompt_tokens.values()), sum(token_counts.values())
+            usage: Any = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                                   prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(cached.values())))
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
+        yield SSE_DONE
