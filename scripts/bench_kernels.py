@@ -95,12 +95,11 @@ def attention_call(backend, b) -> Callable[[], torch.Tensor]:
 def section_attn(rows: list[dict]) -> None:
     variants = {
         "split-auto": TritonAttentionBackend(),
+        "split-auto min1": TritonAttentionBackend(min_split_tiles=1),
         "no-split": TritonAttentionBackend(num_splits=1),
-        "split-auto bn128": TritonAttentionBackend(decode_block_n=128),
-        "split-auto st2": TritonAttentionBackend(decode_num_stages=2),
     }
-    for batch in (1, 64):
-        for ctx in (4096, 8192, 16384, 32768, 65536, 131072):
+    for batch, contexts in ((1, (256, 1024, 4096, 16384, 65536, 131072)), (64, (1024, 4096, 32768, 131072))):
+        for ctx in contexts:
             probe = random_paged_batch([(ctx - 1, 1)], H, KVH, D, 16, BF16, "cuda", seed=0)
             per_seq = probe.kv_bytes_read
             del probe
@@ -113,6 +112,7 @@ def section_attn(rows: list[dict]) -> None:
                 ms = graph_ms([attention_call(backend, b) for b in batches])
                 row[name] = ms
             row["splits_auto"] = variants["split-auto"].splits_for(torch.device("cuda"), batch, KVH, ctx)
+            row["splits_min1"] = variants["split-auto min1"].splits_for(torch.device("cuda"), batch, KVH, ctx)
             if batch * ctx <= 256 * 1024:
                 try:
                     row["torch-ref"] = bench_ms(attention_call(TorchAttentionBackend(), batches[0]))
@@ -269,6 +269,37 @@ class DecodeRunner:
         return start.elapsed_time(end) / steps
 
 
+def gemm_breakdown(model, cfg: Qwen2Config, rows: list[dict]) -> None:
+    """The decode step's matmuls alone at batch 1 (cuBLAS through F.linear), per shape, in CUDA graphs."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=BF16, generator=g)
+    xi = torch.randn(1, cfg.intermediate_size, device="cuda", dtype=BF16, generator=g)
+    groups = {
+        "qkv_proj": [lambda m=l.self_attn.qkv_proj: m(x) for l in model.model.layers],
+        "o_proj": [lambda m=l.self_attn.o_proj: m(x) for l in model.model.layers],
+        "gate_up_proj": [lambda m=l.mlp.gate_up_proj: m(x) for l in model.model.layers],
+        "down_proj": [lambda m=l.mlp.down_proj: m(xi) for l in model.model.layers],
+        "lm_head": [lambda: model.lm_head(x)] * 4,
+    }
+    mods = {"qkv_proj": model.model.layers[0].self_attn.qkv_proj, "o_proj": model.model.layers[0].self_attn.o_proj,
+            "gate_up_proj": model.model.layers[0].mlp.gate_up_proj, "down_proj": model.model.layers[0].mlp.down_proj,
+            "lm_head": model.lm_head}
+    total = 0.0
+    for name, calls in groups.items():
+        ms = graph_ms(calls)
+        nbytes = mods[name].weight.numel() * 2
+        count = 1 if name == "lm_head" else cfg.num_hidden_layers
+        total += ms * count
+        rows.append({"figure": f"gemm b=1 {name}", "us_per_call": ms * 1e3, "GBps": nbytes / (ms * 1e-3) / 1e9,
+                     "ms_per_step": ms * count})
+        print(rows[-1], flush=True)
+    everything = [c for name, calls in groups.items() for c in (calls if name != "lm_head" else calls[:1])]
+    together = graph_ms(everything) * len(everything)
+    rows.append({"figure": "gemm b=1 all matmuls of a step", "ms_per_step": together, "sum_of_groups_ms": total,
+                 "tok_s_if_only_matmuls": 1e3 / together})
+    print(rows[-1], flush=True)
+
+
 def timed(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -290,12 +321,16 @@ def section_model(rows: list[dict]) -> None:
     print(f"model: {weight_bytes / 1e9:.2f} GB of weights; roofline {READ_BW / weight_bytes:.1f} tok/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
 
-    # Batch-1 decode, prompt 128 + 256 new: fused kernels on, then off (torch references).
-    for label, ops in (("fused", fused_ops), ("torch-elementwise", lambda: reference_ops)):
+    # Batch-1 decode, prompt 128 + 256 new: fused kernels on (two split settings), then off.
+    for label, ops, backend in (
+        ("fused", fused_ops, TritonAttentionBackend()),
+        ("fused, min_split_tiles=1", fused_ops, TritonAttentionBackend(min_split_tiles=1)),
+        ("torch-elementwise", lambda: reference_ops, TritonAttentionBackend()),
+    ):
         kernel_dispatch.ops = ops
         try:
             torch.cuda.reset_peak_memory_stats()
-            runner = DecodeRunner(model, cfg, 1, 128 + 256 + 16, TritonAttentionBackend())
+            runner = DecodeRunner(model, cfg, 1, 128 + 256 + 16, backend)
             ids = torch.randint(0, cfg.vocab_size, (128,), device="cuda", generator=gen)
             runner.prefill(ids, 128)
             ms = runner.decode_ms(128, 256)
@@ -306,6 +341,7 @@ def section_model(rows: list[dict]) -> None:
         finally:
             kernel_dispatch.ops = fused_ops
         torch.cuda.empty_cache()
+    gemm_breakdown(model, cfg, rows)
 
     # TTFT and decode at long contexts.
     for n in (4096, 8192, 16384, 32768):
@@ -317,8 +353,9 @@ def section_model(rows: list[dict]) -> None:
             ms = timed(lambda: runner.prefill(ids, chunk))
             rows.append({"figure": f"TTFT {n} (chunk {chunk})", "ms": ms, "peak_GB": torch.cuda.max_memory_allocated() / 1e9})
             print(rows[-1], flush=True)
-        ms = runner.decode_ms(n, 64)
-        rows.append({"figure": f"decode b=1 at {n}", "ms_per_step": ms, "tok_s": 1e3 / ms})
+        context = min(n, cfg.max_context - 80)  # positions must stay inside the RoPE table
+        ms = runner.decode_ms(context, 64)
+        rows.append({"figure": f"decode b=1 at {context}", "ms_per_step": ms, "tok_s": 1e3 / ms})
         print(rows[-1], flush=True)
         del runner
         torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ Three kernels, each checked against the torch reference (`layers.attention.Torch
 - Split-KV decode (flash-decoding): for decode-only batches with too few (sequence, kv head) pairs to
   fill the GPU, axis 2 of the grid splits each sequence's keys into NUM_SPLITS ranges whose partial
   outputs and log-sum-exps `_merge_splits_kernel` combines. The ranges are computed on the device from
-  seq_lens (at least MIN_SPLIT_TILES tiles each; surplus splits exit at once), so one captured graph
+  seq_lens (at least min_split_tiles tiles each; surplus splits exit at once), so one captured graph
   serves any context length.
 
 Everything reads the metadata's device tensors (query_start_loc_t, seq_lens_t, block_tables,
@@ -69,6 +69,44 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr, PER
     return lo - 1
 
 
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, tile, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, kv_head, scale_log2,
+    stride_cb, stride_cs, stride_ch, offs_d,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr,
+):
+    """One key/value tile of the online softmax; returns the updated (m_i, l_i, acc)."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < kv_end
+    # Each key's physical block: tiles may span several cache blocks (BLOCK_N != BLOCK_SIZE).
+    if MASKED:
+        blk = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    else:
+        blk = tl.load(table + offs_n // BLOCK_SIZE).to(tl.int64)
+    kv_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [BLOCK_N]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
+    else:
+        k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
+    s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+    if MASKED:
+        s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
+    else:
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_seqs"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
@@ -108,7 +146,7 @@ def _paged_attention_kernel(
         kv_end = context_len + tl.minimum((local_block + 1) * BLOCK_Q, q_len)
         num_tiles = tl.cdiv(kv_end, BLOCK_N)
         if NUM_SPLITS == 1:
-            tile_lo = 0
+            tile_lo = tl.full([], 0, tl.int32)
             tile_hi = num_tiles
         else:
             per_split = tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), MIN_SPLIT_TILES)
@@ -119,24 +157,19 @@ def _paged_attention_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        for tile in range(tile_lo, tile_hi):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < kv_end
-            # Each key's physical block: tiles may span several cache blocks (BLOCK_N != BLOCK_SIZE).
-            blk = tl.load(table + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-            kv_off = blk * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [BLOCK_N]
-            k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
-            s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
-            visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        # Tiles whose keys every row of the block sees (up to the first query's position) need no
+        # mask; only the tiles on the causal diagonal (and the last partial tile) are masked.
+        full_tiles = (context_len + local_block * BLOCK_Q + 1) // BLOCK_N
+        for tile in range(tile_lo, tl.minimum(tile_hi, full_tiles)):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, kv_head, scale_log2,
+                stride_cb, stride_cs, stride_ch, offs_d, BLOCK_N, BLOCK_SIZE, False,
+            )
+        for tile in range(tl.maximum(tile_lo, full_tiles), tile_hi):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, tile, kv_end, q_pos, table, k_cache_ptr, v_cache_ptr, kv_head, scale_log2,
+                stride_cb, stride_cs, stride_ch, offs_d, BLOCK_N, BLOCK_SIZE, True,
+            )
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -212,8 +245,6 @@ class TritonAttentionBackend:
     serve (e.g. max_model_len); the kernel reads the real lengths on the device at every replay.
     """
 
-    # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
-    MIN_SPLIT_TILES = 4
     MAX_SPLITS = 64
 
     def __init__(
@@ -225,6 +256,7 @@ class TritonAttentionBackend:
         prefill_num_warps: int = 8,
         prefill_num_stages: int = 2,
         decode_num_stages: int = 3,
+        min_split_tiles: int = 4,
     ) -> None:
         if num_splits is not None and not 1 <= num_splits <= 256:
             raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
@@ -232,11 +264,13 @@ class TritonAttentionBackend:
         self.decode_block_n, self.prefill_block_m, self.prefill_block_n = decode_block_n, prefill_block_m, prefill_block_n
         self.prefill_num_warps, self.prefill_num_stages = prefill_num_warps, prefill_num_stages
         self.decode_num_stages = decode_num_stages
+        # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
+        self.min_split_tiles = min_split_tiles
         self._num_sms: dict[torch.device, int] = {}
 
     def splits_for(self, device: torch.device, num_tokens: int, num_kv_heads: int, max_seq_len: int) -> int:
         """Split count for a decode batch: enough programs for ~2 waves of the GPU, never more
-        splits than the longest context has MIN_SPLIT_TILES-tile ranges."""
+        splits than the longest context has min_split_tiles-tile ranges."""
         if self.num_splits is not None:
             return self.num_splits
         if device not in self._num_sms:
@@ -245,7 +279,7 @@ class TritonAttentionBackend:
             self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 132
         programs = num_tokens * num_kv_heads
         wanted = triton.cdiv(2 * self._num_sms[device], programs)
-        useful = triton.cdiv(max_seq_len, self.MIN_SPLIT_TILES * self.decode_block_n)
+        useful = triton.cdiv(max_seq_len, self.min_split_tiles * self.decode_block_n)
         return max(1, min(wanted, useful, self.MAX_SPLITS))
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -295,7 +329,7 @@ class TritonAttentionBackend:
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
             NUM_HEADS=num_heads, NUM_QPK=qpk, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PER_SEQ_PAD=pad,
-            NUM_SPLITS=splits, MIN_SPLIT_TILES=self.MIN_SPLIT_TILES,
+            NUM_SPLITS=splits, MIN_SPLIT_TILES=self.min_split_tiles,
             num_warps=warps, num_stages=stages,
         )
         if splits > 1:

@@ -84,7 +84,8 @@ def test_paged_attention_matches_reference(specs, heads, kv_heads, block_size, d
 
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_split_kv_decode_matches_reference(num_splits, head_dim):
+@pytest.mark.parametrize("min_split_tiles", [1, 4])
+def test_split_kv_decode_matches_reference(num_splits, head_dim, min_split_tiles):
     # Long and short contexts together: some splits of the short ones are empty.
     specs = [(1000, 1), (2, 1), (513, 1), (255, 1)] if not INTERPRETED else [(700, 1), (2, 1), (300, 1)]
     dtype = DTYPES[0]
@@ -92,7 +93,7 @@ def test_split_kv_decode_matches_reference(num_splits, head_dim):
     ref_out, _, _ = reference_attention(batch)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     poison_allocator()
-    backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=32)
+    backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=32, min_split_tiles=min_split_tiles)
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
 
