@@ -14,7 +14,13 @@ from safetensors import safe_open
 from conftest import make_tiny_checkpoint
 from qwen_serve.layers.attention import AttentionMetadata, forward_context
 from qwen_serve.loader import demo, gguf_convert
-from qwen_serve.loader.model_loader import load_generation_config, load_model, load_model_config, resolve_dtype
+from qwen_serve.loader.model_loader import (
+    load_generation_config,
+    load_model,
+    load_model_config,
+    read_safetensors,
+    resolve_dtype,
+)
 from qwen_serve.loader.resolve import resolve_model
 from qwen_serve.tokenizer.tokenizer import Tokenizer
 
@@ -115,6 +121,22 @@ def test_hf_folder_loads_exactly(tiny_hf: Path) -> None:
     assert torch.equal(qkv[q_size : q_size + k.shape[0]], k.to(torch.bfloat16))
     assert load_generation_config(tiny_hf)["eos_token_id"] == cfg.vocab_size - 1
     assert load_generation_config(tiny_hf.parent) == {}
+
+
+def test_read_safetensors_equals_safetensors_and_checks_truncation(tiny_hf: Path, tmp_path: Path) -> None:
+    ours = dict(read_safetensors(tiny_hf))
+    with safe_open(str(tiny_hf / "model.safetensors"), "pt") as f:
+        assert set(ours) == set(f.keys())
+        assert all(torch.equal(ours[k], f.get_tensor(k)) for k in f.keys())
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    data = (tiny_hf / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="truncated safetensors file"):
+        list(read_safetensors(cut))
+    (cut / "model.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        list(read_safetensors(cut))
 
 
 def test_gguf_conversion_matches_source_and_transformers(tiny_hf: Path, tmp_path: Path, cache: Path) -> None:

@@ -93,14 +93,17 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     the model plus the largest single tensor; the OS page cache still makes repeated loads fast.
     """
     for path in safetensors_files(folder):
+        size = path.stat().st_size
         with path.open("rb") as f:
             try:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file")
                 header = json.loads(f.read(header_len))
-            except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (struct.error, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 raise ValueError(f"{path}: not a safetensors file ({e})") from None
             header.pop("__metadata__", None)
-            base, size = 8 + header_len, path.stat().st_size
+            base = 8 + header_len
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 start, end = info["data_offsets"]
                 dtype = _ST_DTYPES.get(info["dtype"])

@@ -41,7 +41,9 @@ def resolve_model(spec: str) -> Path:
     if path.is_dir():
         return _check_folder(path.resolve())
     if path.is_file():
-        if path.suffix.lower() == ".gguf" or path.open("rb").read(4) == gguf_convert.GGUF_MAGIC:
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if path.suffix.lower() == ".gguf" or magic == gguf_convert.GGUF_MAGIC:
             return gguf_convert.convert_gguf(path.resolve())
         raise ValueError(f"{spec} is neither a model folder nor a .gguf file")
     if _looks_like_path(spec):
