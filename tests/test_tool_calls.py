@@ -207,6 +207,9 @@ def test_required_grammar(tok, vocab):
     assert not accepts(spec, block("get_weather", {"unit": "celsius"}), tok, vocab)  # missing required "city"
     assert not accepts(spec, block("calculator", {"expression": "1", "precision": 11}), tok, vocab)  # above maximum
     assert not accepts(spec, "", tok, vocab)  # at least one call
+    single = tool_choice_spec(TOOLS, "required", parallel_tool_calls=False)
+    assert accepts(single, block("calculator", {"expression": "1"}), tok, vocab)
+    assert not accepts(single, TWO_CALLS, tok, vocab)
 
 
 def test_named_function_grammar(tok, vocab):

@@ -247,11 +247,13 @@ def function_tools(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, An
     return out
 
 
-def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
+def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any,
+                     parallel_tool_calls: bool | None = None) -> dict[str, Any] | None:
     """The structured-output spec that enforces tool_choice, or None when the model chooses freely.
 
     "none" / "auto" / absent -> None. "required" -> one or more calls, each to a declared tool with
-    arguments valid for its parameters. {"type": "function", "function": {"name": n}} -> exactly one call to n.
+    arguments valid for its parameters (exactly one when parallel_tool_calls is False).
+    {"type": "function", "function": {"name": n}} -> exactly one call to n.
     The calls are Qwen's `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` blocks (separated by
     "\\n"), so `parse_tool_calls` reads the output like any other answer.
     """
@@ -261,7 +263,8 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any) -> di
     if tool_choice == "required":
         if not declared:
             raise ValueError("tool_choice 'required' needs at least one tool in 'tools'")
-        names, start = list(declared), 'start: tool_call ("\\n" tool_call)*'
+        several = parallel_tool_calls is not False
+        names, start = list(declared), 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
         name = tool_choice["function"].get("name")
         if name not in declared:
@@ -270,8 +273,9 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any) -> di
     else:
         raise ValueError("tool_choice must be 'none', 'auto', 'required' or "
                          "{'type': 'function', 'function': {'name': ...}}")
-    # <tool_call> / </tool_call> are single tokens in Qwen's vocabulary, referenced as tokens: llguidance treats
-    # added tokens as special, so a quoted "<tool_call>" would only match the tag spelled out in pieces.
+    # <tool_call> / </tool_call> are single tokens in Qwen's vocabulary and the model writes them as such.
+    # llguidance treats added tokens as special: they must be referenced as tokens (<name>); a quoted
+    # "<tool_call>" is text, and llguidance rejects the model's tag token against it.
     lines = [start, 'tool_call: <tool_call> "\\n" call "\\n" </tool_call>',
              "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
     for i, name in enumerate(names):
