@@ -19,7 +19,7 @@ from pagekit import CHROMIUM, CHROMIUM_ARGS, Server, open_page, start_server, st
 def chat_server(tiny_chat_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The real server on the tiny random model (fast on CPU; its text is gibberish)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    server = start_server(tiny_chat_checkpoint, log, "--max-model-len", "4096")
+    server = start_server(tiny_chat_checkpoint, log, "--max-model-len", "4096", "--served-model-name", "tiny")
     yield server
     stop_server(server)
 

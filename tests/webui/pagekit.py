@@ -49,7 +49,7 @@ def start_server(model: Path, log: Path, *extra: str, timeout: float = 300.0) ->
     """Starts `python -m qwen_serve.cli serve` on a free port and waits until /health answers."""
     port = _free_port()
     cmd = [sys.executable, "-m", "qwen_serve.cli", "serve", "--model", str(model), "--port", str(port),
-           "--device", "cpu", "--disable-uvicorn-access-log", *extra]
+           "--device", "cpu", "--kv-cache-gb", "0.25", "--disable-uvicorn-access-log", *extra]
     out = log.open("w")
     process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     server = Server(f"http://127.0.0.1:{port}", process, log)
@@ -117,12 +117,19 @@ def send(page, text: str) -> None:
     page.press("#input", "Enter")
 
 
-def wait_idle(page, timeout: float = 60_000) -> None:
-    """Waits until no reply is streaming (the send button is back)."""
-    page.wait_for_function(
-        "() => !document.querySelector('#send').hidden && !document.querySelector('.msg .cursor')",
-        timeout=timeout,
-    )
+def replies_done(page) -> int:
+    """How many replies the page has finished (streamed to the end, stopped or failed)."""
+    return int(page.evaluate("document.body.dataset.replies ?? '0'"))
+
+
+def wait_replies(page, n: int, timeout: float = 120_000) -> None:
+    page.wait_for_function("(n) => Number(document.body.dataset.replies ?? 0) >= n", arg=n, timeout=timeout)
+
+
+def send_and_wait(page, text: str) -> None:
+    n = replies_done(page)
+    send(page, text)
+    wait_replies(page, n + 1)
 
 
 def open_settings(page) -> None:

@@ -101,8 +101,8 @@ async function* sseData(response) {
 }
 
 /**
- * Streams one chat completion. Calls onDelta(text) per content piece; returns
- * {finishReason, usage, firstTokenAt} (timestamps from performance.now()). Aborting `signal`
+ * Streams one chat completion. Calls onDelta(text) per content piece; returns {finishReason, usage}
+ * (usage from the last chunk, asked for with stream_options.include_usage). Aborting `signal`
  * throws an AbortError, which the caller turns into a stopped reply.
  */
 export async function streamChat(body, { signal, onDelta }) {
@@ -114,7 +114,6 @@ export async function streamChat(body, { signal, onDelta }) {
   });
   let finishReason = null;
   let usage = null;
-  let firstTokenAt = null;
   for await (const data of sseData(response)) {
     if (data === '[DONE]') break;
     const chunk = JSON.parse(data);
@@ -123,11 +122,8 @@ export async function streamChat(body, { signal, onDelta }) {
     const choice = chunk.choices?.[0];
     if (!choice) continue;
     const text = choice.delta?.content;
-    if (text) {
-      if (firstTokenAt === null) firstTokenAt = performance.now();
-      onDelta(text);
-    }
+    if (text) onDelta(text);
     if (choice.finish_reason) finishReason = choice.finish_reason;
   }
-  return { finishReason, usage, firstTokenAt };
+  return { finishReason, usage };
 }

@@ -14,7 +14,7 @@ import { tokenize } from './api.js';
 export async function fitContext({ model, system, turns, budget, signal }) {
   const build = (start) => (system ? [system, ...turns.slice(start)] : turns.slice(start));
   const count = async (start) => {
-    const r = await tokenize({ model, messages: build(start) }, signal);
+    const r = await tokenize({ model: model || undefined, messages: build(start) }, signal);
     return { count: r.count, maxModelLen: r.max_model_len ?? null };
   };
   // A kept branch starts at a user turn; the count only falls as the start moves later, so the

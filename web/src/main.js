@@ -95,7 +95,8 @@ function blankConversation() {
   const now = Date.now();
   const convId = db.newId();
   const root = { id: db.newId(), convId, role: 'root', content: '', parent: null, children: [], createdAt: now };
-  const settings = { ...DEFAULT_SETTINGS, model: state.models[0]?.id ?? '' };
+  // A new chat starts from the settings of the one on screen (each chat then keeps its own copy).
+  const settings = state.conv ? { ...state.conv.settings } : { ...DEFAULT_SETTINGS, model: state.models[0]?.id ?? '' };
   const conv = { id: convId, name: 'New chat', createdAt: now, lastModified: now, rootId: root.id, currNode: root.id, settings };
   return { conv, msgs: new Map([[root.id, root]]) };
 }
@@ -404,9 +405,14 @@ function setGenerating(on) {
   $('stop').hidden = !on;
 }
 
+function contextTotal(settings) {
+  return Math.min(settings.contextLength ?? Infinity, state.maxModelLen ?? FALLBACK_MAX_LEN);
+}
+
+/** Prompt tokens allowed: the context length less the room kept for the reply (at most half). */
 function budgetOf(settings) {
-  const total = settings.contextLength ?? state.maxModelLen ?? FALLBACK_MAX_LEN;
-  return Math.max(1, total - (Number(settings.max_tokens) || 0));
+  const total = contextTotal(settings);
+  return total - Math.min(Number(settings.max_tokens) || 0, Math.floor(total / 2));
 }
 
 async function sendMessage() {
@@ -445,12 +451,15 @@ async function generateReply(parentId) {
   const turns = apiMessages('', pathTo(state.msgs, parentId));
   let messages = system ? [system, ...turns] : turns;
   let pieces = 0;
+  let promptTokens = null;
   let start = null;
+  let firstAt = null;
   let result = null;
   try {
     try {
       const fit = await fitContext({ model: s.model, system, turns, budget: budgetOf(s), signal: controller.signal });
       messages = fit.messages;
+      promptTokens = fit.count;
       showContext(fit);
     } catch (e) {
       if (e.name === 'AbortError' || e.status === 401) throw e;
@@ -458,12 +467,15 @@ async function generateReply(parentId) {
     }
     const body = { messages, temperature: Number(s.temperature), top_p: Number(s.top_p) };
     if (s.model) body.model = s.model;
-    if (Number(s.max_tokens) > 0) body.max_tokens = Number(s.max_tokens);
+    // The server refuses prompt + max_tokens beyond its context: shorten the reply to fit.
+    const room = promptTokens === null ? Infinity : contextTotal(s) - promptTokens;
+    if (Number(s.max_tokens) > 0) body.max_tokens = Math.max(1, Math.min(Number(s.max_tokens), room));
     if (s.jsonMode) body.response_format = { type: 'json_object' };
     start = performance.now();
     result = await api.streamChat(body, {
       signal: controller.signal,
       onDelta: (text) => {
+        firstAt ??= performance.now();
         reply.content += text;
         pieces += 1;
         scheduleStreamRender(reply);
@@ -471,7 +483,7 @@ async function generateReply(parentId) {
     });
   } catch (e) {
     if (e.name === 'AbortError') {
-      result = { finishReason: 'stopped', usage: null, firstTokenAt: null };
+      result = { finishReason: 'stopped', usage: null };
     } else {
       reply.error = e.message;
       if (e.status === 401) askForApiKey();
@@ -479,7 +491,6 @@ async function generateReply(parentId) {
   }
   const end = performance.now();
   if (result) {
-    const firstAt = result.firstTokenAt;
     const tokens = result.usage?.completion_tokens ?? pieces;
     reply.stats = {
       tokens,
@@ -494,6 +505,8 @@ async function generateReply(parentId) {
   setGenerating(false);
   renderThread();
   await persist([reply]);
+  // A counter of finished replies: lets scripts (and the tests) wait for "this reply is done".
+  document.body.dataset.replies = String(Number(document.body.dataset.replies ?? 0) + 1);
   refreshContext();
 }
 
@@ -510,12 +523,12 @@ function showContext(fit, error = null) {
     fillContextSlider();
   }
   const s = state.conv.settings;
-  const total = s.contextLength ?? state.maxModelLen ?? FALLBACK_MAX_LEN;
-  info.replaceChildren(
+  const total = contextTotal(s);
+  info.replaceChildren(el('span', {},
     el('span', { class: 'ctx-count', 'data-count': String(fit.count), text: `Context: ${fmt(fit.count)} / ${fmt(total)} tokens` }),
     fit.dropped ? el('span', { class: 'ctx-dropped', text: ` · ${fit.dropped} older message${fit.dropped > 1 ? 's' : ''} left out` }) : null,
-    el('span', { class: 'ctx-reserve', text: ` · ${fmt(Number(s.max_tokens) || 0)} reserved for the reply` }),
-  );
+    el('span', { class: 'ctx-reserve', text: ` · up to ${fmt(Math.max(0, Math.min(Number(s.max_tokens) || total, total - fit.count)))} for the reply` }),
+  ));
 }
 
 /** Counts the branch on screen plus the message being written (text and documents). */
@@ -574,7 +587,7 @@ async function attachFiles(files) {
     state.pendingDocs.push(doc);
     renderAttachments();
     try {
-      doc.tokens = (await api.tokenize({ model: state.conv.settings.model, prompt: doc.text })).count;
+      doc.tokens = (await api.tokenize({ model: state.conv.settings.model || undefined, prompt: doc.text })).count;
     } catch (e) {
       showBanner(`Could not count the tokens of ${doc.name}: ${e.message}`);
     }

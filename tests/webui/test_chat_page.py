@@ -1,0 +1,358 @@
+"""End-to-end tests of the chat page in headless Chromium against a real `qwen-serve serve` on the
+tiny random model. Its replies are gibberish, so tests check structure (streaming, stats, branches,
+counts) and compare against the server's own answers; the two tests that need exact reply text
+(untrusted markup, JSON rendering) fake that one response with `page.route`."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+import pytest
+
+from pagekit import (
+    context_count,
+    make_docx,
+    make_pdf,
+    open_settings,
+    close_settings,
+    replies_done,
+    send,
+    send_and_wait,
+    set_max_tokens,
+    wait_context_change,
+    wait_replies,
+)
+
+expect = pytest.importorskip("playwright.sync_api", reason="pip install playwright").expect
+
+STATS = re.compile(r"^(~?)(\d+) tokens(?: · [\d.]+ tok/s)? · TTFT \d+ ms · finish: (\w+)$")
+
+# Records the length of the streaming reply each time the DOM changes while its cursor shows.
+RECORD_STREAM = """() => {
+  window.__lengths = [];
+  new MutationObserver(() => {
+    const msgs = document.querySelectorAll('.msg.assistant');
+    const last = msgs[msgs.length - 1];
+    if (last && last.querySelector('.cursor')) window.__lengths.push(last.querySelector('.content').textContent.length);
+  }).observe(document.querySelector('#messages'), { subtree: true, childList: true, characterData: true });
+}"""
+
+
+def last_reply(page):
+    return page.locator(".msg.assistant").last
+
+
+def server_tokens(url: str, body: dict) -> int:
+    req = urllib.request.Request(f"{url}/tokenize", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)["count"]
+
+
+def sse_body(pieces: list[str], finish: str = "stop") -> str:
+    def chunk(delta: dict, finish_reason=None) -> str:
+        return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}) + "\n\n"
+
+    out = chunk({"role": "assistant", "content": ""})
+    out += "".join(chunk({"content": p}) for p in pieces)
+    out += chunk({}, finish)
+    usage = {"prompt_tokens": 20, "completion_tokens": len(pieces), "total_tokens": 20 + len(pieces)}
+    out += "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": usage}) + "\n\n"
+    return out + "data: [DONE]\n\n"
+
+
+def fake_reply(page, pieces: list[str], seen: list[dict] | None = None) -> None:
+    """Answers the next chat completion with `pieces` (only that one request is faked)."""
+
+    def handle(route):
+        if seen is not None:
+            seen.append(route.request.post_data_json)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=sse_body(pieces))
+
+    page.route("**/v1/chat/completions", handle, times=1)
+
+
+def test_send_streams_reply_with_stats(chat, chat_server) -> None:
+    page, rec = chat
+    set_max_tokens(page, 24)
+    page.evaluate(RECORD_STREAM)
+    send_and_wait(page, "Hello, who are you?")
+
+    assert page.inner_text(".msg.user .content") == "Hello, who are you?"
+    text = last_reply(page).locator(".content").inner_text()
+    assert text.strip()
+    lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
+    assert len(set(lengths)) >= 2, f"the reply did not arrive in pieces: {lengths}"
+    m = STATS.match(last_reply(page).locator(".stats").inner_text())
+    assert m, last_reply(page).locator(".stats").inner_text()
+    assert m.group(1) == ""  # counted by the server (usage), not estimated
+    assert 1 <= int(m.group(2)) <= 24
+    assert m.group(3) in ("length", "stop")
+    # The conversation is titled after the first message and listed.
+    assert page.inner_text("#conv-title") == "Hello, who are you?"
+    assert page.locator(".conv-item").count() == 1
+    # The context count is the server's count of the whole branch (system prompt added by the template).
+    page.wait_for_timeout(400)
+    reply_msgs = [{"role": "user", "content": "Hello, who are you?"}, {"role": "assistant", "content": text}]
+    expected = server_tokens(chat_server.url, {"messages": reply_msgs})
+    assert abs(context_count(page) - expected) <= 2  # inner_text may trim the reply's edges
+    # Every call went through the public API.
+    paths = {r.split("?")[0].removeprefix(chat_server.url) for r in rec.requests}
+    assert {"/v1/models", "/tokenize", "/v1/chat/completions"} <= paths
+
+
+def test_stop_mid_stream(chat) -> None:
+    page, _ = chat
+    set_max_tokens(page, 2000)
+    n = replies_done(page)
+    send(page, "Write a very long story.")
+    page.wait_for_selector("#stop", state="visible")
+    page.wait_for_function(
+        "() => { const c = document.querySelectorAll('.msg.assistant .content'); "
+        "return c.length && c[c.length - 1].textContent.length > 0; }"
+    )
+    page.click("#stop")
+    wait_replies(page, n + 1, timeout=20_000)
+    stats = last_reply(page).locator(".stats").inner_text()
+    m = STATS.match(stats)
+    assert m and m.group(3) == "stopped", stats
+    assert int(m.group(2)) < 2000
+    assert last_reply(page).locator(".content").inner_text().strip()
+    assert page.is_visible("#send") and not page.is_visible("#stop")
+    # The server is free again: the next message gets a full reply.
+    set_max_tokens(page, 6)
+    send_and_wait(page, "Short one.")
+    assert STATS.match(last_reply(page).locator(".stats").inner_text()).group(3) in ("length", "stop")
+    assert page.locator(".msg").count() == 4
+
+
+def test_regenerate_edit_and_switch_branches(chat) -> None:
+    page, _ = chat
+    set_max_tokens(page, 10)
+    send_and_wait(page, "first question")
+    first = last_reply(page).locator(".content").inner_text()
+
+    n = replies_done(page)
+    last_reply(page).locator(".regen-btn").click()
+    wait_replies(page, n + 1)
+    reply = last_reply(page)
+    assert reply.locator(".sib-pos").inner_text() == "2/2"
+    second = reply.locator(".content").inner_text()
+
+    reply.locator(".sib-prev").click()
+    assert last_reply(page).locator(".sib-pos").inner_text() == "1/2"
+    assert last_reply(page).locator(".content").inner_text() == first
+    last_reply(page).locator(".sib-next").click()
+    assert last_reply(page).locator(".sib-pos").inner_text() == "2/2"
+    assert last_reply(page).locator(".content").inner_text() == second
+
+    # Edit and resend: a second user branch with its own reply.
+    n = replies_done(page)
+    page.click(".msg.user .edit-btn")
+    page.fill(".msg.user .edit-area", "second question")
+    page.click(".msg.user .edit-send")
+    wait_replies(page, n + 1)
+    assert page.inner_text(".msg.user .content") == "second question"
+    assert page.inner_text(".msg.user .sib-pos") == "2/2"
+    assert last_reply(page).locator(".switcher").count() == 0
+    third = last_reply(page).locator(".content").inner_text()
+
+    # Back to the first branch: its newest reply (the regenerated one) comes back with it.
+    page.click(".msg.user .sib-prev")
+    assert page.inner_text(".msg.user .content") == "first question"
+    assert last_reply(page).locator(".sib-pos").inner_text() == "2/2"
+    assert last_reply(page).locator(".content").inner_text() == second
+
+    # The branch on screen survives a reload; the other one is still reachable.
+    page.wait_for_timeout(300)
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    assert page.inner_text(".msg.user .content") == "first question"
+    assert last_reply(page).locator(".content").inner_text() == second
+    page.click(".msg.user .sib-next")
+    assert page.inner_text(".msg.user .content") == "second question"
+    assert last_reply(page).locator(".content").inner_text() == third
+
+
+def test_documents_are_extracted_and_counted(chat, chat_server, tmp_path) -> None:
+    page, _ = chat
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(make_pdf(["Quarterly report", "Revenue grew by twelve percent in the third quarter.",
+                              "Costs stayed flat; hiring resumes in spring."]))
+    docx = tmp_path / "notes.docx"
+    docx.write_bytes(make_docx(["Meeting notes", "The launch moves to May."], table=[["owner", "task"],
+                                                                                      ["ana", "write tests"]]))
+    before = context_count(page)
+
+    counts = {}
+    for path, words in ((pdf, "Revenue grew by twelve percent"), (docx, "ana | write tests")):
+        page.set_input_files("#file-input", str(path))
+        chip = page.locator(f'.attachments .doc-chip[data-name="{path.name}"]')
+        chip.locator(".doc-meta", has_text=re.compile(r"\d tokens")).wait_for()
+        meta = re.search(r"([\d,]+) chars · ([\d,]+) tokens", chip.inner_text())
+        chars, tokens = (int(g.replace(",", "")) for g in meta.groups())
+        # The page's numbers are the server's: extract the text again and count it there.
+        req = urllib.request.Request(f"{chat_server.url}/v1/documents/extract", method="POST",
+                                     data=_multipart(path.name, path.read_bytes()),
+                                     headers={"Content-Type": "multipart/form-data; boundary=xyz"})
+        with urllib.request.urlopen(req) as r:
+            text = json.load(r)["text"]
+        assert words in text
+        assert chars == len(text)
+        assert tokens == server_tokens(chat_server.url, {"prompt": text})
+        after = wait_context_change(page, before)
+        assert after >= before + tokens
+        counts[path.name] = tokens
+        before = after
+
+    set_max_tokens(page, 6)
+    send_and_wait(page, "Summarize both documents.")
+    chips = page.locator(".msg.user .doc-chip").all_inner_texts()
+    assert chips == [f"report.pdf · {counts['report.pdf']} tokens", f"notes.docx · {counts['notes.docx']} tokens"]
+    assert page.locator(".attachments .doc-chip").count() == 0
+    page.wait_for_timeout(400)
+    assert context_count(page) > sum(counts.values())
+
+
+def test_unreadable_upload_shows_the_servers_error(chat, tmp_path) -> None:
+    page, _ = chat
+    bad = tmp_path / "slides.pptx"
+    bad.write_bytes(b"PK\x03\x04")
+    page.set_input_files("#file-input", str(bad))
+    page.wait_for_selector("#banner:not([hidden])")
+    assert "unsupported file type '.pptx'" in page.inner_text("#banner")
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4 garbage")
+    page.set_input_files("#file-input", str(broken))
+    page.wait_for_selector("#banner:has-text('broken.pdf: the PDF could not be read')")
+    assert page.locator(".attachments .doc-chip").count() == 0
+
+
+def test_conversations_survive_reload_rename_search_delete_export_import(chat, tmp_path) -> None:
+    page, _ = chat
+    set_max_tokens(page, 4)
+    send_and_wait(page, "alpha question")
+    page.click("#new-conv")
+    assert page.locator(".msg").count() == 0
+    send_and_wait(page, "beta question")
+
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    assert page.locator(".conv-item .conv-open").all_inner_texts() == ["beta question", "alpha question"]
+    assert page.inner_text(".msg.user .content") == "beta question"  # the newest opens
+
+    page.fill("#conv-search", "ALP")
+    assert page.locator(".conv-item .conv-open").all_inner_texts() == ["alpha question"]
+    page.click(".conv-item .conv-open")
+    expect(page.locator(".msg.user .content")).to_have_text("alpha question")
+    page.fill("#conv-search", "")
+
+    page.locator(".conv-item.active .conv-rename").click()
+    page.fill("#dialog-input", "Renamed chat")
+    page.click("#dialog-ok")
+    page.wait_for_selector(".conv-item.active .conv-open:has-text('Renamed chat')")
+    assert page.inner_text("#conv-title") == "Renamed chat"
+
+    with page.expect_download() as download:
+        page.click("#export-btn")
+    exported = tmp_path / "chats.json"
+    download.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert sorted(c["name"] for c in data["conversations"]) == ["Renamed chat", "beta question"]
+
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    assert "Renamed chat" in page.locator(".conv-item .conv-open").all_inner_texts()
+    page.locator(".conv-item", has_text="beta question").locator(".conv-delete").click()
+    page.click("#dialog-ok")
+    page.wait_for_function("() => document.querySelectorAll('.conv-item').length === 1")
+
+    page.set_input_files("#import-input", str(exported))
+    page.wait_for_selector("#banner:has-text('Imported 2 conversations')")
+    names = page.locator(".conv-item .conv-open").all_inner_texts()
+    assert sorted(names) == ["Renamed chat", "Renamed chat", "beta question"]
+    page.locator(".conv-item", has_text="beta question").locator(".conv-open").click()
+    expect(page.locator(".msg.user .content")).to_have_text("beta question")
+    assert last_reply(page).locator(".stats").inner_text()
+
+
+def test_model_output_is_never_run_as_html(chat) -> None:
+    page, rec = chat
+    page.evaluate("window.__pwned = 0")
+    fake_reply(page, [
+        "Here: <script>window.__pwned = 1</script> and ",
+        '<img src="x" onerror="window.__pwned = 2"> and ',
+        '<svg onload="window.__pwned = 3"></svg>\n\n',
+        "![tracker](http://evil.example/pixel.png) [click](javascript:window.__pwned=4) ",
+        "<iframe src=\"http://evil.example/\"></iframe>\n\n",
+        "```html\n<script>alert(1)</script>\n```\n",
+    ])
+    send_and_wait(page, "say something nasty")
+    reply = last_reply(page).locator(".content")
+    text = reply.inner_text()
+    assert "<script>window.__pwned = 1</script>" in text
+    assert '<img src="x" onerror="window.__pwned = 2">' in text
+    assert reply.locator("script, img, svg, iframe, [onerror], [onload]").count() == 0
+    assert reply.locator('a[href^="javascript:"]').count() == 0
+    page.locator(".copy-code").first.wait_for()  # the code block still renders
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__pwned") == 0
+    assert not any("evil.example" in r for r in rec.requests)
+
+
+def test_json_mode_sends_response_format_and_formats_the_reply(chat) -> None:
+    page, _ = chat
+    open_settings(page)
+    page.check("#json-mode")
+    close_settings(page)
+    seen: list[dict] = []
+    fake_reply(page, ['{"name": "Ada",', ' "langs": ["py", "c"],', ' "age": 36}'], seen)
+    send_and_wait(page, "Who is Ada?")
+    assert seen[0]["response_format"] == {"type": "json_object"}
+    assert seen[0]["stream_options"] == {"include_usage": True}
+    content = last_reply(page).locator(".content")
+    assert content.get_attribute("data-json-valid") == "true"
+    shown = content.locator("code").inner_text()
+    assert json.loads(shown) == {"name": "Ada", "langs": ["py", "c"], "age": 36}
+    assert shown.startswith('{\n  "name": "Ada"')
+
+
+def test_settings_reach_the_request_and_context_slider_drops_old_turns(chat, chat_server) -> None:
+    page, _ = chat
+    open_settings(page)
+    page.select_option("#preset-select", label="Senior Python engineer")
+    assert "senior Python engineer" in page.input_value("#system-prompt")
+    page.fill("#max-tokens", "8")
+    close_settings(page)
+    for q in ("one " * 60, "two " * 60, "three " * 60):
+        send_and_wait(page, q.strip())
+    full = context_count(page)
+
+    # Shrink the context to 256 tokens: the request keeps the system prompt and the newest turns.
+    seen: list[dict] = []
+    page.route("**/v1/chat/completions", lambda route: (seen.append(route.request.post_data_json),
+                                                        route.continue_()))
+    open_settings(page)
+    page.eval_on_selector("#context-length", "(e) => { e.value = '256'; e.dispatchEvent(new Event('input')); }")
+    assert "256" in page.inner_text("#context-length-out")
+    close_settings(page)
+    after = wait_context_change(page, full)
+    assert after <= 256 - 8 < full
+    assert "left out" in page.inner_text("#context-info")
+    send_and_wait(page, "four")
+    body = seen[0]
+    assert body["messages"][0]["role"] == "system"
+    assert "senior Python engineer" in body["messages"][0]["content"]
+    assert body["messages"][-1] == {"role": "user", "content": "four"}
+    assert [m["role"] for m in body["messages"][1:]][0] == "user"
+    assert len(body["messages"]) < 8
+    assert body["max_tokens"] == 8
+    assert server_tokens(chat_server.url, {"messages": body["messages"]}) <= 256 - 8
+
+
+def _multipart(name: str, data: bytes) -> bytes:
+    return (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="' + name.encode()
+            + b'"\r\nContent-Type: application/octet-stream\r\n\r\n' + data + b"\r\n--xyz--\r\n")
