@@ -34,6 +34,7 @@ const state = {
   presets: [],
   pendingDocs: [], // documents attached to the message being written: {name, text, chars, tokens}
   generation: null, // {controller, id} while a reply streams
+  needsKey: false, // the server answered 401: the API-key field keeps the focus
   contextSeq: 0,
 };
 
@@ -110,7 +111,7 @@ function newConversation() {
   state.pendingDocs = [];
   showConversation();
   closeDrawers();
-  $('input').focus();
+  if (!state.needsKey) $('input').focus();
 }
 
 async function openConversation(id) {
@@ -497,7 +498,8 @@ async function generateReply(parentId) {
       estimated: !result.usage,
       promptTokens: result.usage?.prompt_tokens ?? null,
       ttftMs: firstAt !== null && start !== null ? firstAt - start : null,
-      tokensPerSecond: firstAt !== null && tokens > 1 && end > firstAt ? ((tokens - 1) * 1000) / (end - firstAt) : null,
+      // Decode speed after the first token; left out when the span is too short to mean anything.
+      tokensPerSecond: firstAt !== null && tokens > 1 && end - firstAt >= 50 ? ((tokens - 1) * 1000) / (end - firstAt) : null,
       finishReason: result.finishReason,
     };
   }
@@ -712,13 +714,13 @@ function bindSettings() {
   $('api-key').value = api.getApiKey();
   $('api-key').addEventListener('change', (e) => {
     api.setApiKey(e.target.value.trim());
-    showBanner('');
     loadModels();
     refreshContext();
   });
 }
 
 function askForApiKey() {
+  state.needsKey = true;
   showBanner('The server asks for an API key: enter it under Settings → API key.');
   openSettings();
   $('api-key').classList.add('attention');
@@ -747,7 +749,9 @@ async function loadModels() {
   if (state.conv && (!state.conv.settings.model || !ids.includes(state.conv.settings.model)) && ids.length) {
     state.conv.settings.model = ids[0];
   }
+  state.needsKey = false;
   $('api-key').classList.remove('attention');
+  showBanner('');
   if (state.conv) {
     fillModels();
     fillContextSlider();
@@ -806,6 +810,7 @@ function bindLayout() {
     localStorage.setItem('qwen-serve.theme', next);
   });
   $('new-conv').addEventListener('click', newConversation);
+  $('new-conv-top').addEventListener('click', newConversation);
   $('conv-search').addEventListener('input', renderConversationList);
   $('export-btn').addEventListener('click', exportConversations);
   $('import-btn').addEventListener('click', () => $('import-input').click());
