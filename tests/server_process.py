@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 READY = re.compile(r"qwen-serve ready in [\d.]+ s: API at (http://[^/\s]+)/v1")
 
 
@@ -59,3 +62,25 @@ class ServerProcess:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+
+def metrics(http: httpx.Client) -> dict[str, float]:
+    """Every sample of /metrics as 'name{label=value,...}' -> value, parsed by prometheus_client."""
+    out = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_idle(http: httpx.Client, timeout: float = 30.0) -> dict[str, float]:
+    """Polls until no request runs or waits; returns the metrics then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(http)
+        if m["qwen_serve_num_requests_running"] == 0 and m["qwen_serve_num_requests_waiting"] == 0:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine still busy: {m}")
+        time.sleep(0.1)
