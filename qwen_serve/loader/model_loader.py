@@ -100,6 +100,8 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 if header_len > size - 8:
                     raise ValueError(f"header length {header_len} exceeds the file")
                 header = json.loads(f.read(header_len))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
             except (struct.error, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 raise ValueError(f"{path}: not a safetensors file ({e})") from None
             header.pop("__metadata__", None)
