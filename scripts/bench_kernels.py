@@ -95,7 +95,7 @@ def attention_call(backend, b) -> Callable[[], torch.Tensor]:
 def section_attn(rows: list[dict]) -> None:
     variants = {
         "split-auto": TritonAttentionBackend(),
-        "split-auto min1": TritonAttentionBackend(min_split_tiles=1),
+        "split-auto min4": TritonAttentionBackend(min_split_tiles=4),
         "no-split": TritonAttentionBackend(num_splits=1),
     }
     for batch, contexts in ((1, (256, 1024, 4096, 16384, 65536, 131072)), (64, (1024, 4096, 32768, 131072))):
@@ -112,7 +112,7 @@ def section_attn(rows: list[dict]) -> None:
                 ms = graph_ms([attention_call(backend, b) for b in batches])
                 row[name] = ms
             row["splits_auto"] = variants["split-auto"].splits_for(torch.device("cuda"), batch, KVH, ctx)
-            row["splits_min1"] = variants["split-auto min1"].splits_for(torch.device("cuda"), batch, KVH, ctx)
+            row["splits_min4"] = variants["split-auto min4"].splits_for(torch.device("cuda"), batch, KVH, ctx)
             if batch * ctx <= 256 * 1024:
                 try:
                     row["torch-ref"] = bench_ms(attention_call(TorchAttentionBackend(), batches[0]))
@@ -127,10 +127,11 @@ def section_attn(rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ prefill
 def section_prefill(rows: list[dict]) -> None:
     variants = {
-        "m128n64w8s2": TritonAttentionBackend(),
-        "m128n64w8s3": TritonAttentionBackend(prefill_num_stages=3),
-        "m64n64w4s2": TritonAttentionBackend(prefill_block_m=64, prefill_num_warps=4),
-        "m128n128w8s2": TritonAttentionBackend(prefill_block_n=128),
+        "m128n64w8s3": TritonAttentionBackend(),
+        "m128n64w8s4": TritonAttentionBackend(prefill_num_stages=4),
+        "m128n128w8s3": TritonAttentionBackend(prefill_block_n=128),
+        "m128n32w4s3": TritonAttentionBackend(prefill_block_n=32, prefill_num_warps=4),
+        "m64n64w4s3": TritonAttentionBackend(prefill_block_m=64, prefill_num_warps=4),
     }
     for ctx, new in ((0, 4096), (0, 8192), (0, 16384), (0, 32768), (24576, 8192), (122880, 8192)):
         b = random_paged_batch([(ctx, new)], H, KVH, D, 16, BF16, "cuda", seed=1)
@@ -146,8 +147,12 @@ def section_prefill(rows: list[dict]) -> None:
             q = b.q.transpose(0, 1)[None]  # [1, H, new, D]
             k = torch.randn(1, H, new, D, device="cuda", dtype=BF16)
             v = torch.randn(1, H, new, D, device="cuda", dtype=BF16)
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                row["torch-flash(dense)"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            for label, kind in (("torch-flash(dense)", SDPBackend.FLASH_ATTENTION), ("torch-cudnn(dense)", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel(kind):
+                        row[label] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                except RuntimeError as e:
+                    row[label] = f"fail: {str(e)[:60]}"
         rows.append(row)
         del b
         torch.cuda.empty_cache()
@@ -184,6 +189,35 @@ def section_fused(rows: list[dict]) -> None:
             row = {"op": name, "tokens": tokens, "triton_us": graph_ms(kernel) * 1e3, "torch_us": graph_ms(reference) * 1e3}
             rows.append(row)
             print(f"fused {row}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ gemv
+def section_gemv(rows: list[dict]) -> None:
+    configs = [(8, 512, 4), (16, 512, 4), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4)]
+    shapes = {"qkv_proj": (4608, 3584, True), "o_proj": (3584, 3584, False), "gate_up_proj": (37888, 3584, False),
+              "down_proj": (3584, 18944, False), "lm_head": (152064, 3584, False)}
+    g = torch.Generator(device="cuda").manual_seed(4)
+    total_cublas = total_best = 0.0
+    for name, (n, k, has_bias) in shapes.items():
+        nbytes = n * k * 2
+        copies = max(2, min(28, math.ceil(300e6 / nbytes)))
+        ws = [torch.randn(n, k, device="cuda", dtype=BF16, generator=g) * k**-0.5 for _ in range(copies)]
+        bias = torch.randn(n, device="cuda", dtype=BF16, generator=g) if has_bias else None
+        x = torch.randn(1, k, device="cuda", dtype=BF16, generator=g)
+        row = {"shape": name, "MB": nbytes / 1e6, "floor_us": nbytes / READ_BW * 1e6,
+               "cuBLAS_us": graph_ms([lambda w=w: F.linear(x, w, bias) for w in ws]) * 1e3}
+        for cfg in configs:
+            row[f"gemv{cfg}"] = graph_ms([lambda w=w, c=cfg: fused.gemv(x, w, bias, c) for w in ws]) * 1e3
+        best = min((v, key) for key, v in row.items() if key.startswith("gemv"))
+        row["best"], row["best_GBps"] = best[1], nbytes / (best[0] * 1e-6) / 1e9
+        row["cuBLAS_GBps"] = nbytes / (row["cuBLAS_us"] * 1e-6) / 1e9
+        count = 1 if name == "lm_head" else 28
+        total_cublas += row["cuBLAS_us"] * count / 1e3
+        total_best += min(best[0], row["cuBLAS_us"]) * count / 1e3
+        rows.append(row)
+        print(f"gemv {row}", flush=True)
+        del ws
+    rows.append({"shape": "all matmuls of a decode step", "cuBLAS_ms": total_cublas, "best_of_both_ms": total_best})
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -269,37 +303,6 @@ class DecodeRunner:
         return start.elapsed_time(end) / steps
 
 
-def gemm_breakdown(model, cfg: Qwen2Config, rows: list[dict]) -> None:
-    """The decode step's matmuls alone at batch 1 (cuBLAS through F.linear), per shape, in CUDA graphs."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=BF16, generator=g)
-    xi = torch.randn(1, cfg.intermediate_size, device="cuda", dtype=BF16, generator=g)
-    groups = {
-        "qkv_proj": [lambda m=l.self_attn.qkv_proj: m(x) for l in model.model.layers],
-        "o_proj": [lambda m=l.self_attn.o_proj: m(x) for l in model.model.layers],
-        "gate_up_proj": [lambda m=l.mlp.gate_up_proj: m(x) for l in model.model.layers],
-        "down_proj": [lambda m=l.mlp.down_proj: m(xi) for l in model.model.layers],
-        "lm_head": [lambda: model.lm_head(x)] * 4,
-    }
-    mods = {"qkv_proj": model.model.layers[0].self_attn.qkv_proj, "o_proj": model.model.layers[0].self_attn.o_proj,
-            "gate_up_proj": model.model.layers[0].mlp.gate_up_proj, "down_proj": model.model.layers[0].mlp.down_proj,
-            "lm_head": model.lm_head}
-    total = 0.0
-    for name, calls in groups.items():
-        ms = graph_ms(calls)
-        nbytes = mods[name].weight.numel() * 2
-        count = 1 if name == "lm_head" else cfg.num_hidden_layers
-        total += ms * count
-        rows.append({"figure": f"gemm b=1 {name}", "us_per_call": ms * 1e3, "GBps": nbytes / (ms * 1e-3) / 1e9,
-                     "ms_per_step": ms * count})
-        print(rows[-1], flush=True)
-    everything = [c for name, calls in groups.items() for c in (calls if name != "lm_head" else calls[:1])]
-    together = graph_ms(everything) * len(everything)
-    rows.append({"figure": "gemm b=1 all matmuls of a step", "ms_per_step": together, "sum_of_groups_ms": total,
-                 "tok_s_if_only_matmuls": 1e3 / together})
-    print(rows[-1], flush=True)
-
-
 def timed(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -321,12 +324,16 @@ def section_model(rows: list[dict]) -> None:
     print(f"model: {weight_bytes / 1e9:.2f} GB of weights; roofline {READ_BW / weight_bytes:.1f} tok/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
 
-    # Batch-1 decode, prompt 128 + 256 new: fused kernels on (two split settings), then off.
-    for label, ops, backend in (
-        ("fused", fused_ops, TritonAttentionBackend()),
-        ("fused, min_split_tiles=1", fused_ops, TritonAttentionBackend(min_split_tiles=1)),
-        ("torch-elementwise", lambda: reference_ops, TritonAttentionBackend()),
+    # Batch-1 decode, prompt 128 + 256 new: every kernel on, then cuBLAS for the projections, then
+    # torch for the elementwise ops too.
+    triton_linear = kernel_dispatch.linear
+    for label, ops, linear in (
+        ("all kernels", fused_ops, triton_linear),
+        ("cuBLAS projections", fused_ops, F.linear),
+        ("cuBLAS + torch elementwise", lambda: reference_ops, F.linear),
     ):
+        backend = TritonAttentionBackend()
+        kernel_dispatch.linear = linear
         kernel_dispatch.ops = ops
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -339,9 +346,8 @@ def section_model(rows: list[dict]) -> None:
             print(rows[-1], flush=True)
             del runner
         finally:
-            kernel_dispatch.ops = fused_ops
+            kernel_dispatch.ops, kernel_dispatch.linear = fused_ops, triton_linear
         torch.cuda.empty_cache()
-    gemm_breakdown(model, cfg, rows)
 
     # TTFT and decode at long contexts.
     for n in (4096, 8192, 16384, 32768):
@@ -403,7 +409,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--sections", default="attn,prefill,fused,model")
+    parser.add_argument("--sections", default="attn,prefill,fused,gemv,model")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -413,7 +419,8 @@ def main() -> None:
     results["copy_GBps"] = 2 * x.numel() / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
     del x, y
     print(results, flush=True)
-    sections = {"attn": section_attn, "prefill": section_prefill, "fused": section_fused, "model": section_model}
+    sections = {"attn": section_attn, "prefill": section_prefill, "fused": section_fused, "gemv": section_gemv,
+                "model": section_model}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()

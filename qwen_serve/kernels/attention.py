@@ -254,9 +254,9 @@ class TritonAttentionBackend:
         prefill_block_m: int = 128,
         prefill_block_n: int = 64,
         prefill_num_warps: int = 8,
-        prefill_num_stages: int = 2,
+        prefill_num_stages: int = 3,
         decode_num_stages: int = 3,
-        min_split_tiles: int = 4,
+        min_split_tiles: int = 1,
     ) -> None:
         if num_splits is not None and not 1 <= num_splits <= 256:
             raise ValueError(f"num_splits must be in 1..256, got {num_splits}")

@@ -6,6 +6,10 @@ every extra kernel costs ~2 us even inside a CUDA graph. The torch versions of R
 Each kernel reproduces the reference's rounding points (where it casts to the model dtype), so
 bf16 results match it to within one rounding step.
 
+`linear` is a batch-1 GEMV: at one token a projection is a pure weight read, and cuBLAS reads the
+small decoder matrices (qkv, o_proj) at ~72% of the bandwidth (docs/gpu-notes.md); this kernel
+reads each weight row block once with many small programs in flight. Other batch sizes use F.linear.
+
 The model reaches these through `qwen_serve.layers.kernel_dispatch` on CUDA only; the references
 here are what the CPU path computes.
 """
@@ -165,3 +169,56 @@ def rotary(
             num_warps=4,
         )
     return q_out, k_out
+
+
+# ----------------------------------------------------------------------------- batch-1 GEMV
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_w,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None])
+            x = tl.load(x_ptr + k0 + cols)
+        else:
+            ok = k0 + cols < n_cols
+            w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & ok[None, :], other=0.0)
+            x = tl.load(x_ptr + k0 + cols, mask=ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, 1)  # [BLOCK_N] fp32
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+# (BLOCK_N, BLOCK_K, num_warps); the benchmark (scripts/bench_kernels.py) measures alternatives.
+GEMV_CONFIG = (8, 512, 4)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def gemv(
+    x: torch.Tensor,  # [1, in_features]
+    weight: torch.Tensor,  # [out_features, in_features], rows contiguous
+    bias: torch.Tensor | None,
+    config: tuple[int, int, int] = GEMV_CONFIG,
+) -> torch.Tensor:
+    """x @ weight.T + bias for one row, fp32 accumulation: [1, out_features]."""
+    if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("gemv takes one contiguous row and a row-major weight")
+    n_rows, n_cols = weight.shape
+    block_n, block_k, warps = config
+    y = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n_rows, n_cols, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=n_cols % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )
+    return y

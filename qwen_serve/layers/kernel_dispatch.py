@@ -14,6 +14,7 @@ import os
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,6 +26,13 @@ def _kernels_available() -> bool:
 
 def use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda and _kernels_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except one-row inputs on CUDA (batch-1 decode) go to the Triton GEMV."""
+    if x.dim() == 2 and x.shape[0] == 1 and use_kernels(x):
+        return ops().gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 @functools.lru_cache(maxsize=None)

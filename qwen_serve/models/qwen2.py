@@ -51,7 +51,7 @@ class MergedLinear(nn.Module):
         param.data[start : start + size].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernel_dispatch.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -86,7 +86,7 @@ class Qwen2Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return kernel_dispatch.linear(self.attn(q, k, v), self.o_proj.weight)
 
 
 class Qwen2MLP(nn.Module):
@@ -99,7 +99,7 @@ class Qwen2MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate]
         if kernel_dispatch.use_kernels(gate_up):
-            return self.down_proj(kernel_dispatch.ops().silu_and_mul(gate_up))
+            return kernel_dispatch.linear(kernel_dispatch.ops().silu_and_mul(gate_up), self.down_proj.weight)
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

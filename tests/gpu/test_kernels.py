@@ -157,6 +157,20 @@ def test_rotary_matches_reference(heads, kv_heads, head_dim, yarn, dtype):
     assert rel_err(out_q, ref_q) < TOL[dtype] and rel_err(out_k, ref_k) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features,in_features,bias", [(4608, 3584, True), (3584, 3584, False), (100, 18944, False), (37, 200, True)])
+@pytest.mark.parametrize("config", [None, (16, 1024, 8), (4, 256, 4)])
+def test_gemv_matches_reference(out_features, in_features, bias, config, dtype):
+    g = torch.Generator(device=DEVICE).manual_seed(out_features + in_features)
+    x = torch.randn(1, in_features, device=DEVICE, dtype=dtype, generator=g)
+    w = torch.randn(out_features, in_features, device=DEVICE, dtype=dtype, generator=g) * in_features**-0.5
+    b = torch.randn(out_features, device=DEVICE, dtype=dtype, generator=g) if bias else None
+    ref = fused.linear_reference(x.cpu().float(), w.cpu().float(), None if b is None else b.cpu().float())
+    poison_allocator()
+    out = fused.gemv(x, w, b) if config is None else fused.gemv(x, w, b, config)
+    assert out.shape == (1, out_features) and rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the whole model on the GPU")
 def test_model_with_kernels_matches_cpu_float32():
     """A small Qwen2 on the GPU (bf16, fused kernels, paged Triton attention, chunked prefill then
