@@ -164,15 +164,16 @@ class TorchAttentionBackend:
         values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
         lens = torch.tensor(meta.seq_lens, device=q.device)
         mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [num_seqs, max_len]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [num_seqs, num_heads, 1, head_dim]
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=True,
-        )
-        return out.squeeze(2)
+        # Two batched matmuls with the query heads grouped per KV head: on the CPU this is several
+        # times faster than scaled_dot_product_attention's flash kernel for one query per sequence.
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = keys.shape[2]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [S, KVH, G, D]
+        scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * scale  # [S, KVH, G, max_len]
+        scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values.transpose(1, 2))  # [S, KVH, G, D]
+        return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

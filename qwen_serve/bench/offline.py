@@ -1,0 +1,184 @@
+"""`qwen-serve bench`: offline latency and throughput of the engine, optionally beside transformers.
+
+Measures, on fixed-seed random prompts of `--input-len` tokens:
+- batch 1: time to first token (prefill) and decode tokens/s over `--output-len` tokens;
+- `--num-prompts` requests submitted at once: generated tokens/s for the whole batch.
+`--compare-transformers` times transformers' `generate` on the same prompts, same dtype, same run.
+`--random-config 7b|0.5b|path.json` benchmarks a model shape with random weights (no checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+# Named shapes for random-weight runs (MODELS.md): Qwen2.5-7B-Instruct and Qwen2.5-0.5B.
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+               rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype="bfloat16",
+               bos_token_id=151643, eos_token_id=151645),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="bfloat16",
+                 bos_token_id=151643, eos_token_id=151643),
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    from qwen_serve.config import EngineConfig
+
+    EngineConfig.add_cli_args(parser)
+    parser.add_argument("--random-config", default=None,
+                        help="benchmark random weights of a shape: 7b, 0.5b or a config.json path (instead of --model)")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens per request (default: 128)")
+    parser.add_argument("--output-len", type=int, default=64, help="generated tokens per request (default: 64)")
+    parser.add_argument("--num-prompts", type=int, default=32, help="concurrent requests for the throughput run (default: 32)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a busy shared CPU 1 thread is steadier)")
+    parser.add_argument("--compare-transformers", action="store_true",
+                        help="also time transformers' generate on the same prompts and dtype")
+    parser.add_argument("--output-json", default="bench-offline.json", help="where to write the results (default: bench-offline.json)")
+
+
+def _random_model_config(spec: str):
+    from qwen_serve.models.config import Qwen2Config
+
+    if spec in NAMED_CONFIGS:
+        return Qwen2Config.from_dict({"architectures": ["Qwen2ForCausalLM"], **NAMED_CONFIGS[spec]}, source=spec)
+    return Qwen2Config.from_file(Path(spec))
+
+
+def _build_engine(args: argparse.Namespace):
+    from qwen_serve.config import EngineConfig
+    from qwen_serve.engine.llm_engine import LLMEngine
+
+    config = EngineConfig.from_cli_args(args)
+    if args.random_config:
+        return LLMEngine(config, folder=None, model_config=_random_model_config(args.random_config))
+    return LLMEngine.from_config(config)
+
+
+def _prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    # Ids below 10000 are ordinary text tokens in Qwen's vocabulary (no special tokens).
+    return torch.randint(0, min(vocab, 10000), (n, length), generator=gen).tolist()
+
+
+def _engine_batch(engine, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    """Submits all prompts at once; returns time to first token and timing of the whole batch."""
+    from qwen_serve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{start}-{i}", p, params)
+    first = None
+    generated = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated += len(out.outputs[0].delta_token_ids)
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft_s": first - start, "total_s": end - start, "generated": generated,
+            "decode_tok_s": (output_len - 1) / (end - first) if output_len > 1 else 0.0,
+            "throughput_tok_s": generated / (end - start)}
+
+
+def _transformers_batch(model, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    import torch
+
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    common = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  top_k=None, top_p=None, temperature=None)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **common)
+        first = time.perf_counter()
+        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **common)
+        end = time.perf_counter()
+    ttft, total = first - start, end - first
+    generated = len(prompts) * output_len
+    return {"ttft_s": ttft, "total_s": total, "generated": generated,
+            "decode_tok_s": (output_len - 1) / max(total - ttft, 1e-9) if output_len > 1 else 0.0,
+            "throughput_tok_s": generated / total}
+
+
+def _load_transformers(engine, args: argparse.Namespace):
+    import torch
+    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+
+    dtype = engine.runner.dtype
+    if args.random_config:
+        raw = dict(engine.model_config.raw)
+        model = Qwen2ForCausalLM(HFConfig(**raw)).to(dtype)
+    else:
+        from qwen_serve.loader.resolve import resolve_model
+
+        model = Qwen2ForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype)
+    return model.to(engine.device).eval()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = _build_engine(args)
+    vocab = engine.model_config.vocab_size
+    warm = _prompts(vocab, 1, min(16, args.input_len), seed=1)
+    _engine_batch(engine, warm, 2)  # warm-up: first-call allocations, thread pools
+    single = _engine_batch(engine, _prompts(vocab, 1, args.input_len), args.output_len)
+    batch = _engine_batch(engine, _prompts(vocab, args.num_prompts, args.input_len, seed=2), args.output_len)
+    results: dict[str, Any] = {
+        "model": args.random_config and f"random:{args.random_config}" or args.model,
+        "dtype": str(engine.runner.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+        "qwen_serve": {"batch1": single, f"batch{args.num_prompts}": batch},
+    }
+    if args.compare_transformers:
+        hf = _load_transformers(engine, args)
+        _transformers_batch(hf, warm, 2)
+        results["transformers"] = {
+            "batch1": _transformers_batch(hf, _prompts(vocab, 1, args.input_len), args.output_len),
+            f"batch{args.num_prompts}": _transformers_batch(hf, _prompts(vocab, args.num_prompts, args.input_len, seed=2),
+                                                          args.output_len),
+        }
+    _print_table(results)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _print_table(r: dict[str, Any]) -> None:
+    n = r["num_prompts"]
+    print(f"model {r['model']}  dtype {r['dtype']}  device {r['device']}  ({r['machine']})")
+    print(f"input {r['input_len']} tokens, output {r['output_len']} tokens, {n} concurrent")
+    print(f"{'engine':<14}{'TTFT b1 (ms)':>14}{'decode b1 (tok/s)':>19}{f'b{n} (gen tok/s)':>18}{'b' + str(n) + '/b1':>9}")
+    for name in ("qwen_serve", "transformers"):
+        if name not in r:
+            continue
+        b1, bn = r[name]["batch1"], r[name][f"batch{n}"]
+        print(f"{name:<14}{b1['ttft_s'] * 1000:>14.1f}{b1['decode_tok_s']:>19.2f}{bn['throughput_tok_s']:>18.2f}"
+              f"{bn['throughput_tok_s'] / b1['decode_tok_s']:>9.1f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qwen-serve bench", description=__doc__.splitlines()[0])
+    add_args(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
