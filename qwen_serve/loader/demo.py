@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from qwen_serve.loader.gguf_convert import cache_root, convert_gguf
+from qwen_serve.loader.gguf_convert import cache_root, convert_gguf, converted_folder
 
 DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEMO_SIZE = 491_400_064
@@ -88,7 +88,7 @@ def demo_gguf_path(root: Path | None = None) -> Path:
 def demo_model_folder(root: Path | None = None) -> Path:
     """The converted demo model folder (HF layout), building it on first use."""
     root = root or cache_root()
-    converted = root / "gguf" / f"{Path(DEMO_FILE_NAME).stem}-{DEMO_SHA256[:20]}"
+    converted = converted_folder(root, Path(DEMO_FILE_NAME).stem, DEMO_SHA256[:20])
     if (converted / "config.json").is_file():
         return converted  # made from a file whose sha256 was verified
     return convert_gguf(demo_gguf_path(root), key=DEMO_SHA256[:20], root=root)

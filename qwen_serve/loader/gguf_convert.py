@@ -30,6 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 GGUF_MAGIC = b"GGUF"
+# Part of every cache folder's name: bump it when the converted layout changes, so old caches are
+# not mistaken for current ones.
+CONVERTED_FORMAT = 1
 
 # GGUF tensor names -> HF Qwen2 names ("{i}" is the layer index).
 _GLOBAL_NAMES = {
@@ -102,13 +105,17 @@ def file_key(path: Path) -> str:
     return h.hexdigest()[:20]
 
 
+def converted_folder(root: Path, stem: str, key: str) -> Path:
+    return root / "gguf" / f"{stem}-{key}-v{CONVERTED_FORMAT}"
+
+
 def convert_gguf(path: str | Path, key: str | None = None, root: Path | None = None) -> Path:
     """The cached HF folder for a GGUF file, converting it first if needed. `key` overrides the
     file identity (the demo passes its verified sha256)."""
     path = Path(path).expanduser()
     _check_gguf_file(path)
     root = root or cache_root()
-    target = root / "gguf" / f"{path.stem}-{key or file_key(path)}"
+    target = converted_folder(root, path.stem, key or file_key(path))
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
