@@ -356,3 +356,58 @@ def test_settings_reach_the_request_and_context_slider_drops_old_turns(chat, cha
 def _multipart(name: str, data: bytes) -> bytes:
     return (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="' + name.encode()
             + b'"\r\nContent-Type: application/octet-stream\r\n\r\n' + data + b"\r\n--xyz--\r\n")
+
+
+def test_presets_keyboard_and_copy(chat, chat_server) -> None:
+    page, _ = chat
+    open_settings(page)
+    shipped = page.locator("#preset-select option").all_inner_texts()
+    assert shipped == ["(custom)", "Careful translator", "JSON-only data extractor", "Senior Python engineer"]
+    page.fill("#system-prompt", "You answer in haiku.")
+    page.click("#preset-save-new")
+    page.fill("#dialog-input", "Haiku")
+    page.click("#dialog-ok")
+    expect(page.locator("#preset-select option:checked")).to_have_text("Haiku")
+    page.fill("#system-prompt", "You answer in limericks.")
+    page.click("#preset-update")
+    expect(page.locator("#dialog-input")).to_have_value("Haiku")
+    page.fill("#dialog-input", "Limerick")
+    page.click("#dialog-ok")
+    expect(page.locator("#preset-select option:checked")).to_have_text("Limerick")
+    page.select_option("#preset-select", label="Careful translator")
+    page.click("#preset-delete")
+    page.click("#dialog-ok")
+    expect(page.locator("#preset-select option")).to_have_text(
+        ["(custom)", "JSON-only data extractor", "Limerick", "Senior Python engineer"])
+
+    # Presets live in IndexedDB: the edit and the deletion survive a reload (shipped ones are not re-added).
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    open_settings(page)
+    expect(page.locator("#preset-select option")).to_have_text(
+        ["(custom)", "JSON-only data extractor", "Limerick", "Senior Python engineer"])
+    page.select_option("#preset-select", label="Limerick")
+    assert page.input_value("#system-prompt") == "You answer in limericks."
+    page.fill("#max-tokens", "4")
+    close_settings(page)
+
+    # Shift+Enter is a new line, Enter sends.
+    page.click("#input")
+    page.keyboard.type("line one")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("line two")
+    assert page.input_value("#input") == "line one\nline two"
+    assert page.locator(".msg").count() == 0
+    seen: list[dict] = []
+    fake_reply(page, ["Sure:\n\n```python\nprint('copied')\n```\n"], seen)
+    n = replies_done(page)
+    page.keyboard.press("Enter")
+    wait_replies(page, n + 1)
+    assert page.inner_text(".msg.user .content") == "line one\nline two"
+    assert seen[0]["messages"][0] == {"role": "system", "content": "You answer in limericks."}
+    assert seen[0]["model"] == "tiny"
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=chat_server.url)
+    page.click(".msg.assistant .copy-code")
+    expect(page.locator(".msg.assistant .copy-code")).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "print('copied')\n"

@@ -247,7 +247,14 @@ function addChild(parentId, fields) {
   return [m, parent];
 }
 
+/** A chat saved under a model the server no longer serves switches to the first one it does. */
+function ensureServedModel() {
+  const ids = state.models.map((m) => m.id);
+  if (ids.length && !ids.includes(state.conv.settings.model)) state.conv.settings.model = ids[0];
+}
+
 function showConversation() {
+  ensureServedModel();
   $('conv-title').textContent = state.conv.name;
   fillSettings();
   renderThread();
@@ -745,10 +752,7 @@ async function loadModels() {
   }
   const withLen = state.models.find((m) => m.max_model_len);
   if (withLen && !state.maxModelLen) state.maxModelLen = withLen.max_model_len;
-  const ids = state.models.map((m) => m.id);
-  if (state.conv && (!state.conv.settings.model || !ids.includes(state.conv.settings.model)) && ids.length) {
-    state.conv.settings.model = ids[0];
-  }
+  if (state.conv) ensureServedModel();
   state.needsKey = false;
   $('api-key').classList.remove('attention');
   showBanner('');
