@@ -4,6 +4,8 @@ resolve_model's dispatch, the YaRN switch, dtype choice, the demo assembly and t
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,14 @@ def test_gguf_conversion_matches_source_and_transformers(tiny_hf: Path, tmp_path
     with torch.no_grad():
         ref_logits = ref_model(torch.tensor([ids])).logits[0]
     assert (_logits(folder, ids) - ref_logits).abs().max() < 1e-4
+    # A conversion killed long ago left a partial folder: the next conversion of that file removes it.
+    stale = folder.parent / f".{folder.name}.dead.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    os.utime(stale / "model.safetensors", (0, 0))
+    os.utime(stale, (0, 0))
+    shutil.rmtree(folder)
+    assert resolve_model(str(gguf_file)) == folder and not stale.exists()
     # Second resolve: the cache is reused, nothing is converted again.
     mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_model(str(gguf_file)) == folder

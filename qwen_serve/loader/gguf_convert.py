@@ -24,6 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -119,6 +120,7 @@ def convert_gguf(path: str | Path, key: str | None = None, root: Path | None = N
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         write_hf_folder(path, tmp)
@@ -132,6 +134,19 @@ def convert_gguf(path: str | Path, key: str | None = None, root: Path | None = N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_stale_partials(target: Path, max_idle_s: float = 3600.0) -> None:
+    """Deletes what killed conversions of this file left behind (unused, but gigabytes of disk).
+    A partial folder whose files changed in the last hour may belong to a live conversion: kept."""
+    now = time.time()
+    for partial in target.parent.glob(f".{target.name}.*.partial"):
+        try:
+            newest = max([partial.stat().st_mtime] + [f.stat().st_mtime for f in partial.iterdir()])
+        except OSError:  # removed meanwhile by its owner
+            continue
+        if now - newest > max_idle_s:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _check_gguf_file(path: Path) -> None:
