@@ -362,9 +362,13 @@ def test_disconnected_streams_free_their_kv_blocks(server: ServerProcess, http: 
         for (cm, _), c in zip(streams, clients):
             cm.__exit__(None, None, None)  # closes the connection mid-stream
             c.close()
+    # A non-streaming client that gives up is aborted too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json={**body, "stream": False}, timeout=1.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
     after = wait_idle(http, timeout=30)
     assert after["qwen_serve_kv_blocks_free"] == total
-    assert after[aborted_key] - aborted_before == 20
+    assert after[aborted_key] - aborted_before == 21
     # and the server still serves
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
     assert r.status_code == 200

@@ -92,6 +92,8 @@ class AsyncEngine:
         self._stopping = False
         self.load_error: BaseException | None = None
         self._stats: EngineStats | None = None
+        # Request ids the engine holds; touched by the engine thread only (the event loop has its own view).
+        self._live: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle (event-loop side)
 
@@ -236,8 +238,7 @@ class AsyncEngine:
             for cmd in commands:
                 if isinstance(cmd, _Stop):
                     stop = True
-                    for rid in list(self._queues):
-                        engine.abort_request(rid)
+                    self._abort_everything(engine)
                     self._call_soon(self._fail_all, EngineNotReady("the server is shutting down"))
                 else:
                     self._apply(engine, cmd)
@@ -250,6 +251,7 @@ class AsyncEngine:
                     self._call_soon(self._fail_all, EngineDeadError(f"engine step failed: {err}"))
                     outputs = []
                 if outputs:
+                    self._live.difference_update(o.request_id for o in outputs if o.finished)
                     self._call_soon(self._deliver, outputs)
             self._stats = engine.stats()
 
@@ -265,6 +267,7 @@ class AsyncEngine:
 
     def _apply(self, engine: "LLMEngine", cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Abort):
+            self._live.discard(cmd.request_id)
             try:
                 engine.abort_request(cmd.request_id)
             except Exception:  # noqa: BLE001 - it may have finished meanwhile; nothing to free then
@@ -272,6 +275,7 @@ class AsyncEngine:
             return
         try:
             engine.add_request(cmd.request_id, cmd.prompt, cmd.params, arrival_time=cmd.arrival_time)
+            self._live.add(cmd.request_id)
         except ValueError as err:
             self._call_soon(self._fail, cmd.request_id, err)
         except Exception as err:  # noqa: BLE001 - a bug for this request only; report it as such
@@ -279,7 +283,8 @@ class AsyncEngine:
             self._call_soon(self._fail, cmd.request_id, EngineDeadError(f"could not add the request: {err}"))
 
     def _abort_everything(self, engine: "LLMEngine") -> None:
-        for rid in list(self._queues):
+        live, self._live = self._live, set()
+        for rid in live:
             try:
                 engine.abort_request(rid)
             except Exception:  # noqa: BLE001 - best effort after a failed step

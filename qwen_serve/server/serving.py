@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -226,8 +227,9 @@ def usage_of(final: dict[int, CompletionOutput], prompt_tokens: int, cached_toke
     )
 
 
-def token_text(lp: Logprob) -> str:
-    return lp.decoded_token
+def finite(logprob: float) -> float:
+    """JSON has no -inf / NaN: masked-out tokens report -9999.0 (as vLLM does)."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def top_entries(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
@@ -299,6 +301,10 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.gather(task, return_exceptions=True)
         raise ClientDisconnected()
     return task.result()
+
+
+def json_response(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def sse(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> str:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen_serve.server.errors import APIError
@@ -35,6 +35,8 @@ from qwen_serve.server.serving import (
     SSEResponse,
     ClientDisconnected,
     Serving,
+    finite,
+    json_response,
     merge_streams,
     random_id,
     sse,
@@ -107,15 +109,16 @@ def chat_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | No
         if chosen is None:  # the engine always includes the sampled token; guard anyway
             continue
         content.append(TokenLogprob(
-            token=chosen.decoded_token, logprob=chosen.logprob, bytes=list(chosen.decoded_token.encode()),
-            top_logprobs=[TopLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=list(lp.decoded_token.encode()))
+            token=chosen.decoded_token, logprob=finite(chosen.logprob), bytes=list(chosen.decoded_token.encode()),
+            top_logprobs=[TopLogprob(token=lp.decoded_token, logprob=finite(lp.logprob),
+                                     bytes=list(lp.decoded_token.encode()))
                           for _, lp in top_entries(pos, k)],
         ))
     return ChoiceLogprobs(content=content)
 
 
 class ChatServing(Serving):
-    async def create(self, req: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
         try:
             req.validate_fields()
         except ValueError as err:
@@ -153,7 +156,7 @@ class ChatServing(Serving):
             final = await until_disconnected(request, self._collect(first_out, merged))
         except ClientDisconnected:
             return JSONResponse({}, status_code=499)
-        return JSONResponse(self._response(req, model, request_id, first_out, final, top_k).model_dump())
+        return json_response(self._response(req, model, request_id, first_out, final, top_k))
 
     async def _collect(self, first: RequestOutput, rest: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput]:
         final = {o.index: o for o in first.outputs}

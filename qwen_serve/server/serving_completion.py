@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen_serve.server.errors import APIError
@@ -29,6 +29,8 @@ from qwen_serve.server.serving import (
     ClientDisconnected,
     Serving,
     SSEResponse,
+    finite,
+    json_response,
     merge_streams,
     random_id,
     sse,
@@ -50,9 +52,9 @@ def completion_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]
         if chosen is None:
             continue
         out.tokens.append(chosen.decoded_token)
-        out.token_logprobs.append(chosen.logprob)
-        tops = {lp.decoded_token: lp.logprob for _, lp in top_entries(pos, k)}
-        tops.setdefault(chosen.decoded_token, chosen.logprob)
+        out.token_logprobs.append(finite(chosen.logprob))
+        tops = {lp.decoded_token: finite(lp.logprob) for _, lp in top_entries(pos, k)}
+        tops.setdefault(chosen.decoded_token, finite(chosen.logprob))
         out.top_logprobs.append(tops)
         out.text_offset.append(offset)
         offset += len(chosen.decoded_token)
@@ -68,7 +70,7 @@ class _Prompt:
 
 
 class CompletionServing(Serving):
-    async def create(self, req: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+    async def create(self, req: CompletionRequest, request: Request) -> Response:
         try:
             req.validate_fields()
             raw_prompts = req.prompts()
@@ -98,7 +100,7 @@ class CompletionServing(Serving):
             finals = await until_disconnected(request, self._collect(first, merged))
         except ClientDisconnected:
             return JSONResponse({}, status_code=499)
-        return JSONResponse(self._response(req, model, base_id, prompts, finals).model_dump())
+        return json_response(self._response(req, model, base_id, prompts, finals))
 
     async def _prompt(self, p: str | list[int], i: int, count: int, echo: bool) -> _Prompt:
         param = "prompt" if count == 1 else f"prompt.{i}"
