@@ -38,10 +38,12 @@ def browser():
 @pytest.fixture
 def chat(browser, chat_server: Server):
     """(page, recorder) on the tiny-model server. Afterwards checks that the page sent no request
-    anywhere but its own server, raised no uncaught error and opened no alert/confirm dialog."""
+    anywhere but its own server, raised no uncaught error, opened no alert/confirm dialog and broke
+    no rule of its Content-Security-Policy."""
     context, page, rec = open_page(browser, chat_server.url)
     yield page, rec
     context.close()
     assert rec.foreign(chat_server.url) == []
     assert rec.errors == []
     assert rec.dialogs == []
+    assert rec.csp_violations == []

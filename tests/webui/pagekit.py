@@ -84,6 +84,7 @@ class PageRecorder:
     requests: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     dialogs: list[str] = field(default_factory=list)
+    csp_violations: list[str] = field(default_factory=list)
 
     def foreign(self, origin: str) -> list[str]:
         """Requests that did not go to `origin` (blob: URLs the page made itself count as its own)."""
@@ -104,6 +105,7 @@ def open_page(browser, server_url: str, *, width: int = 1280, height: int = 860,
     context.on("request", lambda r: rec.requests.append(r.url))
     page.on("pageerror", lambda e: rec.errors.append(str(e)))
     page.on("dialog", lambda d: (rec.dialogs.append(d.message), d.dismiss()))
+    page.on("console", lambda m: rec.csp_violations.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(server_url + "/")
     page.wait_for_selector('body[data-ready="true"]')
     return context, page, rec

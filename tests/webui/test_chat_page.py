@@ -252,7 +252,7 @@ def test_conversations_survive_reload_rename_search_delete_export_import(chat, t
 
     page.locator(".conv-item.active .conv-rename").click()
     page.fill("#dialog-input", "Renamed chat")
-    page.click("#dialog-ok")
+    page.press("#dialog-input", "Enter")
     page.wait_for_selector(".conv-item.active .conv-open:has-text('Renamed chat')")
     assert page.inner_text("#conv-title") == "Renamed chat"
 
@@ -411,3 +411,23 @@ def test_presets_keyboard_and_copy(chat, chat_server) -> None:
     page.click(".msg.assistant .copy-code")
     expect(page.locator(".msg.assistant .copy-code")).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == "print('copied')\n"
+
+
+def test_deleting_the_chat_that_is_streaming_stops_it_for_good(chat) -> None:
+    page, _ = chat
+    set_max_tokens(page, 2000)
+    n = replies_done(page)
+    send(page, "Tell me everything.")
+    page.wait_for_function(
+        "() => { const c = document.querySelectorAll('.msg.assistant .content'); "
+        "return c.length && c[c.length - 1].textContent.length > 0; }"
+    )
+    page.click(".conv-item.active .conv-delete")
+    page.click("#dialog-ok")
+    wait_replies(page, n + 1, timeout=20_000)
+    expect(page.locator(".conv-item")).to_have_count(0)
+    expect(page.locator(".msg")).to_have_count(0)
+    assert page.is_visible("#send")
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    expect(page.locator(".conv-item")).to_have_count(0)

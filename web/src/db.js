@@ -1,7 +1,10 @@
 // IndexedDB storage, laid out like the llama.cpp web UI: a `conversations` table (one row per chat,
 // with `currNode`, the leaf of the branch on screen) and a `messages` table holding each chat's
 // message tree (`parent` id, `children` ids, a `root` message per chat). A `presets` table keeps
-// the system-prompt presets.
+// the system-prompt presets, filled with the shipped ones when the database is created (so a
+// shipped preset the user deleted stays deleted).
+
+import { DEFAULT_PRESETS } from './presets.js';
 
 const DB_NAME = 'qwen-serve';
 const DB_VERSION = 1;
@@ -17,7 +20,8 @@ function open() {
         db.createObjectStore('conversations', { keyPath: 'id' });
         const messages = db.createObjectStore('messages', { keyPath: 'id' });
         messages.createIndex('convId', 'convId');
-        db.createObjectStore('presets', { keyPath: 'id' });
+        const presets = db.createObjectStore('presets', { keyPath: 'id' });
+        for (const p of DEFAULT_PRESETS) presets.put(p);
       };
       req.onsuccess = () => resolve(req.result);
       req.onerror = () => reject(req.error);

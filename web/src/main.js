@@ -5,7 +5,6 @@ import * as api from './api.js';
 import * as db from './db.js';
 import { fitContext } from './context.js';
 import { copyText, renderJson, renderMarkdown } from './markdown.js';
-import { DEFAULT_PRESETS } from './presets.js';
 import { apiMessages, pathTo, siblingInfo, siblingLeaf } from './tree.js';
 
 const $ = (id) => document.getElementById(id);
@@ -21,7 +20,6 @@ const DEFAULT_SETTINGS = {
   model: '',
 };
 const FALLBACK_MAX_LEN = 32768;
-const PRESETS_SEEDED = 'qwen-serve.presetsSeeded';
 const NARROW = window.matchMedia('(max-width: 800px)');
 
 const state = {
@@ -33,7 +31,7 @@ const state = {
   maxModelLen: null,
   presets: [],
   pendingDocs: [], // documents attached to the message being written: {name, text, chars, tokens}
-  generation: null, // {controller, id} while a reply streams
+  generation: null, // {controller, id, done: Promise} while a reply streams
   needsKey: false, // the server answered 401: the API-key field keeps the focus
   contextSeq: 0,
 };
@@ -176,7 +174,11 @@ async function renameConversation(id) {
 async function deleteConversation(id) {
   const conv = state.conversations.find((c) => c.id === id);
   if (!(await dialog(`Delete "${conv.name}"? This cannot be undone.`))) return;
-  if (state.generation && state.conv?.id === id) state.generation.controller.abort();
+  if (state.generation && state.conv?.id === id) {
+    // Let the stopped reply be stored first, so it cannot bring the deleted chat back.
+    state.generation.controller.abort();
+    await state.generation.done;
+  }
   await db.deleteConversation(id);
   await refreshConversationList();
   if (state.conv?.id === id) newConversation();
@@ -450,13 +452,13 @@ async function generateReply(parentId) {
   const [reply, parent] = addChild(parentId, { role: 'assistant', content: '', model: s.model, jsonMode: s.jsonMode });
   conv.currNode = reply.id;
   const controller = new AbortController();
-  state.generation = { controller, id: reply.id };
+  let finished;
+  state.generation = { controller, id: reply.id, done: new Promise((resolve) => { finished = resolve; }) };
   setGenerating(true);
   renderThread();
-  await persist([reply, parent]);
 
   const system = s.systemPrompt.trim() ? { role: 'system', content: s.systemPrompt.trim() } : null;
-  const turns = apiMessages('', pathTo(state.msgs, parentId));
+  const turns = apiMessages(pathTo(state.msgs, parentId));
   let messages = system ? [system, ...turns] : turns;
   let pieces = 0;
   let promptTokens = null;
@@ -464,6 +466,7 @@ async function generateReply(parentId) {
   let firstAt = null;
   let result = null;
   try {
+    await persist([reply, parent]);
     try {
       const fit = await fitContext({ model: s.model, system, turns, budget: budgetOf(s), signal: controller.signal });
       messages = fit.messages;
@@ -513,7 +516,12 @@ async function generateReply(parentId) {
   state.generation = null;
   setGenerating(false);
   renderThread();
-  await persist([reply]);
+  try {
+    await persist([reply]);
+  } catch (e) {
+    showBanner(`Could not store the reply: ${e.message}`);
+  }
+  finished();
   // A counter of finished replies: lets scripts (and the tests) wait for "this reply is done".
   document.body.dataset.replies = String(Number(document.body.dataset.replies ?? 0) + 1);
   refreshContext();
@@ -549,7 +557,7 @@ const refreshContext = debounce(async () => {
   const path = pathTo(state.msgs, state.conv.currNode);
   const draft = $('input').value.trim();
   if (draft || state.pendingDocs.length) path.push({ role: 'user', content: draft, docs: state.pendingDocs });
-  const turns = apiMessages('', path);
+  const turns = apiMessages(path);
   if (!turns.length && !system) {
     $('context-info').replaceChildren(el('span', { class: 'ctx-count', 'data-count': '0', text: 'Context: empty' }));
     return;
@@ -735,10 +743,6 @@ function askForApiKey() {
 }
 
 async function loadPresets() {
-  if (!localStorage.getItem(PRESETS_SEEDED)) {
-    for (const p of DEFAULT_PRESETS) await db.putPreset(p);
-    localStorage.setItem(PRESETS_SEEDED, '1');
-  }
   state.presets = (await db.listPresets()).sort((a, b) => a.name.localeCompare(b.name));
 }
 
@@ -843,6 +847,13 @@ function bindLayout() {
   $('send').addEventListener('click', sendMessage);
   $('stop').addEventListener('click', () => state.generation?.controller.abort());
   $('banner').addEventListener('click', () => showBanner(''));
+  // Enter in the dialog's field means OK (the form's implicit submit would pick Cancel, the first button).
+  $('dialog-input').addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && !e.isComposing) {
+      e.preventDefault();
+      $('dialog').close('ok');
+    }
+  });
 }
 
 async function main() {

@@ -37,9 +37,9 @@ export function userContent(m) {
   return [...docs, m.content].filter((s) => s).join('\n\n');
 }
 
-/** Chat-completions messages for a branch: the system prompt, then each turn. */
-export function apiMessages(systemPrompt, path) {
-  const out = systemPrompt ? [{ role: 'system', content: systemPrompt }] : [];
+/** Chat-completions messages for a branch's turns (failed replies left out). */
+export function apiMessages(path) {
+  const out = [];
   for (const m of path) {
     if (m.role === 'user') out.push({ role: 'user', content: userContent(m) });
     else if (m.role === 'assistant' && !m.error) out.push({ role: 'assistant', content: m.content });
