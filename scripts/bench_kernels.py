@@ -127,11 +127,10 @@ def section_attn(rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ prefill
 def section_prefill(rows: list[dict]) -> None:
     variants = {
-        "m128n64w8s3": TritonAttentionBackend(),
-        "m128n64w8s4": TritonAttentionBackend(prefill_num_stages=4),
-        "m128n128w8s3": TritonAttentionBackend(prefill_block_n=128),
-        "m128n32w4s3": TritonAttentionBackend(prefill_block_n=32, prefill_num_warps=4),
-        "m64n64w4s3": TritonAttentionBackend(prefill_block_m=64, prefill_num_warps=4),
+        "m128n64w8s3": TritonAttentionBackend(prefill_block_n=64, dense_prefill_min_len=None),
+        "m128n128w8s3": TritonAttentionBackend(dense_prefill_min_len=None),
+        "m128n32w4s3": TritonAttentionBackend(prefill_block_n=32, prefill_num_warps=4, dense_prefill_min_len=None),
+        "backend default": TritonAttentionBackend(),
     }
     for ctx, new in ((0, 4096), (0, 8192), (0, 16384), (0, 32768), (24576, 8192), (122880, 8192)):
         b = random_paged_batch([(ctx, new)], H, KVH, D, 16, BF16, "cuda", seed=1)

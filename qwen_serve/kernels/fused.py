@@ -197,8 +197,10 @@ def _gemv_kernel(
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-# (BLOCK_N, BLOCK_K, num_warps); the benchmark (scripts/bench_kernels.py) measures alternatives.
-GEMV_CONFIG = (8, 512, 4)
+def gemv_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps), measured on the H100 (docs/gpu-notes.md): 8 rows x 512 columns
+    per program for the 3584-wide inputs; 2 rows x 2048 columns for long rows (down_proj, 18944)."""
+    return (2, 2048, 4) if n_cols >= 16384 else (8, 512, 4)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -209,13 +211,13 @@ def gemv(
     x: torch.Tensor,  # [1, in_features]
     weight: torch.Tensor,  # [out_features, in_features], rows contiguous
     bias: torch.Tensor | None,
-    config: tuple[int, int, int] = GEMV_CONFIG,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias for one row, fp32 accumulation: [1, out_features]."""
     if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("gemv takes one contiguous row and a row-major weight")
     n_rows, n_cols = weight.shape
-    block_n, block_k, warps = config
+    block_n, block_k, warps = config or gemv_config(n_cols)
     y = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_rows, n_cols, weight.stride(0),

@@ -163,4 +163,4 @@ class Qwen2ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> float32 logits [n, vocab_size]."""
-        return self.lm_head(hidden).float()
+        return kernel_dispatch.linear(hidden, self.lm_head.weight).float()
