@@ -250,7 +250,7 @@ def test_unreachable_hub_id_names_it_and_suggests_a_path(tmp_path: Path, monkeyp
         resolve_model("qwen-serve-tests/no-such-model")
 
 
-def test_rope_scaling_switch(tiny_hf: Path) -> None:
+def test_rope_scaling_switch(tiny_hf: Path, tmp_path: Path) -> None:
     assert load_model_config(tiny_hf).rope_scaling is None
     yarn = load_model_config(tiny_hf, "yarn").rope_scaling
     assert (yarn.factor, yarn.original_max_position_embeddings) == (4.0, 32768)
@@ -258,6 +258,15 @@ def test_rope_scaling_switch(tiny_hf: Path) -> None:
     assert custom.rope_scaling.factor == 2.0 and custom.max_context == 1024
     with pytest.raises(ValueError, match="--rope-scaling"):
         load_model_config(tiny_hf, "linear")
+    # transformers 5 writes rope_theta inside rope_parameters: the switch must keep it.
+    raw = json.loads((tiny_hf / "config.json").read_text())
+    raw.pop("rope_theta", None)
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    other = tmp_path / "theta"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(raw))
+    assert load_model_config(other).rope_theta == 1e6
+    assert load_model_config(other, "yarn").rope_theta == 1e6
     with pytest.raises(ValueError, match="not supported"):
         load_model_config(tiny_hf, '{"type": "dynamic", "factor": 2.0}')
 

@@ -44,7 +44,10 @@ def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | N
     if "type" not in block and "rope_type" not in block:  # the switch exists to add YaRN
         block["rope_type"] = "yarn"
     raw = dict(cfg.raw)
-    raw.pop("rope_parameters", None)  # newer transformers' spelling; the switch replaces it
+    # Newer transformers keep rope_theta inside rope_parameters; the switch replaces that block,
+    # so the theta moves to the top level first.
+    raw.pop("rope_parameters", None)
+    raw["rope_theta"] = cfg.rope_theta
     raw["rope_scaling"] = block
     return Qwen2Config.from_dict(raw, source=f"{folder}/config.json with --rope-scaling {json.dumps(block)}")
 
