@@ -352,6 +352,11 @@ def test_settings_reach_the_request_and_context_slider_drops_old_turns(chat, cha
     assert body["max_tokens"] == 8
     assert server_tokens(chat_server.url, {"messages": body["messages"]}) <= 256 - 8
 
+    # A draft that cannot fit even alone is flagged before it is sent.
+    page.fill("#input", "word " * 400)
+    expect(page.locator("#context-info")).to_have_class(re.compile(r"\bover\b"))
+    expect(page.locator("#context-info .ctx-over")).to_contain_text("too long")
+
 
 def _multipart(name: str, data: bytes) -> bytes:
     return (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="' + name.encode()

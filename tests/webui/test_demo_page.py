@@ -1,5 +1,6 @@
 """The chat page against the real demo model (Qwen2.5-Coder-0.5B-Instruct): JSON mode gives a reply
-that parses, and a coding question comes back as highlighted markdown with a copy button."""
+that parses, and a coding question comes back as highlighted markdown with a copy button
+(saved as docs/screenshot-demo.png)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from pagekit import Server, open_page, open_settings, close_settings, send_and_wait, start_server, stop_server
+from pagekit import (
+    Server,
+    close_settings,
+    open_page,
+    open_settings,
+    save_screenshot,
+    send_and_wait,
+    start_server,
+    stop_server,
+)
 
 expect = pytest.importorskip("playwright.sync_api", reason="pip install playwright").expect
 
@@ -67,3 +77,5 @@ def test_code_reply_is_highlighted_markdown(demo_page) -> None:
     assert reply.locator(".content pre code .hljs-keyword").count() > 0  # highlighted, not plain text
     assert reply.locator(".copy-code").count() >= 1
     assert reply.locator(".stats").inner_text().split(" tokens")[0].isdigit()
+    page.locator("#input").blur()
+    save_screenshot(page, "screenshot-demo.png")  # a real reply of the demo model, for the README

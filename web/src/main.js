@@ -50,6 +50,21 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const PENCIL = 'M4 20h4L19 9l-4-4L4 16zM14 6l4 4';
+const TRASH = 'M4 7h16M9 7V4h6v3M6 7l1 13h10l1-13';
+
+/** A line icon drawn from one SVG path (built with DOM calls, no markup strings). */
+function icon(d) {
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  const path = document.createElementNS(SVG_NS, 'path');
+  path.setAttribute('d', d);
+  svg.append(path);
+  return svg;
+}
+
 const fmt = (n) => Number(n).toLocaleString('en-US');
 
 function showBanner(text, kind = 'error') {
@@ -150,8 +165,8 @@ function renderConversationList() {
       'li',
       { class: `conv-item${c.id === state.conv?.id ? ' active' : ''}`, 'data-id': c.id },
       el('button', { class: 'conv-open', type: 'button', title: c.name, text: c.name, onclick: () => openConversation(c.id) }),
-      el('button', { class: 'conv-rename small-btn', type: 'button', title: 'Rename', text: 'Rename', onclick: () => renameConversation(c.id) }),
-      el('button', { class: 'conv-delete small-btn', type: 'button', title: 'Delete', text: 'Delete', onclick: () => deleteConversation(c.id) }),
+      el('button', { class: 'conv-rename small-btn', type: 'button', title: 'Rename', 'aria-label': `Rename ${c.name}`, onclick: () => renameConversation(c.id) }, icon(PENCIL)),
+      el('button', { class: 'conv-delete small-btn', type: 'button', title: 'Delete', 'aria-label': `Delete ${c.name}`, onclick: () => deleteConversation(c.id) }, icon(TRASH)),
     );
     list.append(item);
   }
@@ -165,9 +180,11 @@ async function renameConversation(id) {
   const name = await dialog('Rename the conversation', { value: conv.name });
   if (!name) return;
   conv.name = name;
-  if (state.conv?.id === id) state.conv.name = name;
+  if (state.conv?.id === id) {
+    state.conv.name = name;
+    showTitle();
+  }
   await db.save({ ...conv, name }, []);
-  $('conv-title').textContent = state.conv?.name ?? 'New chat';
   await refreshConversationList();
 }
 
@@ -255,9 +272,14 @@ function ensureServedModel() {
   if (ids.length && !ids.includes(state.conv.settings.model)) state.conv.settings.model = ids[0];
 }
 
+function showTitle() {
+  $('conv-title').textContent = state.conv.name;
+  document.title = `${state.conv.name} · qwen-serve`;
+}
+
 function showConversation() {
   ensureServedModel();
-  $('conv-title').textContent = state.conv.name;
+  showTitle();
   fillSettings();
   renderThread();
   renderAttachments();
@@ -433,7 +455,7 @@ async function sendMessage() {
   if (pathTo(state.msgs, conv.currNode).length === 0) {
     const title = text || state.pendingDocs[0].name;
     conv.name = title.length > 48 ? `${title.slice(0, 47)}…` : title;
-    $('conv-title').textContent = conv.name;
+    showTitle();
   }
   const [user, parent] = addChild(conv.currNode, { role: 'user', content: text, docs: state.pendingDocs });
   conv.currNode = user.id;
@@ -541,10 +563,13 @@ function showContext(fit, error = null) {
   }
   const s = state.conv.settings;
   const total = contextTotal(s);
+  const tooLong = fit.count > budgetOf(s);
+  info.classList.toggle('over', tooLong);
   info.replaceChildren(el('span', {},
     el('span', { class: 'ctx-count', 'data-count': String(fit.count), text: `Context: ${fmt(fit.count)} / ${fmt(total)} tokens` }),
     fit.dropped ? el('span', { class: 'ctx-dropped', text: ` · ${fit.dropped} older message${fit.dropped > 1 ? 's' : ''} left out` }) : null,
     el('span', { class: 'ctx-reserve', text: ` · up to ${fmt(Math.max(0, Math.min(Number(s.max_tokens) || total, total - fit.count)))} for the reply` }),
+    tooLong ? el('span', { class: 'ctx-over', text: ' · the last message alone is too long: shorten it or its documents, or raise the context length' }) : null,
   ));
 }
 
@@ -619,7 +644,7 @@ function fillContextSlider() {
   const slider = $('context-length');
   const max = state.maxModelLen ?? FALLBACK_MAX_LEN;
   slider.max = String(max);
-  slider.min = String(Math.min(256, max));
+  slider.min = String(Math.min(64, max));
   const s = state.conv?.settings;
   const value = s?.contextLength ?? max;
   slider.value = String(value);
@@ -680,7 +705,9 @@ function bindSettings() {
   });
   $('max-tokens').addEventListener('input', (e) => updateSetting('max_tokens', e.target.value ? Math.max(1, Math.floor(Number(e.target.value))) : null));
   $('context-length').addEventListener('input', (e) => {
-    const v = Number(e.target.value);
+    // The slider moves in single tokens so that any max_model_len is reachable; values snap to 64.
+    const max = state.maxModelLen ?? FALLBACK_MAX_LEN;
+    const v = Number(e.target.value) >= max ? max : Math.max(64, Math.round(Number(e.target.value) / 64) * 64);
     $('context-length-out').textContent = `${fmt(v)} tokens`;
     updateSetting('contextLength', v >= (state.maxModelLen ?? FALLBACK_MAX_LEN) ? null : v);
   });
@@ -828,6 +855,17 @@ function bindLayout() {
     if (file) await importConversations(file);
   });
   $('attach-btn').addEventListener('click', () => $('file-input').click());
+  const composer = document.querySelector('.composer');
+  composer.addEventListener('dragover', (e) => {
+    e.preventDefault();
+    composer.classList.add('dropping');
+  });
+  composer.addEventListener('dragleave', () => composer.classList.remove('dropping'));
+  composer.addEventListener('drop', (e) => {
+    e.preventDefault();
+    composer.classList.remove('dropping');
+    attachFiles([...e.dataTransfer.files]);
+  });
   $('file-input').addEventListener('change', async (e) => {
     const files = [...e.target.files];
     e.target.value = '';
