@@ -58,7 +58,7 @@ class ModelRunner:
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
                                     model_config.num_key_value_heads, model_config.head_dim, dtype=dtype, device=device)
-        bind_kv_cache(model, self.kv_cache)
+        bind_kv_cache(model, self.kv_cache, self._attention_backend())
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
 
@@ -76,6 +76,16 @@ class ModelRunner:
 
             model = load_model(folder, model_config, dtype, device)
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids)
+
+    def _attention_backend(self):
+        """The Triton paged-attention kernels on CUDA (when available); else the torch reference."""
+        from qwen_serve.layers import kernel_dispatch
+
+        if not kernel_dispatch.use_kernels(self.kv_cache):
+            return None
+        from qwen_serve.kernels.attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
 
     # ---- KV cache sizing -----------------------------------------------------------------------
 
@@ -150,26 +160,34 @@ class ModelRunner:
                 sample_seqs.append(s)
 
         width = max(len(t) for t in tables)
-        dev = self.device
+        on_gpu = self.device.type == "cuda"
         meta = AttentionMetadata(
             query_start_loc=query_start,
             seq_lens=seq_lens,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            slot_mapping=self._to_device(slots, torch.long),  # [num_tokens]
+            block_tables=self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32),  # [S, width]
             max_query_len=max(c.num_tokens for c in sched.chunks),
             max_seq_len=max(seq_lens),
+            query_start_loc_t=self._to_device(query_start, torch.int32) if on_gpu else None,
+            seq_lens_t=self._to_device(seq_lens, torch.int32) if on_gpu else None,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [num_tokens]
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [num_tokens]
+        input_ids = self._to_device(ids, torch.long)  # [num_tokens]
+        pos = self._to_device(positions, torch.long)  # [num_tokens]
         with forward_context(meta):
             hidden = self.model(input_ids, pos)  # [num_tokens, hidden]
         if not sample_seqs:
             return RunnerOutput([])
         # Logits only for the rows that sample: [num_samples, vocab] float32.
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
         st = self._sampling_tensors(sample_seqs, logits.shape[1])
         result = sample(logits, st)
         return RunnerOutput(self._to_host(sample_seqs, st, result))
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor; on a GPU through pinned memory, without waiting for the copy."""
+        if self.device.type != "cuda":
+            return torch.tensor(values, dtype=dtype)
+        return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
 
     # ---- sampling inputs and outputs ---------------------------------------------------------
 
