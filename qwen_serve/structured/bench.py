@@ -1,14 +1,21 @@
 """Cost of structured output: grammar compile and per-token mask time, and decode speed with and without a schema.
 
     python -m qwen_serve.structured.bench grammar [--engine llguidance|xgrammar]
+    python -m qwen_serve.structured.bench step
     python -m qwen_serve.structured.bench decode [--output-len 64] [--batch 1]
 
 `grammar` walks valid JSON instances of a few schemas token by token through the demo tokenizer
 (151,936 ids), timing compile, first mask and each later mask. `--engine xgrammar` runs the same
 workload through xgrammar, for the comparison in qwen_serve/structured/__init__.py; xgrammar is not a
 dependency (install it in a side environment with `pip install --no-deps xgrammar apache-tvm-ffi`).
-`decode` generates with the demo model, greedy, once unconstrained and once under a JSON schema, and
-reports decode tokens/s (time after the first token).
+`step` times the constraint's share of one decode step at batch 1 (mask, apply to a [1, V] logits row,
+accept), two ways: the preallocated int32 bitmask (`fill_bitmasks` + `apply_bitmask_`) and fresh bool rows
+allocated every step (`torch.zeros` + `fill_mask` + `masked_fill_`).
+`decode` generates with the demo model, greedy, unconstrained and under a JSON schema (two alternating
+rounds), and reports decode tokens/s (wall time after the first token) and tokens per CPU-second of the
+whole process (prompt included). On a shared machine the wall figure follows the neighbours' load; the
+CPU-time figure counts only this process's work (the llguidance threads included), so it is the one to
+compare between the modes.
 """
 
 from __future__ import annotations
@@ -132,6 +139,48 @@ def bench_grammar(engine: str) -> None:
               f"mask per token ({len(ids)} tokens) {_us(times)}")
 
 
+def bench_step() -> None:
+    import torch
+
+    from qwen_serve.loader.resolve import resolve_model
+    from qwen_serve.structured import allocate_bitmask, apply_bitmask_, fill_bitmasks, new_constraint
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+    folder = resolve_model("demo")
+    tok = Tokenizer.from_folder(folder)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    schema, instance = CASES["order"]
+    spec = {"type": "json_schema", "schema": schema}
+    ids = tok.encode(json.dumps(instance))
+    new_constraint(spec, tok, vocab)  # compile (and build the llguidance tokenizer) before timing
+
+    def bitmask_path() -> None:
+        c, bitmask, logits = new_constraint(spec, tok, vocab), allocate_bitmask(1, vocab), torch.randn(1, vocab)
+        for token in ids:
+            bitmask.fill_(-1)
+            fill_bitmasks([(c, 0)], bitmask)
+            apply_bitmask_(logits, bitmask)
+            c.accept(token)
+
+    def bool_rows_path() -> None:
+        c, logits = new_constraint(spec, tok, vocab), torch.randn(1, vocab)
+        for token in ids:
+            allowed = torch.zeros(vocab, dtype=torch.bool)
+            c.fill_mask(allowed)
+            banned = torch.zeros(1, vocab, dtype=torch.bool)
+            banned[0] = ~allowed
+            logits.masked_fill_(banned, float("-inf"))
+            c.accept(token)
+
+    for _ in range(3):
+        for path in (bitmask_path, bool_rows_path):
+            t, cpu = time.perf_counter(), time.process_time()
+            path()
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+            print(f"{path.__name__:15s} per token: {1e3 * wall / len(ids):.2f} ms wall, "
+                  f"{1e3 * cpu / len(ids):.2f} ms CPU ({len(ids)} tokens)")
+
+
 def bench_decode(output_len: int, batch: int) -> None:
     from qwen_serve import LLM, SamplingParams
 
@@ -149,14 +198,15 @@ def bench_decode(output_len: int, batch: int) -> None:
     for rnd in range(2):  # twice, alternating, so both modes see the same machine load
         for mode, extra in modes.items():
             params = SamplingParams(temperature=0.0, max_tokens=output_len, **extra)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             outs = llm.generate([prompt] * batch, params, use_tqdm=False)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.process_time() - cpu
             m = [o.metrics for o in outs]
             tokens = sum(x.num_generation_tokens - 1 for x in m)
             decode_s = max(x.finished_time for x in m) - min(x.first_token_time for x in m)
             print(f"round {rnd} {mode:13s} batch {batch}: {sum(x.num_generation_tokens for x in m)} tokens, "
                   f"decode {tokens / decode_s:.2f} tok/s, wall {wall:.1f} s, "
+                  f"{sum(x.num_generation_tokens for x in m) / cpu:.2f} tok per CPU-s, "
                   f"finish {[o.outputs[0].finish_reason for o in outs]}")
             if mode == "json_schema" and rnd == 0:
                 print("   ", outs[0].outputs[0].text[:160].replace("\n", " "))
@@ -167,12 +217,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     g = sub.add_parser("grammar", help="compile and per-token mask time")
     g.add_argument("--engine", choices=("llguidance", "xgrammar"), default="llguidance")
+    sub.add_parser("step", help="the constraint's share of a decode step: bitmask vs per-step bool rows")
     d = sub.add_parser("decode", help="decode tokens/s with and without a JSON schema (demo model)")
     d.add_argument("--output-len", type=int, default=64)
     d.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     if args.what == "grammar":
         bench_grammar(args.engine)
+    elif args.what == "step":
+        bench_step()
     else:
         bench_decode(args.output_len, args.batch)
 
