@@ -28,6 +28,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # A 20 MB PDF can hold far more text than any context; cap what goes back to the browser.
 MAX_EXTRACTED_CHARS = 2_000_000
+# A DOCX is a zip: refuse one that would unpack to more than this (a zip bomb) before parsing it.
+MAX_DOCX_UNPACKED_BYTES = 256 * 1024 * 1024
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -88,7 +90,18 @@ def _extract_docx(data: bytes) -> str:
     from docx.opc.exceptions import PackageNotFoundError
 
     try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+        if unpacked > MAX_DOCX_UNPACKED_BYTES:
+            raise DocumentError(
+                f"the DOCX unpacks to {unpacked / 2**20:.0f} MB, over the "
+                f"{MAX_DOCX_UNPACKED_BYTES / 2**20:.0f} MB limit",
+                413,
+                "file_too_large",
+            )
         document = docx.Document(io.BytesIO(data))
+    except DocumentError:
+        raise
     except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
         raise DocumentError(f"the DOCX could not be read: {e}", 422, "unreadable_file") from e
     parts = [p.text for p in document.paragraphs if p.text.strip()]

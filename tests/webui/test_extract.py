@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from pagekit import make_docx, make_pdf
+from qwen_serve.server import webui
 from qwen_serve.server.webui import CSP, mount_webui
 
 LIMIT = 64 * 1024
@@ -87,6 +88,11 @@ def test_unsupported_type(client: TestClient) -> None:
 def test_oversized(client: TestClient) -> None:
     assert_error(upload(client, "big.txt", b"a" * (LIMIT + 1)), 413, "file_too_large", "0.0625 MB")
     assert upload(client, "fits.txt", b"a" * LIMIT).status_code == 200
+
+
+def test_docx_that_unpacks_too_large(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webui, "MAX_DOCX_UNPACKED_BYTES", 1000)
+    assert_error(upload(client, "bomb.docx", make_docx(["tiny"])), 413, "file_too_large", "unpacks to")
 
 
 def test_oversized_by_declared_length(client: TestClient) -> None:
