@@ -8,16 +8,17 @@ Public API (CONTRACTS.md D):
     allocate_bitmask, fill_bitmasks, apply_bitmask_                          batched masking for the runner
 `vocab_size` should be the model's logits width (`model_config.vocab_size`); it defaults to the tokenizer's.
 
-Why llguidance and not xgrammar (measured 2026-11-23 on the 2-core dev CPU, demo tokenizer, 151,936 ids,
-`python -m qwen_serve.structured.bench`; xgrammar 0.2.8 in a side venv, BENCHMARKS.md has the table):
-* Compile: llguidance builds a grammar in 0.5-2.3 ms for every schema tried; xgrammar takes 14-25 ms for
-  ordinary schemas and 2.3 s for one with `maxItems: 30` (it expands bounded repetition ahead of time).
-  A 2 s compile is a request stalled behind it; llguidance compiles lazily.
-* Per-token mask: xgrammar 3-9 us mean, llguidance 11-31 us mean (<150 us worst case); both are far
-  below one decode step (~150 ms on this CPU, ~10 ms on a GPU), so the difference does not matter here.
+Why llguidance and not xgrammar (measured 2026-11-23 on the shared 2-core dev CPU, demo tokenizer, 151,936 ids,
+`python -m qwen_serve.structured.bench grammar [--engine xgrammar]`; the table is in BENCHMARKS.md):
+* Compile: llguidance builds each grammar tried in 0.8-15 ms (the first one of a process is the slow one);
+  xgrammar takes 46-79 ms for ordinary schemas and 2.3-10.4 s for one with `maxItems: 30` (it expands
+  bounded repetition ahead of time). A 2-10 s compile is a request stalled behind it; llguidance compiles lazily.
+* Per-token mask: xgrammar 3-10 us mean, llguidance 17-64 us mean (p50 10-16 us); both far below one decode
+  step (~150 ms on this CPU, ~10 ms on a GPU), so xgrammar's faster masks buy nothing measurable here.
 * Unsupported keywords: llguidance refuses them and names them ("Unimplemented keys: [\"uniqueItems\"]"),
-  which is the 400 the API promises; xgrammar silently ignores `uniqueItems`, `contains`,
-  `patternProperties`, so output could violate the schema the user sent.
+  which is the 400 the API promises, and it enforces `patternProperties`. xgrammar compiles all three
+  without a word and then lets `[1, 1]` through `uniqueItems` and `[1, 2]` through `contains: {const: 5}`,
+  and ignores `patternProperties` (with `additionalProperties: false` it allows only `{}`).
 * Tool grammars: llguidance's Lark dialect embeds JSON schemas (`%json{...}`) and matches Qwen's
   `<tool_call>` special token, so one grammar expresses "one or more calls, each valid for its tool".
 * Install: llguidance is one self-contained wheel; xgrammar requires torch, transformers, triton and
