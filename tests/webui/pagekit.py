@@ -24,6 +24,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    "--disable-dev-shm-usage",  # containers often give /dev/shm only 64 MB
 ]
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
