@@ -111,7 +111,8 @@ class AsyncEngine:
 
     @property
     def is_loading(self) -> bool:
-        return self._thread is not None and not self._ready.is_set() and self.load_error is None
+        """Not ready yet (loading, or not started) and not failed or stopping."""
+        return not self._ready.is_set() and self.load_error is None and not self._stopping
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Returns once the model is loaded; raises the load error if loading failed."""
