@@ -343,3 +343,20 @@ def test_demo_chat_matches_transformers(demo_folder):
         got = out.outputs[0].token_ids
         assert got == expected[: len(got)] and (len(got) == 32 or got[-1] in tok.eos_token_ids)
         assert out.outputs[0].text.strip()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{}, {"num_kv_blocks": 20, "max_model_len": 64, "max_num_batched_tokens": 7}],
+                         ids=["default", "chunked-preempted"])
+def test_cuda_engine_matches_transformers(tiny, expected, overrides):
+    engine = _engine(tiny, device="cuda", **overrides)
+    outs = _generate(engine, _prompts(), _greedy())
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    stats = engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+@pytest.mark.gpu
+def test_cuda_kv_cache_sized_by_profiling(tiny):
+    engine = _engine(tiny, device="cuda", num_kv_blocks=None, gpu_memory_utilization=0.5)
+    assert engine.runner.num_blocks * 4 >= 128
