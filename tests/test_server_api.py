@@ -92,6 +92,11 @@ def test_chat_stream_equals_non_stream_for_greedy(client: openai.OpenAI):
     assert finish == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
     assert all(c.usage is None for c in chunks[:-1])
+    with_lp = list(client.chat.completions.create(model=MODEL, messages=CHAT, stream=True, logprobs=True,
+                                                  top_logprobs=2, **GREEDY))
+    positions = [p for c in with_lp if c.choices and c.choices[0].logprobs for p in c.choices[0].logprobs.content]
+    assert len(positions) == full.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in with_lp if c.choices) == full.choices[0].message.content
 
 
 def test_chat_content_parts_and_roles(client: openai.OpenAI):
@@ -118,6 +123,14 @@ def test_n_and_seed(client: openai.OpenAI):
     assert texts(a) == texts(b)
     assert texts(a) != texts(c)
     assert texts(a)[0] != texts(a)[1]  # the two samples are not copies of each other
+    streamed = ["", ""]
+    finishes = {}
+    for chunk in client.chat.completions.create(n=2, seed=1234, stream=True, **kw):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert streamed == texts(a) and finishes == {0: "length", 1: "length"}
 
 
 def test_stop_string(client: openai.OpenAI):

@@ -1,7 +1,9 @@
 """`POST /v1/chat/completions`: messages -> prompt (the model's own chat template) -> engine -> message.
 
-The two conversions are small functions of their own, `render_prompt` and `output_to_message` (and
-`delta_to_message` for streams), so tool-call parsing can slot in there without touching the flow.
+The conversions are small pieces of their own so tool-call parsing can slot in without touching the
+flow: `structured_output_of` (request -> engine constraint), `render_prompt` (messages -> prompt),
+`output_to_message` (a finished sample -> message + finish reason) and, for streams, one
+`MessageStream` per choice (text deltas -> delta messages, with state across deltas).
 Streams follow OpenAI's order per choice: a role chunk, content deltas, a finish chunk; then a
 usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
 """
@@ -90,14 +92,33 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
     )
 
 
+def structured_output_of(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The engine's `SamplingParams.structured_output` for this request (ValueError naming the field)."""
+    if req.response_format is None:
+        return None
+    return req.response_format.structured_output()
+
+
 def output_to_message(output: CompletionOutput, req: ChatCompletionRequest) -> tuple[ResponseMessage, str | None]:
     """The assistant message and finish reason of one finished sample."""
     return ResponseMessage(content=output.text), output.finish_reason
 
 
-def delta_to_message(delta_text: str, req: ChatCompletionRequest) -> DeltaMessage | None:
-    """The delta of one stream step (None: nothing to send for this text)."""
-    return DeltaMessage(content=delta_text) if delta_text else None
+class MessageStream:
+    """One streamed choice: turns the engine's text deltas into delta messages.
+
+    Stateful on purpose (a parser may hold text back across deltas); `finish` flushes what is held
+    and gives the finish reason.
+    """
+
+    def __init__(self, req: ChatCompletionRequest) -> None:
+        self.req = req
+
+    def feed(self, delta_text: str) -> list[DeltaMessage]:
+        return [DeltaMessage(content=delta_text)] if delta_text else []
+
+    def finish(self, output: CompletionOutput) -> tuple[list[DeltaMessage], str | None]:
+        return [], output.finish_reason
 
 
 def chat_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | None, k: int) -> ChoiceLogprobs | None:
@@ -125,12 +146,10 @@ class ChatServing(Serving):
             raise APIError.from_value_error(err) from None
         model = self.check_model(req.model)
         self.check_ready()
-        structured = None
-        if req.response_format is not None:
-            try:
-                structured = req.response_format.structured_output()
-            except ValueError as err:
-                raise APIError.from_value_error(err) from None
+        try:
+            structured = structured_output_of(req)
+        except ValueError as err:
+            raise APIError.from_value_error(err) from None
         try:
             prompt_text = render_prompt(self.tokenizer, req)
         except ValueError as err:
@@ -194,22 +213,29 @@ class ChatServing(Serving):
 
         for i in range(req.n):  # the role comes first, alone, for every choice
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        streams = {i: MessageStream(req) for i in range(req.n)}
         finished: set[int] = set()
         out = first
         try:
             while True:
                 for o in out.outputs:
                     final[o.index] = o
-                    delta = delta_to_message(o.delta_text, req)
-                    logprobs = (chat_logprobs(o.delta_token_ids, o.delta_logprobs, top_k)
-                                if req.logprobs and o.delta_token_ids else None)
-                    if delta is not None or logprobs is not None:
-                        usage = usage_of(final, len(out.prompt_token_ids), out.metrics.num_cached_tokens) if continuous else None
-                        yield chunk([ChatStreamChoice(index=o.index, delta=delta or DeltaMessage(content=""),
-                                                      logprobs=logprobs)], usage)
+                    deltas = streams[o.index].feed(o.delta_text)
+                    if req.logprobs and o.delta_token_ids:  # logprobs ride on the step's first delta
+                        logprobs = chat_logprobs(o.delta_token_ids, o.delta_logprobs, top_k)
+                        deltas = deltas or [DeltaMessage(content="")]
+                    else:
+                        logprobs = None
+                    usage = (usage_of(final, len(out.prompt_token_ids), out.metrics.num_cached_tokens)
+                             if continuous and deltas else None)
+                    for k, delta in enumerate(deltas):
+                        yield chunk([ChatStreamChoice(index=o.index, delta=delta,
+                                                      logprobs=logprobs if k == 0 else None)], usage)
                     if o.finish_reason is not None and o.index not in finished:
                         finished.add(o.index)
-                        _, reason = output_to_message(o, req)
+                        tail, reason = streams[o.index].finish(o)
+                        for delta in tail:
+                            yield chunk([ChatStreamChoice(index=o.index, delta=delta)])
                         yield chunk([ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason,
                                                       stop_reason=o.stop_reason)])
                 nxt = await anext(rest, None)
