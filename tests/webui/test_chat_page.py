@@ -122,11 +122,18 @@ def test_stop_mid_stream(chat) -> None:
     assert int(m.group(2)) < 2000
     assert last_reply(page).locator(".content").inner_text().strip()
     assert page.is_visible("#send") and not page.is_visible("#stop")
+    # Escape stops too.
+    n = replies_done(page)
+    send(page, "Another long story.")
+    page.wait_for_selector("#stop", state="visible")
+    page.keyboard.press("Escape")
+    wait_replies(page, n + 1, timeout=20_000)
+    assert last_reply(page).locator(".stats").inner_text().endswith("finish: stopped")
     # The server is free again: the next message gets a full reply.
     set_max_tokens(page, 6)
     send_and_wait(page, "Short one.")
     assert STATS.match(last_reply(page).locator(".stats").inner_text()).group(3) in ("length", "stop")
-    assert page.locator(".msg").count() == 4
+    assert page.locator(".msg").count() == 6
 
 
 def test_regenerate_edit_and_switch_branches(chat) -> None:

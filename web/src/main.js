@@ -884,6 +884,9 @@ function bindLayout() {
   });
   $('send').addEventListener('click', sendMessage);
   $('stop').addEventListener('click', () => state.generation?.controller.abort());
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && state.generation && !$('dialog').open) state.generation.controller.abort();
+  });
   $('banner').addEventListener('click', () => showBanner(''));
   // Enter in the dialog's field means OK (the form's implicit submit would pick Cancel, the first button).
   $('dialog-input').addEventListener('keydown', (e) => {

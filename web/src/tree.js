@@ -37,12 +37,12 @@ export function userContent(m) {
   return [...docs, m.content].filter((s) => s).join('\n\n');
 }
 
-/** Chat-completions messages for a branch's turns (failed replies left out). */
+/** Chat-completions messages for a branch's turns (failed and empty replies left out). */
 export function apiMessages(path) {
   const out = [];
   for (const m of path) {
     if (m.role === 'user') out.push({ role: 'user', content: userContent(m) });
-    else if (m.role === 'assistant' && !m.error) out.push({ role: 'assistant', content: m.content });
+    else if (m.role === 'assistant' && !m.error && m.content) out.push({ role: 'assistant', content: m.content });
   }
   return out;
 }
