@@ -192,7 +192,8 @@ def section_fused(rows: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------ gemv
 def section_gemv(rows: list[dict]) -> None:
-    configs = [(8, 512, 4), (16, 512, 4), (4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4)]
+    configs = [(8, 512, 4), (4, 512, 4), (8, 256, 4), (4, 256, 2), (8, 512, 8), (16, 512, 4), (4, 1024, 4),
+               (8, 1024, 4), (2, 1024, 2), (2, 2048, 4), (1, 2048, 4)]
     shapes = {"qkv_proj": (4608, 3584, True), "o_proj": (3584, 3584, False), "gate_up_proj": (37888, 3584, False),
               "down_proj": (3584, 18944, False), "lm_head": (152064, 3584, False)}
     g = torch.Generator(device="cuda").manual_seed(4)
@@ -208,6 +209,8 @@ def section_gemv(rows: list[dict]) -> None:
         for cfg in configs:
             row[f"gemv{cfg}"] = graph_ms([lambda w=w, c=cfg: fused.gemv(x, w, bias, c) for w in ws]) * 1e3
         best = min((v, key) for key, v in row.items() if key.startswith("gemv"))
+        # The model section (run after this one) uses each shape's fastest config.
+        fused.GEMV_CONFIGS[(n, k)] = next(c for c in configs if f"gemv{c}" == best[1])
         row["best"], row["best_GBps"] = best[1], nbytes / (best[0] * 1e-6) / 1e9
         row["cuBLAS_GBps"] = nbytes / (row["cuBLAS_us"] * 1e-6) / 1e9
         count = 1 if name == "lm_head" else 28
@@ -216,7 +219,8 @@ def section_gemv(rows: list[dict]) -> None:
         rows.append(row)
         print(f"gemv {row}", flush=True)
         del ws
-    rows.append({"shape": "all matmuls of a decode step", "cuBLAS_ms": total_cublas, "best_of_both_ms": total_best})
+    rows.append({"shape": "all matmuls of a decode step", "cuBLAS_ms": total_cublas, "best_of_both_ms": total_best,
+                 "configs_used_by_model": {f"{n}x{k}": c for (n, k), c in fused.GEMV_CONFIGS.items()}})
 
 
 # ------------------------------------------------------------------------------------------ model

@@ -108,31 +108,52 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# ----------------------------------------------------------------------------- RoPE (rotate-half)
+# ----------------------------------------------------------------------------- RoPE (+ KV write)
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, cos, sin, num_heads, HEADS_POW2: tl.constexpr, HALF: tl.constexpr):
+def _rotate_heads(src_ptr, cos, sin, num_heads, HEADS_POW2: tl.constexpr, HALF: tl.constexpr):
+    """Rotated halves (fp32) of one token's heads, with their offsets and mask: [HEADS_POW2, HALF] each."""
     heads = tl.arange(0, HEADS_POW2)[:, None]
     dims = tl.arange(0, HALF)[None, :]
+    offs = heads * (2 * HALF) + dims
     ok = heads < num_heads
-    x1 = tl.load(src_ptr + heads * (2 * HALF) + dims, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src_ptr + heads * (2 * HALF) + HALF + dims, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dst_ptr + heads * (2 * HALF) + dims, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=ok)
-    tl.store(dst_ptr + heads * (2 * HALF) + HALF + dims, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=ok)
+    x1 = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(src_ptr + offs + HALF, mask=ok, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, offs, ok
 
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, table_ptr,
-    stride_q, stride_k, stride_table, num_q_heads, num_k_heads,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, table_ptr,
+    stride_q, stride_k, stride_v, stride_table, stride_cb, stride_cs, num_q_heads, num_k_heads,
     Q_HEADS_POW2: tl.constexpr, K_HEADS_POW2: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
     cos = tl.load(table_ptr + pos * stride_table + dims)  # [1, HALF] float32 (mscale folded in)
     sin = tl.load(table_ptr + pos * stride_table + HALF + dims)
-    _rotate_heads(q_ptr + tok * stride_q, q_out_ptr + tok * num_q_heads * (2 * HALF), cos, sin, num_q_heads, Q_HEADS_POW2, HALF)
-    _rotate_heads(k_ptr + tok * stride_k, k_out_ptr + tok * num_k_heads * (2 * HALF), cos, sin, num_k_heads, K_HEADS_POW2, HALF)
+    a, b, offs, ok = _rotate_heads(q_ptr + tok * stride_q, cos, sin, num_q_heads, Q_HEADS_POW2, HALF)
+    dst = q_out_ptr + tok * num_q_heads * (2 * HALF)
+    tl.store(dst + offs, a.to(q_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + offs + HALF, b.to(q_out_ptr.dtype.element_ty), mask=ok)
+    a, b, offs, ok = _rotate_heads(k_ptr + tok * stride_k, cos, sin, num_k_heads, K_HEADS_POW2, HALF)
+    a = a.to(k_out_ptr.dtype.element_ty)  # rounded once, as the reference's rotated k is
+    b = b.to(k_out_ptr.dtype.element_ty)
+    dst = k_out_ptr + tok * num_k_heads * (2 * HALF)
+    tl.store(dst + offs, a, mask=ok)
+    tl.store(dst + offs + HALF, b, mask=ok)
+    if WRITE_KV:
+        # This token's rotated key and its value into its cache slot [block, offset, kv_head, dim].
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if slot >= 0:
+            cache = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs
+            tl.store(k_cache_ptr + cache, a.to(k_cache_ptr.dtype.element_ty), mask=ok)
+            tl.store(k_cache_ptr + cache + HALF, b.to(k_cache_ptr.dtype.element_ty), mask=ok)
+            v1 = tl.load(v_ptr + tok * stride_v + offs, mask=ok)
+            v2 = tl.load(v_ptr + tok * stride_v + offs + HALF, mask=ok)
+            tl.store(v_cache_ptr + cache, v1.to(v_cache_ptr.dtype.element_ty), mask=ok)
+            tl.store(v_cache_ptr + cache + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def rotary_reference(
@@ -143,6 +164,27 @@ def rotary_reference(
 
     cos, sin = table[positions].chunk(2, dim=-1)
     return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
+
+
+def _launch_rotary(positions, q, k, table, head_dim, v=None, k_cache=None, v_cache=None, slot_mapping=None):
+    n = q.shape[0]
+    write = k_cache is not None
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError("rotary needs contiguous rows and a power-of-two head_dim")
+    if write and (v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        raise ValueError("the KV write needs contiguous value rows and contiguous caches")
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if n:
+        hq, hk = q.shape[1] // head_dim, k.shape[1] // head_dim
+        _rotary_kernel[(n,)](
+            q, k, v if write else k, q_out, k_out, k_cache if write else k, v_cache if write else k,
+            slot_mapping if write else positions, positions, table,
+            q.stride(0), k.stride(0), v.stride(0) if write else 0, table.stride(0),
+            k_cache.stride(0) if write else 0, k_cache.stride(1) if write else 0, hq, hk,
+            Q_HEADS_POW2=triton.next_power_of_2(hq), K_HEADS_POW2=triton.next_power_of_2(hk), HALF=head_dim // 2,
+            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, num_warps=4,
+        )
+    return q_out, k_out
 
 
 def rotary(
@@ -156,19 +198,18 @@ def rotary(
 
     Positions are not range-checked here (that would need a host sync): the scheduler keeps them
     below max_model_len, which the table covers."""
-    n = q.shape[0]
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError("rotary needs contiguous rows and a power-of-two head_dim")
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if n:
-        hq, hk = q.shape[1] // head_dim, k.shape[1] // head_dim
-        _rotary_kernel[(n,)](
-            q, k, q_out, k_out, positions, table,
-            q.stride(0), k.stride(0), table.stride(0), hq, hk,
-            Q_HEADS_POW2=triton.next_power_of_2(hq), K_HEADS_POW2=triton.next_power_of_2(hk), HALF=head_dim // 2,
-            num_warps=4,
-        )
-    return q_out, k_out
+    return _launch_rotary(positions, q, k, table, head_dim)
+
+
+def rotary_and_write_kv(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, head_dim: int,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary` plus the step's rotated keys and values into the paged cache, in the same kernel
+    (the work of `layers.attention.write_kv_cache`, one launch fewer per layer)."""
+    return _launch_rotary(positions, q, k, table, head_dim, v, k_cache, v_cache, slot_mapping)
 
 
 # ----------------------------------------------------------------------------- batch-1 GEMV
@@ -197,9 +238,17 @@ def _gemv_kernel(
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-def gemv_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps), measured on the H100 (docs/gpu-notes.md): 8 rows x 512 columns
-    per program for the 3584-wide inputs; 2 rows x 2048 columns for long rows (down_proj, 18944)."""
+# Measured per shape on the H100 (scripts/bench_kernels.py, section gemv; docs/gpu-notes.md):
+# (out_features, in_features) -> (BLOCK_N, BLOCK_K, num_warps).
+GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+
+def gemv_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+    """The measured config of a known shape; otherwise 8 rows x 512 columns per program, or 2 x 2048
+    for long rows (the best measured for 3584- and 18944-wide inputs)."""
+    known = GEMV_CONFIGS.get((n_rows, n_cols))
+    if known is not None:
+        return known
     return (2, 2048, 4) if n_cols >= 16384 else (8, 512, 4)
 
 
@@ -217,7 +266,7 @@ def gemv(
     if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("gemv takes one contiguous row and a row-major weight")
     n_rows, n_cols = weight.shape
-    block_n, block_k, warps = config or gemv_config(n_cols)
+    block_n, block_k, warps = config or gemv_config(n_rows, n_cols)
     y = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_rows, n_cols, weight.stride(0),

@@ -206,15 +206,16 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
         # q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]
+        # kv_written: a fused kernel already put this step's k and v into the cache (GPU path).
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         meta = current_metadata(n)
         use_cache = self.k_cache is not None and meta.slot_mapping is not None
-        if use_cache:
+        if use_cache and not kv_written:
             write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.forward(
             q, k, v, self.k_cache if use_cache else None, self.v_cache if use_cache else None, meta, self.scale

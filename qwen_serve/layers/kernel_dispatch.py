@@ -35,6 +35,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def rotary_and_cache(positions, q, k, v, rotary, attn) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """RoPE on q and k in one kernel that also writes k and v into `attn`'s bound cache when this
+    step has one. Returns (q, k, whether the cache was written)."""
+    from qwen_serve.layers.attention import current_metadata
+
+    meta = current_metadata(q.shape[0])
+    table = rotary.table(q.device)
+    if attn.k_cache is None or meta.slot_mapping is None:
+        q, k = ops().rotary(positions, q, k, table, rotary.head_dim)
+        return q, k, False
+    q, k = ops().rotary_and_write_kv(
+        positions, q, k, v, table, rotary.head_dim, attn.k_cache, attn.v_cache, meta.slot_mapping
+    )
+    return q, k, True
+
+
 @functools.lru_cache(maxsize=None)
 def ops() -> ModuleType:
     from qwen_serve.kernels import fused

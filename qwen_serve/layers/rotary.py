@@ -7,7 +7,6 @@ import math
 import torch
 from torch import nn
 
-from qwen_serve.layers import kernel_dispatch
 from qwen_serve.models.config import RopeScaling
 
 
@@ -70,8 +69,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; q: [num_tokens, heads * head_dim]; k: [num_tokens, kv_heads * head_dim]
-        if kernel_dispatch.use_kernels(q):
-            return kernel_dispatch.ops().rotary(positions, q, k, self.table(q.device), self.head_dim)
         cos, sin = self.table(q.device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
         return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
 

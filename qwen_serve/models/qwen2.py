@@ -85,6 +85,9 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if kernel_dispatch.use_kernels(x):  # one kernel: RoPE, and k/v into the paged cache
+            q, k, written = kernel_dispatch.rotary_and_cache(positions, q, k, v, self.rotary, self.attn)
+            return kernel_dispatch.linear(self.attn(q, k, v, kv_written=written), self.o_proj.weight)
         q, k = self.rotary(positions, q, k)
         return kernel_dispatch.linear(self.attn(q, k, v), self.o_proj.weight)
 

@@ -188,6 +188,29 @@ def test_gemv_matches_reference(out_features, in_features, bias, config, dtype):
     assert out.shape == (1, out_features) and rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_rotary_and_write_kv_matches_reference(block_size, dtype):
+    heads, kv_heads, head_dim = 28, 4, 128
+    batch = random_paged_batch([(5, 3), (0, 20), (40, 1)], heads, kv_heads, head_dim, block_size, dtype, DEVICE, seed=block_size)
+    n = batch.q.shape[0]
+    rope = RotaryEmbedding(head_dim, 1024, 1e6, None)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype, generator=g)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 1024, (n,), device=DEVICE, generator=g)
+    slots = batch.meta.slot_mapping.clone()
+    slots[2] = -1  # padding: not written
+    ref_q, ref_k = rope.forward(positions.cpu(), q.cpu(), k.cpu())  # same dtype: the cache gets these bits
+    ref_kc, ref_vc = batch.k_cache.cpu().clone(), batch.v_cache.cpu().clone()
+    ref_attention.write_kv_cache(ref_k.view(n, kv_heads, head_dim), v.cpu().reshape(n, kv_heads, head_dim), ref_kc, ref_vc, slots.cpu())
+    poison_allocator()
+    out_q, out_k = fused.rotary_and_write_kv(positions, q, k, v, rope.table(q.device), head_dim, batch.k_cache, batch.v_cache, slots)
+    assert rel_err(out_q, ref_q.float()) < TOL[dtype] and rel_err(out_k, ref_k.float()) < TOL[dtype]
+    assert rel_err(batch.k_cache, ref_kc.float()) < TOL[dtype]
+    assert torch.equal(batch.v_cache.cpu(), ref_vc)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the whole model on the GPU")
 def test_model_with_kernels_matches_cpu_float32():
     """A small Qwen2 on the GPU (bf16, fused kernels, paged Triton attention, chunked prefill then
