@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 from qwen_serve.kernels import fused
-from qwen_serve.kernels.attention import TritonAttentionBackend
+from qwen_serve.kernels.attention import TritonAttentionBackend, write_kv_cache
 from qwen_serve.kernels.random_batch import random_paged_batch
 from qwen_serve.layers import kernel_dispatch
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, bind_kv_cache, forward_context
@@ -315,8 +315,16 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def section_model(rows: list[dict]) -> None:
+    def rotary_then_write(positions, q, k, v, table, head_dim, k_cache, v_cache, slots):
+        # torch RoPE, then the Triton cache write (the torch write syncs the host: not capturable)
+        q, k = fused.rotary_reference(positions, q, k, table, head_dim)
+        n, kvh = k.shape[0], k_cache.shape[2]
+        write_kv_cache(k.view(n, kvh, head_dim), v.reshape(n, kvh, head_dim), k_cache, v_cache, slots)
+        return q, k
+
     reference_ops = SimpleNamespace(
-        rms_norm=fused.rms_norm_reference, silu_and_mul=fused.silu_and_mul_reference, rotary=fused.rotary_reference
+        rms_norm=fused.rms_norm_reference, silu_and_mul=fused.silu_and_mul_reference, rotary=fused.rotary_reference,
+        rotary_and_write_kv=rotary_then_write,
     )
     fused_ops = kernel_dispatch.ops
 
