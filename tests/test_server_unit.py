@@ -78,6 +78,16 @@ def test_validation_error_param_names():
     assert _param_of(("body",)) is None
 
 
+def test_value_errors_name_request_fields():
+    from qwen_serve.server.errors import APIError
+    from qwen_serve.structured.spec import StructuredOutputError
+
+    assert APIError.from_value_error(ValueError("top_p must be in (0, 1]")).param == "top_p"
+    assert APIError.from_value_error(ValueError("structured_output must be a dict")).param == "response_format"
+    assert APIError.from_value_error(ValueError("unsupported thing: x")).param is None
+    assert APIError.from_value_error(StructuredOutputError("unsupported JSON schema: if")).param == "response_format"
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="served-model-name"):
         ServerSettings(served_model_names=[])

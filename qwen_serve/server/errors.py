@@ -7,6 +7,7 @@ Only a bug reaches the catch-all 500 handler, which logs the traceback and hides
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -57,10 +58,13 @@ class APIError(Exception):
 
     @classmethod
     def from_value_error(cls, err: ValueError) -> "APIError":
-        """A ValueError whose message starts with the field's name ("top_p must be ...") -> 400 naming it."""
+        """A ValueError whose message starts with a request field's name ("top_p must be ...") -> 400
+        naming it; constraint errors (unsupported schemas) name response_format."""
         message = str(err) or "invalid request"
         head = message.split(":", 1)[0].split(" ", 1)[0]
-        param = head if head.replace("_", "").replace(".", "").isalnum() and head.islower() else None
+        param = _PARAM_ALIASES.get(head, head if head in _request_fields() else None)
+        if param is None and type(err).__name__ == "StructuredOutputError":
+            param = "response_format"
         return cls(400, message, param=param, code=getattr(err, "code", None))
 
     def body(self) -> dict[str, Any]:
@@ -68,6 +72,17 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+# SamplingParams names that differ from the request field a client sent.
+_PARAM_ALIASES = {"structured_output": "response_format"}
+
+
+@functools.cache
+def _request_fields() -> frozenset[str]:
+    from qwen_serve.server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+
+    return frozenset(f for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest) for f in m.model_fields)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
