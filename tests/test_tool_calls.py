@@ -246,3 +246,38 @@ def test_constrained_random_output_parses_to_valid_calls(tok, vocab, choice):
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
             if isinstance(choice, dict):
                 assert call.name == "get_weather"
+
+
+FORECAST = {  # bounded arguments, so a random-weight model finishes the call
+    "type": "object",
+    "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["unit", "days"],
+    "additionalProperties": False,
+}
+FORECAST_TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": FORECAST}},
+                  {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}]
+
+
+def test_engine_tool_choice_output_parses(tiny_chat_checkpoint):
+    """Through the offline API with a random-weight model: forced calls parse, streamed or whole, and validate."""
+    from qwen_serve import LLM, SamplingParams
+    from qwen_serve.tokenizer.detokenizer import IncrementalDetokenizer
+
+    llm = LLM(model=str(tiny_chat_checkpoint), dtype="float32", device="cpu", num_kv_blocks=128, max_model_len=512)
+    prompt = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "Weather for the week?"}], tools=FORECAST_TOOLS)
+    for choice in ("required", {"type": "function", "function": {"name": "forecast"}}):
+        spec = tool_choice_spec(FORECAST_TOOLS, choice)
+        params = SamplingParams(temperature=1.0, seed=11, n=3, max_tokens=80, structured_output=spec)
+        for out in llm.generate([prompt], params, use_tqdm=False)[0].outputs:
+            assert out.finish_reason == "stop", out.text
+            whole = parse_tool_calls(out.text, ids())
+            assert whole.content is None and whole.tool_calls
+            for call in whole.tool_calls:
+                jsonschema.validate(json.loads(call.arguments), FORECAST if call.name == "forecast" else {"maxProperties": 0})
+                assert isinstance(choice, str) or call.name == "forecast"
+            parser, detok = ToolCallParser(ids()), IncrementalDetokenizer(llm.get_tokenizer())
+            for token in out.token_ids:  # token by token, as the server streams it
+                parser.feed(detok.add([token]))
+            parser.feed(detok.flush())
+            parser.finish()
+            assert parser.result() == whole
