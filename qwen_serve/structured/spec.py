@@ -12,6 +12,9 @@ tool calls. Free whitespace would let a small model fill the output with newline
 `max_tokens` (a known failure of constrained decoding); a schema may still override this with llguidance's
 own "x-guidance" key. `strict` is accepted and changes nothing: the output always conforms, and schema
 keywords the engine cannot enforce are always an error (never silently ignored).
+
+The grammar cannot make `max_tokens` long enough: when the limit comes first the output is the valid
+prefix generated so far and finish_reason is "length" (as in OpenAI's API); "stop" means the grammar completed.
 """
 
 from __future__ import annotations
