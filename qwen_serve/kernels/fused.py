@@ -6,7 +6,7 @@ every extra kernel costs ~2 us even inside a CUDA graph. The torch versions of R
 Each kernel reproduces the reference's rounding points (where it casts to the model dtype), so
 bf16 results match it to within one rounding step.
 
-`linear` is a batch-1 GEMV: at one token a projection is a pure weight read, and cuBLAS reads the
+`gemv` is a batch-1 GEMV: at one token a projection is a pure weight read, and cuBLAS reads the
 small decoder matrices (qkv, o_proj) at ~72% of the bandwidth (docs/gpu-notes.md); this kernel
 reads each weight row block once with many small programs in flight. Other batch sizes use F.linear.
 
@@ -240,16 +240,20 @@ def _gemv_kernel(
 
 # Measured per shape on the H100 (scripts/bench_kernels.py, section gemv; docs/gpu-notes.md):
 # (out_features, in_features) -> (BLOCK_N, BLOCK_K, num_warps).
-GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
+# Qwen2.5-7B: qkv_proj, o_proj, gate_up_proj, down_proj, lm_head (run 5 of docs/gpu-runs).
+GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
+    (4608, 3584): (4, 512, 4),
+    (3584, 3584): (8, 512, 8),
+    (37888, 3584): (8, 512, 4),
+    (3584, 18944): (4, 512, 4),
+    (152064, 3584): (4, 512, 4),
+}
 
 
 def gemv_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """The measured config of a known shape; otherwise 8 rows x 512 columns per program, or 2 x 2048
-    for long rows (the best measured for 3584- and 18944-wide inputs)."""
-    known = GEMV_CONFIGS.get((n_rows, n_cols))
-    if known is not None:
-        return known
-    return (2, 2048, 4) if n_cols >= 16384 else (8, 512, 4)
+    """The measured config of a known shape; otherwise 4 rows x 512 columns per program, within 1%
+    of the best config on every 7B shape."""
+    return GEMV_CONFIGS.get((n_rows, n_cols), (4, 512, 4))
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
