@@ -53,7 +53,7 @@ def reference_attention(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     ref_attention.write_kv_cache(batch.k.cpu(), batch.v.cpu(), kc, vc, meta.slot_mapping.cpu())
     cpu_meta = ref_attention.AttentionMetadata(
         meta.query_start_loc, meta.seq_lens, meta.slot_mapping.cpu(), meta.block_tables.cpu(),
-        meta.max_query_len, meta.max_seq_len,
+        meta.max_query_len, max(meta.seq_lens),
     )
     out = ref_attention.TorchAttentionBackend().forward(
         batch.q.cpu().float(), batch.k.cpu().float(), batch.v.cpu().float(), kc.float(), vc.float(), cpu_meta, batch.scale
@@ -209,6 +209,45 @@ def test_rotary_and_write_kv_matches_reference(block_size, dtype):
     assert rel_err(out_q, ref_q.float()) < TOL[dtype] and rel_err(out_k, ref_k.float()) < TOL[dtype]
     assert rel_err(batch.k_cache, ref_kc.float()) < TOL[dtype]
     assert torch.equal(batch.v_cache.cpu(), ref_vc)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_decode_attention_replays_in_a_cuda_graph():
+    """Captured once (split-KV on), replayed after the lengths and the new tokens change in place:
+    the kernel must read everything from device tensors."""
+    specs = [(290, 1), (40, 1), (1000, 1)]  # +7 tokens still fit in each sequence's last block
+    batch = random_paged_batch(specs, 28, 4, 128, 16, torch.bfloat16, DEVICE, seed=11)
+    meta = batch.meta
+    meta.max_seq_len = 1100  # capture for the longest context the graph will serve
+    backend = TritonAttentionBackend()
+    assert backend.splits_for(torch.device(DEVICE), 3, 4, meta.max_seq_len) > 1
+    q, k, v, slots = batch.q, batch.k, batch.v, meta.slot_mapping  # updated in place between replays
+
+    def step():
+        write_kv_cache(k, v, batch.k_cache, batch.v_cache, slots)
+        return backend.forward(q, k, v, batch.k_cache, batch.v_cache, meta, batch.scale)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for extra in (1, 7):  # sequences grow by `extra` tokens; new queries and keys arrive in place
+        lens = [ctx + 1 + extra for ctx, _ in specs]
+        meta.seq_lens = lens
+        meta.seq_lens_t.copy_(torch.tensor(lens, dtype=torch.int32))
+        tables = meta.block_tables.long()
+        pos = torch.tensor(lens, device=DEVICE) - 1
+        slots.copy_(tables[torch.arange(3, device=DEVICE), pos // 16] * 16 + pos % 16)
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, _, _ = reference_attention(batch)  # reads the cache the graph wrote, and the new q/k/v
+        assert rel_err(out, ref_out) < TOL[torch.bfloat16]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the whole model on the GPU")
