@@ -360,3 +360,19 @@ def test_cuda_engine_matches_transformers(tiny, expected, overrides):
 def test_cuda_kv_cache_sized_by_profiling(tiny):
     engine = _engine(tiny, device="cuda", num_kv_blocks=None, gpu_memory_utilization=0.5)
     assert engine.runner.num_blocks * 4 >= 128
+
+
+def test_cpu_packed_linears_are_exact(tiny):
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.worker.cpu_linear import pack_linears, packing_works
+
+    if not packing_works():
+        pytest.skip("no oneDNN bfloat16 on this CPU")
+    cfg = load_model_config(tiny)
+    plain, packed = (load_model(tiny, cfg, torch.bfloat16, "cpu") for _ in range(2))
+    assert pack_linears(packed) == 4 * cfg.num_hidden_layers + 1  # qkv, o, gate_up, down per layer; lm_head
+    ids = torch.tensor(_prompts()[6])
+    with torch.inference_mode():
+        a = plain.compute_logits(plain(ids, torch.arange(len(ids))))
+        b = packed.compute_logits(packed(ids, torch.arange(len(ids))))
+    assert torch.equal(a, b)

@@ -132,7 +132,7 @@ class TorchAttentionBackend:
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         if k_cache is None or meta.block_tables is None:
             return self._prefill_no_cache(q, k, v, meta, scale)
-        if meta.is_decode_only and meta.num_seqs > 1:
+        if meta.is_decode_only:
             return self._decode_batched(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         starts = meta.query_start_loc

@@ -32,6 +32,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, except one-row inputs on CUDA (batch-1 decode) go to the Triton GEMV."""
     if x.dim() == 2 and x.shape[0] == 1 and use_kernels(x):
         return ops().gemv(x, weight, bias)
+    if weight.is_mkldnn:  # packed once for oneDNN on the CPU (worker/cpu_linear.py)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
     return F.linear(x, weight, bias)
 
 

@@ -75,6 +75,10 @@ class ModelRunner:
             from qwen_serve.loader.model_loader import load_model
 
             model = load_model(folder, model_config, dtype, device)
+        if device.type == "cpu":
+            from qwen_serve.worker.cpu_linear import pack_linears
+
+            pack_linears(model)
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids)
 
     def _attention_backend(self):
