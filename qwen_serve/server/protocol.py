@@ -28,7 +28,7 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by chat and completions requests, mapped onto SamplingParams."""
 
     model: str | None = None
@@ -147,7 +147,7 @@ class ResponseFormat(_Request):
         return {"type": "json_schema", "schema": self.json_schema.schema_}
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -179,7 +179,7 @@ class ChatCompletionRequest(_SamplingFields):
 PromptInput = str | list[StrictInt] | list[str] | list[list[StrictInt]]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: PromptInput
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False

@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -27,7 +27,7 @@ from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_generation_config
 from qwen_serve.server.errors import APIError, error_body
 from qwen_serve.server.metrics import ServerMetrics
-from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, _SamplingFields
+from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, SamplingFields
 
 T = TypeVar("T")
 
@@ -44,7 +44,6 @@ class ServerSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     retry_after_s: int = 1
     model_root: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -150,7 +149,7 @@ class Serving:
                 self._defaults = defaults_from_generation_config(load_generation_config(mode))
         return self._defaults
 
-    def sampling_params(self, req: _SamplingFields, *, max_tokens: int, logprobs: int | None,
+    def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         structured_output: dict[str, Any] | None = None) -> SamplingParams:
         """Request fields over --generation-config defaults; every field is set explicitly, so the
         engine applies no defaults of its own on top."""
