@@ -42,6 +42,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice; on a busy shared CPU 1 thread is steadier)")
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also time transformers' generate on the same prompts and dtype")
+    parser.add_argument("--repeats", type=int, default=3, help="batch-1 runs per engine; the best is reported (default: 3)")
     parser.add_argument("--output-json", default="bench-offline.json", help="where to write the results (default: bench-offline.json)")
 
 
@@ -135,9 +136,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = _build_engine(args)
     vocab = engine.model_config.vocab_size
     warm = _prompts(vocab, 1, min(16, args.input_len), seed=1)
+    single_prompt = _prompts(vocab, 1, args.input_len)
+    batch_prompts = _prompts(vocab, args.num_prompts, args.input_len, seed=2)
     _engine_batch(engine, warm, 2)  # warm-up: first-call allocations, thread pools
-    single = _engine_batch(engine, _prompts(vocab, 1, args.input_len), args.output_len)
-    batch = _engine_batch(engine, _prompts(vocab, args.num_prompts, args.input_len, seed=2), args.output_len)
+    hf = None
+    if args.compare_transformers:
+        hf = _load_transformers(engine, args)
+        _transformers_batch(hf, warm, 2)
+    # Batch 1 is short and a shared machine is noisy: alternate the two engines, keep each one's best.
+    ours_b1, hf_b1 = [], []
+    for _ in range(args.repeats):
+        ours_b1.append(_engine_batch(engine, single_prompt, args.output_len))
+        if hf is not None:
+            hf_b1.append(_transformers_batch(hf, single_prompt, args.output_len))
     results: dict[str, Any] = {
         "model": args.random_config and f"random:{args.random_config}" or args.model,
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
@@ -145,20 +156,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-        "qwen_serve": {"batch1": single, f"batch{args.num_prompts}": batch},
+        "qwen_serve": {"batch1": _best(ours_b1), "batch1_runs": ours_b1,
+                       f"batch{args.num_prompts}": _engine_batch(engine, batch_prompts, args.output_len)},
     }
-    if args.compare_transformers:
-        hf = _load_transformers(engine, args)
-        _transformers_batch(hf, warm, 2)
-        results["transformers"] = {
-            "batch1": _transformers_batch(hf, _prompts(vocab, 1, args.input_len), args.output_len),
-            f"batch{args.num_prompts}": _transformers_batch(hf, _prompts(vocab, args.num_prompts, args.input_len, seed=2),
-                                                          args.output_len),
-        }
+    if hf is not None:
+        results["transformers"] = {"batch1": _best(hf_b1), "batch1_runs": hf_b1,
+                                   f"batch{args.num_prompts}": _transformers_batch(hf, batch_prompts, args.output_len)}
     _print_table(results)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _best(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the fastest decode (the least disturbed by other processes)."""
+    return max(runs, key=lambda r: r["decode_tok_s"])
 
 
 def _print_table(r: dict[str, Any]) -> None:
@@ -172,6 +184,10 @@ def _print_table(r: dict[str, Any]) -> None:
         b1, bn = r[name]["batch1"], r[name][f"batch{n}"]
         print(f"{name:<14}{b1['ttft_s'] * 1000:>14.1f}{b1['decode_tok_s']:>19.2f}{bn['throughput_tok_s']:>18.2f}"
               f"{bn['throughput_tok_s'] / b1['decode_tok_s']:>9.1f}")
+    if "transformers" in r:
+        ours, theirs = r["qwen_serve"], r["transformers"]
+        print(f"qwen_serve / transformers: batch-1 decode {ours['batch1']['decode_tok_s'] / theirs['batch1']['decode_tok_s']:.2f}x, "
+              f"batch-{n} throughput {ours[f'batch{n}']['throughput_tok_s'] / theirs[f'batch{n}']['throughput_tok_s']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
