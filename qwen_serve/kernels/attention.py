@@ -17,6 +17,10 @@ Three kernels, each checked against the torch reference (`layers.attention.Torch
   seq_lens (at least min_split_tiles tiles each; surplus splits exit at once), so one captured graph
   serves any context length.
 
+Long prefill chunks (>= dense_prefill_min_len tokens) skip the kernel and go to torch's cuDNN attention
+on contiguous tensors, which the benchmark measured at 1.65x this kernel's rate; a chunk after a cached
+prefix is two cuDNN calls (over the gathered prefix, and causal over itself) merged by log-sum-exp.
+
 Everything reads the metadata's device tensors (query_start_loc_t, seq_lens_t, block_tables,
 slot_mapping) and nothing calls .item(): decode is CUDA-graph capturable. The host values that pick
 the launch shape (max_query_len == 1, num_tokens, num_seqs) are fixed per batch-size bucket.
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend
+from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, gather_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -129,9 +133,8 @@ def _paged_attention_kernel(
     local_block = q_block - (q_start // BLOCK_Q + seq * PER_SEQ_PAD)
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # cached tokens before this step's chunk
-    # Fresh prompts of at least dense_min_len tokens are computed by the host's dense path instead.
-    mine = (context_len > 0) | (q_len < dense_min_len)
-    if (local_block * BLOCK_Q < q_len) & mine:
+    # Chunks of at least dense_min_len tokens are computed by the host's dense (cuDNN) path instead.
+    if (local_block * BLOCK_Q < q_len) & (q_len < dense_min_len):
         # Row r of the tile is query token r // NUM_QPK of this block, query head r % NUM_QPK of the group.
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -213,18 +216,42 @@ def _merge_splits_kernel(
     tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def _dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One fresh prompt on contiguous tensors through torch's cuDNN attention (flash if cuDNN is absent).
+def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[n, KVH, D] -> [1, KVH * group, n, D]: each KV head repeated for its query heads."""
+    return x.transpose(0, 1).repeat_interleave(group, dim=0)[None]
 
-    q: [n, H, D]; k, v: [n, KVH, D]. The KV heads are expanded to H first: the dense benchmark that
-    chose this path measured cuDNN with full heads (the copy is ~2% of the attention time at 32K)."""
+
+def _cudnn_attention_with_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, H, n, D] attention through torch's cuDNN op, which also returns the rows' natural-log
+    log-sum-exp [1, H, n] (the public SDPA call does not)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+    return out, lse.reshape(out.shape[:3])
+
+
+def _dense_attention(
+    q: torch.Tensor,  # [n, H, D] this chunk's queries
+    k: torch.Tensor,  # [n, KVH, D] this chunk's keys and values
+    v: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None,  # cached keys, values before the chunk: [ctx, KVH, D]
+    scale: float,
+) -> torch.Tensor:
+    """One long chunk on contiguous tensors through torch's cuDNN attention. KV heads are expanded
+    first: the benchmark that chose this path measured cuDNN with full heads (the copy is ~2% of
+    the attention time). After a cached prefix, the chunk attends to the prefix (all visible) and to
+    itself (causal) in two calls, merged by their log-sum-exps."""
     group = q.shape[1] // k.shape[1]
-    qt = q.transpose(0, 1)[None]  # [1, H, n, D]
-    kt = k.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    vt = v.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    return out[0].transpose(0, 1)
+    qt = q.transpose(0, 1).contiguous()[None]  # [1, H, n, D]
+    kt, vt = _expand_heads(k, group), _expand_heads(v, group)
+    if prefix is None:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION], set_priority=True):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        return out[0].transpose(0, 1)
+    o1, l1 = _cudnn_attention_with_lse(qt, _expand_heads(prefix[0], group), _expand_heads(prefix[1], group), False, scale)
+    o2, l2 = _cudnn_attention_with_lse(qt, kt, vt, True, scale)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]  # [1, H, n, 1]
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out[0].transpose(0, 1).to(q.dtype)
 
 
 def write_kv_cache(
@@ -284,8 +311,8 @@ class TritonAttentionBackend:
         self.decode_num_stages = decode_num_stages
         # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
         self.min_split_tiles = min_split_tiles
-        # A fresh prompt (no cached prefix) this long goes to torch's cuDNN attention on contiguous
-        # tensors, measured 1.65x faster than this kernel at 4K-32K tokens; None keeps it here.
+        # A prefill chunk this long goes to torch's cuDNN attention on contiguous tensors, measured
+        # 1.65x faster than this kernel at 4K-32K tokens; None keeps it here.
         self.dense_prefill_min_len = dense_prefill_min_len
         self._num_sms: dict[torch.device, int] = {}
 
@@ -304,14 +331,11 @@ class TritonAttentionBackend:
         return max(1, min(wanted, useful, self.MAX_SPLITS))
 
     def _dense_prefill_seqs(self, meta: AttentionMetadata) -> list[int]:
-        """Sequences whose whole prompt is in this step (no cached prefix) and long enough for cuDNN."""
+        """Sequences whose chunk in this step is long enough for the cuDNN path."""
         if self.dense_prefill_min_len is None:
             return []
         starts = meta.query_start_loc
-        return [
-            i for i, seq_len in enumerate(meta.seq_lens)
-            if starts[i + 1] - starts[i] == seq_len >= self.dense_prefill_min_len
-        ]
+        return [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] >= self.dense_prefill_min_len]
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -367,7 +391,10 @@ class TritonAttentionBackend:
         )
         for i in dense:
             s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[s:e] = _dense_causal_attention(q[s:e], k[s:e], v[s:e], scale)
+            ctx = meta.seq_lens[i] - (e - s)
+            table = meta.block_tables[i]
+            prefix = (gather_kv(k_cache, table, ctx), gather_kv(v_cache, table, ctx)) if ctx > 0 else None
+            out[s:e] = _dense_attention(q[s:e], k[s:e], v[s:e], prefix, scale)
         if splits > 1:
             _merge_splits_kernel[(num_tokens, num_heads)](
                 part_out, part_lse, out, out.stride(0), out.stride(1),

@@ -86,15 +86,15 @@ def test_paged_attention_matches_reference(specs, heads, kv_heads, block_size, d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(28, 4), (8, 8)])
 def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype):
-    # Fresh prompts >= 64 tokens take the cuDNN path; the chunk with a prefix, the short prompt and
-    # the decode stay in the kernel.
-    specs = [(0, 300), (40, 100), (0, 20), (77, 1), (0, 64)]
+    # Chunks >= 64 tokens take the cuDNN path (fresh, or after a cached prefix: two calls merged by
+    # log-sum-exp); the short chunk, the short prompt and the decode stay in the kernel.
+    specs = [(0, 300), (40, 100), (0, 20), (77, 1), (0, 64), (500, 200), (33, 63)]
     batch = random_paged_batch(specs, heads, kv_heads, 128, 16, dtype, DEVICE, seed=heads)
     ref_out, _, _ = reference_attention(batch)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     poison_allocator()
     backend = TritonAttentionBackend(dense_prefill_min_len=64)
-    assert backend._dense_prefill_seqs(batch.meta) == [0, 4]
+    assert backend._dense_prefill_seqs(batch.meta) == [0, 1, 4, 5]
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
 
