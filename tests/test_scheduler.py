@@ -77,6 +77,8 @@ def test_preemption_frees_newest_and_resumes():
     # b comes back: its first full block is still cached (block 2), the rest is recomputed.
     assert [(c.seq, c.start, c.num_tokens) for c in out.chunks] == [(sb, 4, 5)]
     assert sb.block_ids[0] == 2
+    # Lookups counted once per admission: a (7), b (7), b again (9 tokens, 4 of them cached).
+    assert (s.bm.prefix_cache_queries, s.bm.prefix_cache_hits) == (23, 4)
     s.finish_sequence(sb)
     assert s.bm.num_free_blocks == 4 and all(blk.ref_count == 0 for blk in s.bm.blocks)
 

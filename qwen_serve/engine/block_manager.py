@@ -77,9 +77,13 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_cache_queries += len(tokens)
-        self.prefix_cache_hits += len(hits) * bs
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Counts one admitted sequence's prefix-cache lookup (for the hit-rate metrics)."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     # ---- allocation ---------------------------------------------------------------------------
 

@@ -78,6 +78,8 @@ class LLM:
         wanted = set(ids)
         try:
             while wanted - done.keys():
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine finished without answering every prompt")
                 for out in self.engine.step():
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out

@@ -100,6 +100,8 @@ class LLMEngine:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {self.max_model_len}, "
                              "which leaves no room to generate")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) is larger than max_num_seqs ({self.config.max_num_seqs})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         request = Request(request_id, token_ids, params, arrival_time or time.time(), text)

@@ -111,6 +111,8 @@ class Scheduler:
             if copies is None:
                 break
             self.waiting.popleft()
+            if cached or seq.num_computed_tokens == 0:
+                self.bm.record_lookup(seq.num_tokens, start if cached else 0)
             if seq.num_preemptions == 0 and seq.sample_index == 0:
                 seq.num_cached_tokens = start
             seq.status = SequenceStatus.RUNNING
