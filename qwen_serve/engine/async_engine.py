@@ -215,6 +215,10 @@ class AsyncEngine:
 
                 self._engine = LLMEngine.from_config(self.config)  # type: ignore[arg-type]
             self._stats = self._engine.stats()
+        except (ValueError, OSError) as err:  # a bad path, config or checkpoint: the message says it all
+            self.load_error = err
+            self._ready.set()
+            return
         except BaseException as err:  # noqa: BLE001 - reported to the launcher, which exits non-zero
             logger.exception("loading the model failed")
             self.load_error = err
