@@ -443,3 +443,18 @@ def test_deleting_the_chat_that_is_streaming_stops_it_for_good(chat) -> None:
     page.reload()
     page.wait_for_selector('body[data-ready="true"]')
     expect(page.locator(".conv-item")).to_have_count(0)
+
+
+def test_reload_mid_stream_keeps_the_partial_reply(chat) -> None:
+    page, _ = chat
+    set_max_tokens(page, 2000)
+    send(page, "A long answer, please.")
+    page.wait_for_selector("#stop", state="visible")
+    page.wait_for_timeout(3500)  # partial replies are stored every 2 s
+    streamed = last_reply(page).locator(".content").inner_text()
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    expect(page.locator(".msg.user .content")).to_have_text("A long answer, please.")
+    kept = last_reply(page).locator(".content").inner_text()
+    assert kept and streamed.startswith(kept[:20])
+    assert page.is_visible("#send")

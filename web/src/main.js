@@ -486,6 +486,7 @@ async function generateReply(parentId) {
   let promptTokens = null;
   let start = null;
   let firstAt = null;
+  let savedAt = performance.now();
   let result = null;
   try {
     await persist([reply, parent]);
@@ -512,6 +513,11 @@ async function generateReply(parentId) {
         reply.content += text;
         pieces += 1;
         scheduleStreamRender(reply);
+        // Store the partial reply now and then, so a reload mid-stream keeps what had arrived.
+        if (performance.now() - savedAt > 2000) {
+          savedAt = performance.now();
+          db.save(conv, [reply]).catch(() => {}); // the save at the end reports errors
+        }
       },
     });
   } catch (e) {
