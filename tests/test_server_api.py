@@ -312,6 +312,7 @@ def test_metrics_parse_and_move(http: httpx.Client, client: openai.OpenAI):
     assert after["qwen_serve_kv_cache_usage_perc"] == 0
 
 
+@pytest.mark.slow
 def test_200_concurrent_streams_complete(server: ServerProcess, client: openai.OpenAI, http: httpx.Client):
     prompts = [f"Story number {i}: once upon a time" for i in range(8)]
     expected = [client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0,

@@ -14,6 +14,7 @@ import pytest
 from server_process import ServerProcess, metrics
 
 
+@pytest.mark.slow
 def test_queue_limit_then_graceful_sigterm(tiny_chat_checkpoint: Path, tmp_path: Path):
     # One sequence at a time and at most one waiting: A runs, B waits, C is refused.
     server = ServerProcess(tiny_chat_checkpoint, tmp_path / "server.log", "--max-num-seqs", "1",
