@@ -386,3 +386,19 @@ def test_disconnected_streams_free_their_kv_blocks(server: ServerProcess, http: 
     # and the server still serves
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
     assert r.status_code == 200
+
+
+def test_bench_serve_cli(server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from qwen_serve.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "serve", "--base-url", server.base_url, "--api-key", API_KEY, "--num-prompts", "12",
+               "--request-rate", "20", "--arrival", "poisson", "--input-len", "8,24", "--output-len", "6",
+               "--result-json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["completed"] == 12 and report["failed"] == 0
+    assert report["total_output_tokens"] == 12 * 6 and report["total_input_tokens"] == 6 * (8 + 24)
+    assert 0 < report["ttft_ms"]["p50"] <= report["ttft_ms"]["p99"] <= report["e2e_ms"]["p99"]
+    assert report["itl_ms"]["p50"] > 0 and report["output_throughput"] > 0
+    assert "Output token throughput (tok/s):" in capsys.readouterr().out
