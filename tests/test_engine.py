@@ -300,7 +300,7 @@ def test_structured_output_hook_masks_and_stops(tiny, monkeypatch):
             return self.seen >= 4
 
     fake = types.ModuleType("qwen_serve.structured")
-    fake.new_constraint = lambda spec, tokenizer: OnlyFrom()
+    fake.new_constraint = lambda spec, tokenizer, vocab_size: OnlyFrom()
     monkeypatch.setitem(sys.modules, "qwen_serve.structured", fake)
     engine = _engine(tiny, tokenizer=CharTokenizer())
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=NEW, structured_output={"type": "json_object"})
@@ -318,6 +318,11 @@ def test_structured_output_with_real_grammar(tiny_chat_checkpoint):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
     params = SamplingParams(temperature=0.0, max_tokens=40, structured_output={"type": "json_schema", "schema": schema})
     out = llm.generate(["Give JSON:"], params, use_tqdm=False)[0].outputs[0]
+    # An independent matcher of the same schema accepts every generated token.
+    from qwen_serve.structured import new_constraint
+
+    check = new_constraint(params.structured_output, llm.get_tokenizer(), vocab_size=llm.engine.model_config.vocab_size)
+    assert out.token_ids and all(check.accept(t) for t in out.token_ids)
     if out.finish_reason == "stop":
         assert isinstance(json.loads(out.text)["a"], int)
 

@@ -116,7 +116,9 @@ class LLMEngine:
             raise ValueError("structured_output needs a tokenizer")
         import qwen_serve.structured as structured  # written separately; imported only when used
 
-        return [structured.new_constraint(params.structured_output, self.tokenizer) for _ in range(params.n)]
+        vocab = self.model_config.vocab_size  # the logits' width, which may exceed the tokenizer's
+        return [structured.new_constraint(params.structured_output, self.tokenizer, vocab_size=vocab)
+                for _ in range(params.n)]
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

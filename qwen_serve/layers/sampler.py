@@ -36,7 +36,7 @@ class SamplingTensors:
     repetition: torch.Tensor | None = None
     output_counts: torch.Tensor | None = None  # [n, V] float32: times each token was generated
     seen_mask: torch.Tensor | None = None  # [n, V] bool: token in prompt or output
-    banned: torch.Tensor | None = None  # [n, V] bool: disallowed this step (min_tokens, structured output)
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [b], token ids [b]): not allowed this step
     logprob_rows: torch.Tensor | None = None  # [m] int64 rows that want logprobs
     max_logprobs: int = 0
 
@@ -57,7 +57,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     if st.logprob_rows is not None:
         raw_logprobs = torch.log_softmax(logits[st.logprob_rows], dim=-1)  # [m, V]
     if st.banned is not None:
-        logits.masked_fill_(st.banned, float("-inf"))
+        logits[st.banned] = float("-inf")
     _apply_penalties(logits, st)
 
     tokens = logits.argmax(dim=-1)  # [n] greedy choice for every row (cheap next to the forward pass)

@@ -54,6 +54,7 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> the generator of a seeded sample
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self._bitmask: torch.Tensor | None = None  # structured output: allowed ids, int32 [rows, V/32]
         self.num_blocks = self._num_kv_blocks()
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
@@ -183,6 +184,7 @@ class ModelRunner:
             return RunnerOutput([])
         # Logits only for the rows that sample: [num_samples, vocab] float32.
         logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
+        self._apply_grammars(logits, sample_seqs)
         st = self._sampling_tensors(sample_seqs, logits.shape[1])
         result = sample(logits, st)
         return RunnerOutput(self._to_host(sample_seqs, st, result))
@@ -260,26 +262,39 @@ class ModelRunner:
             st.presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
 
     def _banned(self, st: SamplingTensors, seqs: list[Sequence], params, vocab: int) -> None:
-        """Tokens a row may not sample: stop tokens before min_tokens, and what a grammar forbids."""
-        rows = []
+        """Stop tokens a row may not sample before its min_tokens, as (row, token id) pairs."""
+        rows, tokens = [], []
         for i, (s, p) in enumerate(zip(seqs, params)):
-            early = s.num_output_tokens < p.min_tokens
-            if early or s.constraint is not None:
-                rows.append((i, s, p, early))
+            if s.num_output_tokens < p.min_tokens:
+                stops = [t for t in list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids) if t < vocab]
+                rows += [i] * len(stops)
+                tokens += stops
+        if rows:
+            st.banned = (self._to_device(rows, torch.long), self._to_device(tokens, torch.long))
+
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Masks what each structured-output row's grammar forbids (before sampling, as vLLM does,
+        so those rows' logprobs are of the constrained distribution). logits: [n, V]."""
+        rows = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
         if not rows:
             return
-        banned = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=self.device)
-        for i, s, p, early in rows:
-            if s.constraint is not None:
-                allowed = torch.zeros(vocab, dtype=torch.bool)
-                s.constraint.fill_mask(allowed)
-                banned[i] = ~allowed.to(self.device)
-            if early:
-                stops = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
-                stops = [t for t in stops if t < vocab]
-                if stops:
-                    banned[i, stops] = True
-        st.banned = banned
+        if all(hasattr(c, "fill_bitmask") for _, c in rows):
+            # The structured module's packed path: one int32 bitmask [n, V/32] filled on its threads.
+            from qwen_serve.structured.constraint import allocate_bitmask, apply_bitmask_, fill_bitmasks
+
+            n = len(seqs)
+            if self._bitmask is None or self._bitmask.shape[0] < n:
+                self._bitmask = allocate_bitmask(max(n, self.config.max_num_seqs), logits.shape[1])
+            bitmask = self._bitmask[:n]
+            bitmask.fill_(-1)  # unconstrained rows: everything allowed
+            fill_bitmasks([(c, i) for i, c in rows], bitmask)
+            apply_bitmask_(logits, bitmask)
+            return
+        allowed = torch.zeros(logits.shape[1], dtype=torch.bool)
+        for i, c in rows:
+            allowed.zero_()
+            c.fill_mask(allowed)
+            logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
 
     def _to_host(self, seqs: list[Sequence], st: SamplingTensors, out: SamplerOutput) -> list[SampledToken]:
         # NOTE: the one device->host copy (and CPU-GPU synchronization) of the step happens here.
