@@ -63,6 +63,7 @@ CASES = [
     "text " + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut off by max_tokens
     "<tool_call>\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \"}}\"}}\n  \n</tool_call>",
     "Ends with a partial tag <tool_c",
+    "<tool_call>\nnot a call, cut inside the closing tag </tool_",
     "",
 ]
 
@@ -98,10 +99,11 @@ def test_other_block_shapes():
     braces = parse_tool_calls(CASES[8], ids())
     assert json.loads(braces.tool_calls[0].arguments) == {"expression": "}}"}
     assert parse_tool_calls(CASES[9], ids()).content == CASES[9]
+    assert parse_tool_calls(CASES[10], ids()).content == CASES[10]
 
 
-def stream(text: str, cuts: list[int]) -> tuple[list, ParsedMessage]:
-    parser = ToolCallParser(ids())
+def stream(text: str, cuts: list[int], names=None) -> tuple[list, ParsedMessage]:
+    parser = ToolCallParser(ids(), names)
     events = []
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     for piece in pieces:
@@ -126,14 +128,37 @@ def replay(events: list) -> ParsedMessage:
     return ParsedMessage(None if tool_calls and not content else content, tool_calls)
 
 
-@pytest.mark.parametrize("text", CASES)
-def test_streaming_equals_whole_parse(text):
-    whole = parse_tool_calls(text, ids())
+BARE = [
+    '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```',
+    ' [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "calculator", "arguments": {"expression": "1"}}]\n',
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}} and more text',
+    '```python\nprint("<tool_call>")\n```',
+]
+NAMES = ("get_weather", "calculator")
+
+
+def test_bare_json_calls():
+    fenced = parse_tool_calls(BARE[0], ids(), NAMES)
+    assert fenced == ParsedMessage(None, [ToolCall("call_0", "get_weather", '{"city": "Paris"}')])
+    assert [c.name for c in parse_tool_calls(BARE[1], ids(), NAMES).tool_calls] == ["get_weather", "calculator"]
+    assert parse_tool_calls(BARE[0], ids()).content == BARE[0]  # only with the declared names
+    assert parse_tool_calls(BARE[0], ids(), ["calculator"]).content == BARE[0]  # undeclared name: text
+    assert parse_tool_calls(BARE[2], ids(), NAMES).content == BARE[2]  # more than the call: text
+    other_keys = '{"name": "get_weather", "arguments": {}, "note": 1}'
+    assert parse_tool_calls(other_keys, ids(), NAMES).content == other_keys
+    parser = ToolCallParser(ids(), NAMES)
+    assert parser.feed("``") == [] and parser.feed("`py") == [ContentDelta("```py")]  # not JSON: streams at once
+
+
+@pytest.mark.parametrize("names", [None, NAMES], ids=["tags-only", "bare-too"])
+@pytest.mark.parametrize("text", CASES + BARE)
+def test_streaming_equals_whole_parse(text, names):
+    whole = parse_tool_calls(text, ids(), names)
     rng = random.Random(len(text))
     splits = [[], list(range(1, len(text)))]  # one chunk; one character at a time
     splits += [sorted(rng.sample(range(1, len(text)), rng.randint(1, min(8, len(text) - 1)))) for _ in range(30) if len(text) > 2]
     for cuts in splits:
-        events, result = stream(text, cuts)
+        events, result = stream(text, cuts, names)
         assert result == whole, cuts
         assert replay(events) == whole, cuts
         for e in events:
@@ -202,6 +227,7 @@ def test_required_grammar(tok, vocab):
     assert tok.encode("<tool_call>")[0] == tok.token_to_id("<tool_call>")  # the tag is one token, as the model writes it
     assert accepts(spec, block("get_weather", {"city": "Paris"}), tok, vocab)
     assert accepts(spec, TWO_CALLS, tok, vocab)
+    assert accepts(spec, TWO_CALLS + "\n", tok, vocab)  # a turn may end with a newline
     assert not accepts(spec, "Sure! " + block("get_weather", {"city": "Paris"}), tok, vocab)  # a call must come first
     assert not accepts(spec, block("send_email", {"to": "x"}), tok, vocab)  # undeclared tool
     assert not accepts(spec, block("get_weather", {"unit": "celsius"}), tok, vocab)  # missing required "city"
@@ -210,6 +236,19 @@ def test_required_grammar(tok, vocab):
     single = tool_choice_spec(TOOLS, "required", parallel_tool_calls=False)
     assert accepts(single, block("calculator", {"expression": "1"}), tok, vocab)
     assert not accepts(single, TWO_CALLS, tok, vocab)
+
+
+def test_tool_arguments_are_closed_objects(tok, vocab):
+    open_schema = {"type": "object", "properties": {"q": {"type": "string"}, "opts": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
+    free = {"type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": True}
+    tools = [{"type": "function", "function": {"name": "search", "parameters": open_schema}},
+             {"type": "function", "function": {"name": "free", "parameters": free}}]
+    spec = tool_choice_spec(tools, "required")
+    assert accepts(spec, block("search", {"q": "x", "opts": {"n": 1}}), tok, vocab)
+    assert not accepts(spec, block("search", {"q": "x", "type": "string"}), tok, vocab)
+    assert not accepts(spec, block("search", {"opts": {"n": 1, "m": 2}}), tok, vocab)
+    assert accepts(spec, block("free", {"q": "x", "extra": [1]}), tok, vocab)  # the schema asked for extras
+    assert open_schema == {"type": "object", "properties": {"q": {"type": "string"}, "opts": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
 
 
 def test_named_function_grammar(tok, vocab):

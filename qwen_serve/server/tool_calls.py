@@ -19,6 +19,11 @@ Rules (the same whatever the chunking):
   named function the grammar makes every block well-formed, so this only happens under "auto".
 * A block cut off by the end of the output (max_tokens) still ends its call with the text generated so far.
 * Text that may be the start of `<tool_call>` is held back until it is known not to be.
+* Bare calls (only when the caller passes the declared tool names): small Qwen models often answer a tool
+  request with the call as plain JSON, `{"name": ..., "arguments": {...}}` (or a list of them), bare or in
+  one ```json fence, without the tags (Qwen2.5-Coder-0.5B does, under tool_choice "auto"). An answer that is
+  exactly that, with every name a declared tool and no other keys, is read as calls. While an answer could
+  still be one (it starts with `{`, `[` or ```json) nothing is streamed; it goes out whole at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from qwen_serve.structured.spec import JSON_FORMAT
 
@@ -90,9 +95,10 @@ class ToolCallDelta:
 StreamEvent = ContentDelta | ToolCallDelta
 
 
-def parse_tool_calls(text: str, make_id: Callable[[], str] = new_call_id) -> ParsedMessage:
-    """Split a complete answer into content and tool calls."""
-    parser = ToolCallParser(make_id)
+def parse_tool_calls(text: str, make_id: Callable[[], str] = new_call_id,
+                     tool_names: Collection[str] | None = None) -> ParsedMessage:
+    """Split a complete answer into content and tool calls (bare JSON calls too when tool_names is given)."""
+    parser = ToolCallParser(make_id, tool_names)
     parser.feed(text)
     parser.finish()
     return parser.result()
@@ -101,8 +107,10 @@ def parse_tool_calls(text: str, make_id: Callable[[], str] = new_call_id) -> Par
 class ToolCallParser:
     """Incremental parser: `feed(delta)` / `finish()` return OpenAI delta events; `result()` the whole message."""
 
-    def __init__(self, make_id: Callable[[], str] = new_call_id) -> None:
+    def __init__(self, make_id: Callable[[], str] = new_call_id, tool_names: Collection[str] | None = None) -> None:
         self._make_id = make_id
+        self._tool_names = frozenset(tool_names or ())
+        self._maybe_bare = tool_names is not None  # the whole answer may yet be a bare JSON call: hold it all
         self._pending = ""        # text not yet emitted: outside text held back, or the open block's body
         self._in_block = False
         self._after_block = False  # drop whitespace right after a call
@@ -118,6 +126,10 @@ class ToolCallParser:
     def feed(self, delta: str) -> list[StreamEvent]:
         self._pending += delta
         events: list[StreamEvent] = []
+        if self._maybe_bare:
+            if TOOL_CALL_START not in self._pending and _could_be_bare(self._pending):
+                return events
+            self._maybe_bare = False
         while True:
             progressed = self._step_block(events, final=False) if self._in_block else self._step_outside(events, final=False)
             if not progressed:
@@ -126,6 +138,15 @@ class ToolCallParser:
     def finish(self) -> list[StreamEvent]:
         """End of output: flush held-back text and close a block the output ended inside."""
         events: list[StreamEvent] = []
+        if self._maybe_bare:
+            self._maybe_bare = False
+            calls = _bare_calls(self._pending, self._tool_names, self._make_id)
+            if calls:
+                for call in calls:
+                    events.append(ToolCallDelta(len(self._calls), call.arguments, call.id, call.name))
+                    self._calls.append(call)
+                self._pending = ""
+                return events
         if self._in_block:
             self._step_block(events, final=True)
         self._step_outside(events, final=True)
@@ -172,7 +193,10 @@ class ToolCallParser:
         body = self._pending
         end = body.find(TOOL_CALL_END)
         closed = end >= 0
-        region = body[:end] if closed else body[: len(body) - _partial_suffix(body, TOOL_CALL_END)]
+        if closed:
+            region = body[:end]
+        else:  # hold back what may be the start of the closing tag, unless the output has ended
+            region = body if final else body[: len(body) - _partial_suffix(body, TOOL_CALL_END)]
         if self._header_end < 0:
             header = _HEADER.match(region)
             if header is not None:
@@ -216,11 +240,40 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
+_BARE_START = re.compile(r"(```(json)?\s*)?[\[{]")
+_FENCED = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
+
+
+def _could_be_bare(text: str) -> bool:
+    """Whether text may still grow into a bare JSON call (a JSON start, possibly fenced, or a fence's prefix)."""
+    s = text.lstrip()
+    return "```json".startswith(s) or re.fullmatch(r"```(json)?\s*", s) is not None or _BARE_START.match(s) is not None
+
+
+def _bare_calls(text: str, names: frozenset[str], make_id: Callable[[], str]) -> list[ToolCall]:
+    """The calls if the whole text is one JSON call or a list of them (optionally in a ``` fence), else []."""
+    text = text.strip()
+    fenced = _FENCED.fullmatch(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except json.JSONDecodeError:
+        return []
+    objects = value if isinstance(value, list) else [value]
+    if not objects or not all(isinstance(o, dict) and o.get("name") in names
+                              and set(o) <= {"name", "arguments", "parameters"} for o in objects):
+        return []
+    return [c for c in (_call_from_obj(o, make_id) for o in objects) if c is not None]
+
+
 def _call_from_json(body: str, make_id: Callable[[], str]) -> ToolCall | None:
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:
         return None
+    return _call_from_obj(obj, make_id)
+
+
+def _call_from_obj(obj: Any, make_id: Callable[[], str]) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -255,7 +308,10 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any,
     arguments valid for its parameters (exactly one when parallel_tool_calls is False).
     {"type": "function", "function": {"name": n}} -> exactly one call to n.
     The calls are Qwen's `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>` blocks (separated by
-    "\\n"), so `parse_tool_calls` reads the output like any other answer.
+    "\\n"), so `parse_tool_calls` reads the output like any other answer. One "\\n" may follow the last call:
+    a model that ends its turn with "\\n" would otherwise be forced into one more call.
+    Parameter objects are closed (`_closed`): a 0.5B model otherwise adds keys such as "type" or "required"
+    to its arguments, which the schema allows but no tool expects.
     """
     if tool_choice is None or tool_choice in ("none", "auto"):
         return None
@@ -264,12 +320,12 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any,
         if not declared:
             raise ValueError("tool_choice 'required' needs at least one tool in 'tools'")
         several = parallel_tool_calls is not False
-        names, start = list(declared), 'start: tool_call ("\\n" tool_call)*' if several else "start: tool_call"
+        names, start = list(declared), 'start: tool_call ("\\n" tool_call)* "\\n"?' if several else 'start: tool_call "\\n"?'
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
         name = tool_choice["function"].get("name")
         if name not in declared:
             raise ValueError(f"tool_choice names function {name!r}, which is not in 'tools'")
-        names, start = [name], "start: tool_call"
+        names, start = [name], 'start: tool_call "\\n"?'
     else:
         raise ValueError("tool_choice must be 'none', 'auto', 'required' or "
                          "{'type': 'function', 'function': {'name': ...}}")
@@ -279,7 +335,23 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any,
     lines = [start, 'tool_call: <tool_call> "\\n" call "\\n" </tool_call>',
              "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
     for i, name in enumerate(names):
-        schema = {"type": "object", "properties": {"name": {"const": name}, "arguments": declared[name]},
+        schema = {"type": "object", "properties": {"name": {"const": name}, "arguments": _closed(declared[name])},
                   "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_FORMAT}
         lines.append(f"call_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     return {"type": "lark", "grammar": "\n".join(lines) + "\n"}
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of a parameters schema where every object listing "properties" allows no other keys, unless it
+    says otherwise (additionalProperties / patternProperties) or combines schemas with allOf (closing each
+    part would make the whole unsatisfiable)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict) or "allOf" in schema:
+        return schema
+    out = {k: ({n: _closed(v) for n, v in schema[k].items()} if k in ("properties", "$defs", "definitions")
+               and isinstance(schema[k], dict) else _closed(schema[k]) if k in ("items", "anyOf", "oneOf") else schema[k])
+           for k in schema}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
