@@ -72,45 +72,64 @@ def _prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, min(vocab, 10000), (n, length), generator=gen).tolist()
 
 
+def _timing(start: float, first: float, end: float, cpu: tuple[float, float, float], generated: int,
+            output_len: int) -> dict[str, float]:
+    """Wall-clock figures plus decode tokens per CPU-second (process time: steadier on a shared machine)."""
+    decode_steps = output_len - 1
+    return {"ttft_s": first - start, "total_s": end - start, "generated": generated,
+            "decode_tok_s": decode_steps / (end - first) if decode_steps else 0.0,
+            "decode_tok_per_cpu_s": decode_steps / max(cpu[2] - cpu[1], 1e-9) if decode_steps else 0.0,
+            "throughput_tok_s": generated / (end - start)}
+
+
 def _engine_batch(engine, prompts: list[list[int]], output_len: int) -> dict[str, float]:
-    """Submits all prompts at once; returns time to first token and timing of the whole batch."""
+    """Submits all prompts at once; time to first token, decode rate after it, whole-batch throughput."""
     from qwen_serve.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{start}-{i}", p, params)
-    first = None
+    first = cpu_first = None
     generated = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated += len(out.outputs[0].delta_token_ids)
             if first is None:
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft_s": first - start, "total_s": end - start, "generated": generated,
-            "decode_tok_s": (output_len - 1) / (end - first) if output_len > 1 else 0.0,
-            "throughput_tok_s": generated / (end - start)}
+                first, cpu_first = time.perf_counter(), time.process_time()
+    return _timing(start, first, time.perf_counter(), (cpu_start, cpu_first, time.process_time()), generated, output_len)
+
+
+class _FirstTokenClock:
+    """A transformers streamer that only notes when the first generated tokens arrive."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = self.cpu_first = 0.0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first, self.cpu_first = time.perf_counter(), time.process_time()
+
+    def end(self) -> None:
+        pass
 
 
 def _transformers_batch(model, prompts: list[list[int]], output_len: int) -> dict[str, float]:
     import torch
 
     ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    common = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0,
-                  top_k=None, top_p=None, temperature=None)
+    clock = _FirstTokenClock()
     with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **common)
-        first = time.perf_counter()
-        model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **common)
-        end = time.perf_counter()
-    ttft, total = first - start, end - first
-    generated = len(prompts) * output_len
-    return {"ttft_s": ttft, "total_s": total, "generated": generated,
-            "decode_tok_s": (output_len - 1) / max(total - ttft, 1e-9) if output_len > 1 else 0.0,
-            "throughput_tok_s": generated / total}
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
+                       do_sample=False, eos_token_id=None, pad_token_id=0, top_k=None, top_p=None, temperature=None,
+                       streamer=clock if len(prompts) == 1 else None)
+        end, cpu_end = time.perf_counter(), time.process_time()
+    if len(prompts) > 1:  # transformers streams batch 1 only: no first-token time for batches
+        clock.first, clock.cpu_first = start, cpu_start
+    return _timing(start, clock.first, end, (cpu_start, clock.cpu_first, cpu_end), len(prompts) * output_len, output_len)
 
 
 def _load_transformers(engine, args: argparse.Namespace):
@@ -169,24 +188,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _best(runs: list[dict[str, float]]) -> dict[str, float]:
-    """The run with the fastest decode (the least disturbed by other processes)."""
-    return max(runs, key=lambda r: r["decode_tok_s"])
+    """Per figure, the best of the runs (the least disturbed by other processes)."""
+    return {"ttft_s": min(r["ttft_s"] for r in runs),
+            **{k: max(r[k] for r in runs) for k in ("decode_tok_s", "decode_tok_per_cpu_s", "throughput_tok_s")}}
 
 
 def _print_table(r: dict[str, Any]) -> None:
     n = r["num_prompts"]
     print(f"model {r['model']}  dtype {r['dtype']}  device {r['device']}  ({r['machine']})")
-    print(f"input {r['input_len']} tokens, output {r['output_len']} tokens, {n} concurrent")
-    print(f"{'engine':<14}{'TTFT b1 (ms)':>14}{'decode b1 (tok/s)':>19}{f'b{n} (gen tok/s)':>18}{'b' + str(n) + '/b1':>9}")
+    print(f"input {r['input_len']} tokens, output {r['output_len']} tokens, {n} concurrent; batch 1: best of the runs")
+    print(f"{'engine':<14}{'TTFT b1 (ms)':>14}{'decode b1 (tok/s)':>19}{'b1 tok/CPU-s':>14}"
+          f"{f'b{n} (gen tok/s)':>18}{'b' + str(n) + '/b1':>9}")
     for name in ("qwen_serve", "transformers"):
         if name not in r:
             continue
         b1, bn = r[name]["batch1"], r[name][f"batch{n}"]
-        print(f"{name:<14}{b1['ttft_s'] * 1000:>14.1f}{b1['decode_tok_s']:>19.2f}{bn['throughput_tok_s']:>18.2f}"
-              f"{bn['throughput_tok_s'] / b1['decode_tok_s']:>9.1f}")
+        print(f"{name:<14}{b1['ttft_s'] * 1000:>14.1f}{b1['decode_tok_s']:>19.2f}{b1['decode_tok_per_cpu_s']:>14.2f}"
+              f"{bn['throughput_tok_s']:>18.2f}{bn['throughput_tok_s'] / b1['decode_tok_s']:>9.1f}")
     if "transformers" in r:
         ours, theirs = r["qwen_serve"], r["transformers"]
-        print(f"qwen_serve / transformers: batch-1 decode {ours['batch1']['decode_tok_s'] / theirs['batch1']['decode_tok_s']:.2f}x, "
+        print(f"qwen_serve / transformers: batch-1 decode {ours['batch1']['decode_tok_s'] / theirs['batch1']['decode_tok_s']:.2f}x "
+              f"(per CPU-s {ours['batch1']['decode_tok_per_cpu_s'] / theirs['batch1']['decode_tok_per_cpu_s']:.2f}x), "
               f"batch-{n} throughput {ours[f'batch{n}']['throughput_tok_s'] / theirs[f'batch{n}']['throughput_tok_s']:.2f}x")
 
 
