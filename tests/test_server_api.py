@@ -332,10 +332,25 @@ def test_200_concurrent_streams_complete(server: ServerProcess, client: openai.O
                 tokens = chunk.usage.completion_tokens
         return text, finish, tokens
 
+    health_latency: list[float] = []
+
+    async def probe_health(done: asyncio.Event) -> None:
+        # The event loop must keep answering while the engine thread is busy with 128-sequence steps.
+        async with httpx.AsyncClient(base_url=server.base_url) as c:
+            while not done.is_set():
+                t = time.perf_counter()
+                assert (await c.get("/health")).status_code == 200
+                health_latency.append(time.perf_counter() - t)
+                await asyncio.sleep(0.1)
+
     async def all_of_them():
+        done = asyncio.Event()
+        probe = asyncio.create_task(probe_health(done))
         try:
             return await asyncio.gather(*(one(i) for i in range(200)))
         finally:
+            done.set()
+            await probe
             await aclient.close()
 
     start = time.perf_counter()
@@ -343,7 +358,10 @@ def test_200_concurrent_streams_complete(server: ServerProcess, client: openai.O
     elapsed = time.perf_counter() - start
     wrong = [(i, r) for i, r in enumerate(results) if r != (expected[i % len(prompts)], "length", 16)]
     assert not wrong, f"{len(wrong)} of 200 differ, e.g. {wrong[:3]} vs {expected}"
-    print(f"\n200 concurrent streams x 16 tokens: {elapsed:.2f} s, {200 * 16 / elapsed:.0f} output tok/s")
+    worst = max(health_latency)
+    print(f"\n200 concurrent streams x 16 tokens: {elapsed:.2f} s, {200 * 16 / elapsed:.0f} output tok/s; "
+          f"/health answered {len(health_latency)} times meanwhile, slowest {worst * 1000:.0f} ms")
+    assert len(health_latency) >= 3 and worst < 5.0
     wait_idle(http)
 
 
