@@ -147,7 +147,13 @@ def _load_transformers(engine, args: argparse.Namespace):
     return model.to(engine.device).eval()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> int:
+    """The CLI entry: measures, prints the table, writes the JSON; returns the exit status."""
+    measure(args)
+    return 0
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     if args.threads:
