@@ -64,13 +64,15 @@ def sse_body(pieces: list[str], finish: str = "stop") -> str:
     return out + "data: [DONE]\n\n"
 
 
-def fake_reply(page, pieces: list[str], seen: list[dict] | None = None) -> None:
+def fake_reply(page, pieces: list[str], seen: list[dict] | None = None, crlf: bool = False) -> None:
     """Answers the next chat completion with `pieces` (only that one request is faked)."""
 
     def handle(route):
         if seen is not None:
             seen.append(route.request.post_data_json)
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=sse_body(pieces))
+        body = sse_body(pieces)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                      body=body.replace("\n", "\r\n") if crlf else body)
 
     page.route("**/v1/chat/completions", handle, times=1)
 
@@ -316,7 +318,8 @@ def test_json_mode_sends_response_format_and_formats_the_reply(chat) -> None:
     page.check("#json-mode")
     close_settings(page)
     seen: list[dict] = []
-    fake_reply(page, ['{"name": "Ada",', ' "langs": ["py", "c"],', ' "age": 36}'], seen)
+    # Server-sent events may end lines with \r\n: the page's parser takes both.
+    fake_reply(page, ['{"name": "Ada",', ' "langs": ["py", "c"],', ' "age": 36}'], seen, crlf=True)
     send_and_wait(page, "Who is Ada?")
     assert seen[0]["response_format"] == {"type": "json_object"}
     assert seen[0]["stream_options"] == {"include_usage": True}

@@ -85,7 +85,10 @@ async function* sseData(response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
-    buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n?/g, '\n');
+    buffer += decoder.decode(value, { stream: true });
+    // Line ends may be \r\n, \r or \n; a \r at the very end may be half of a \r\n, so it waits.
+    const held = buffer.endsWith('\r') ? 1 : 0;
+    buffer = buffer.slice(0, buffer.length - held).replace(/\r\n?/g, '\n') + buffer.slice(buffer.length - held);
     let end;
     while ((end = buffer.indexOf('\n\n')) >= 0) {
       const event = buffer.slice(0, end);
