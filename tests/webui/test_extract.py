@@ -39,9 +39,9 @@ def test_page_and_assets_are_served_with_a_same_origin_policy(client: TestClient
     assert page.headers["content-security-policy"] == CSP
     assert "connect-src 'self'" in CSP and "script-src 'self'" in CSP
     html = page.text
-    for asset in ("/static/app.js", "/static/app.css", "/static/theme.js"):
-        assert asset in html
-        assert client.get(asset).status_code == 200
+    for asset in ("static/app.js", "static/app.css", "static/theme.js", "static/favicon.svg"):
+        assert f'"{asset}' in html
+        assert client.get(f"/{asset}").status_code == 200
     # Everything the page loads is local: no absolute http(s) URL in the HTML.
     assert "http://" not in html and "https://" not in html
 

@@ -1,6 +1,7 @@
-// The page's only way to the server: relative URLs on the origin the page came from
-// (/v1/models, /v1/chat/completions, /tokenize, /v1/documents/extract), with the API key,
-// when the user gave one, sent as `Authorization: Bearer`.
+// The page's only way to the server: URLs relative to the page on the origin it came from
+// (v1/models, v1/chat/completions, tokenize, v1/documents/extract; relative so that the page also
+// works behind a proxy that serves it under a path prefix), with the API key, when the user gave
+// one, sent as `Authorization: Bearer`.
 
 const KEY_STORAGE = 'qwen-serve.apiKey';
 
@@ -61,19 +62,19 @@ async function postJson(path, body, signal) {
 }
 
 export async function listModels() {
-  const body = await (await request('/v1/models')).json();
+  const body = await (await request('v1/models')).json();
   return body.data ?? [];
 }
 
 /** Token count of a prompt or of chat messages, counted by the server: {count, tokens, max_model_len}. */
 export function tokenize(body, signal) {
-  return postJson('/tokenize', body, signal);
+  return postJson('tokenize', body, signal);
 }
 
 export async function extractDocument(file) {
   const form = new FormData();
   form.append('file', file, file.name);
-  const response = await request('/v1/documents/extract', { method: 'POST', body: form });
+  const response = await request('v1/documents/extract', { method: 'POST', body: form });
   return response.json();
 }
 
@@ -109,7 +110,7 @@ async function* sseData(response) {
  * throws an AbortError, which the caller turns into a stopped reply.
  */
 export async function streamChat(body, { signal, onDelta }) {
-  const response = await request('/v1/chat/completions', {
+  const response = await request('v1/chat/completions', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
