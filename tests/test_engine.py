@@ -381,3 +381,22 @@ def test_cpu_packed_linears_are_exact(tiny):
         a = plain.compute_logits(plain(ids, torch.arange(len(ids))))
         b = packed.compute_logits(packed(ids, torch.arange(len(ids))))
     assert torch.equal(a, b)
+
+
+def test_offline_bench_runs_on_a_random_config(tiny, tmp_path, capsys):
+    import argparse
+    import json
+
+    from qwen_serve.bench import offline
+
+    parser = argparse.ArgumentParser()
+    offline.add_args(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--random-config", str(tiny / "config.json"), "--device", "cpu", "--dtype", "float32",
+                              "--num-kv-blocks", "64", "--block-size", "4", "--max-model-len", "64", "--input-len", "5",
+                              "--output-len", "3", "--num-prompts", "3", "--repeats", "1", "--compare-transformers",
+                              "--output-json", str(out)])
+    assert offline.run(args) == 0
+    result = json.loads(out.read_text())
+    assert result["qwen_serve"]["batch3"]["generated"] == 9 and result["transformers"]["batch1_runs"][0]["generated"] == 3
+    assert "qwen_serve / transformers" in capsys.readouterr().out
