@@ -195,7 +195,7 @@ def test_tool_choice_spec_shapes():
         tool_choice_spec([], "required")
     with pytest.raises(ValueError, match="tool_choice"):
         tool_choice_spec(TOOLS, "always")
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ValueError, match="repeats the function name"):
         tool_choice_spec(TOOLS + TOOLS[:1], "required")
 
 
@@ -320,3 +320,88 @@ def test_engine_tool_choice_output_parses(tiny_chat_checkpoint):
             parser.feed(detok.flush())
             parser.finish()
             assert parser.result() == whole
+
+
+# -- through the HTTP server, with the official SDK ------------------------------------------------
+@pytest.fixture(scope="module")
+def client(tiny_chat_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    import openai
+    from server_process import ServerProcess
+
+    proc = ServerProcess(tiny_chat_checkpoint, tmp_path_factory.mktemp("server") / "server.log",
+                         "--served-model-name", "tiny", "--num-kv-blocks", "1024")
+    yield openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert proc.stop() == 0, proc.output()[-3000:]
+
+
+ASK = [{"role": "user", "content": "What's the forecast for the next days, in celsius?"}]
+
+
+def chat(client, stream: bool, **kw) -> tuple[str | None, list[tuple[str, str]], str]:
+    """(content, [(name, arguments)], finish_reason) of the first choice, as an SDK user assembles it."""
+    if not stream:
+        choice = client.chat.completions.create(model="tiny", messages=ASK, **kw).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls or [])
+        return choice.message.content, calls, choice.finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(model="tiny", messages=ASK, stream=True, **kw):
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        assert "<tool_call>" not in (delta.content or "")
+        content += delta.content or ""
+        for c in delta.tool_calls or []:
+            if c.id is not None:  # the first delta of a call: id and name, before any argument text
+                assert c.index not in calls and c.function.name
+                calls[c.index] = [c.function.name, ""]
+            calls[c.index][1] += c.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    return content or None, [tuple(calls[i]) for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "forecast"}}, "auto", "none"],
+                         ids=["required", "named", "auto", "none"])
+def test_server_tool_choice_streamed_equals_whole(client, choice):
+    kw = dict(tools=FORECAST_TOOLS, tool_choice=choice, temperature=0.0, max_tokens=60, parallel_tool_calls=False)
+    whole = chat(client, False, **kw)
+    assert chat(client, True, **kw) == whole
+    content, calls, finish = whole
+    if choice in ("required", "auto") or isinstance(choice, dict):
+        for name, arguments in calls:
+            jsonschema.validate(json.loads(arguments), FORECAST if name == "forecast" else {"maxProperties": 0})
+    if choice == "required" or isinstance(choice, dict):
+        assert finish == "tool_calls" and content is None and len(calls) == 1
+        assert isinstance(choice, str) or calls[0][0] == "forecast"
+    if choice == "none":
+        assert calls == [] and finish in ("stop", "length")
+
+
+def test_server_json_schema_and_errors(client):
+    import openai
+
+    schema = BOUNDED_SCHEMA
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=5, n=2)):
+        r = client.chat.completions.create(model="tiny", messages=ASK, response_format=fmt, max_tokens=60, **kw)
+        for c in r.choices:
+            assert c.finish_reason == "stop"
+            jsonschema.validate(json.loads(c.message.content), schema)
+    assert chat(client, True, response_format=fmt, temperature=0.0, max_tokens=60) == \
+        chat(client, False, response_format=fmt, temperature=0.0, max_tokens=60)
+    bad = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, response_format=bad, max_tokens=5)
+    assert "uniqueItems" in e.value.body["message"] and e.value.body["param"] == "response_format"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "contains": {}}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=tools, tool_choice="required", max_tokens=5)
+    assert "contains" in e.value.body["message"] and e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=ASK, tools=FORECAST_TOOLS, max_tokens=5,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
+BOUNDED_SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 20}},
+                  "required": ["kind", "age"], "additionalProperties": False}

@@ -10,6 +10,7 @@ usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from qwen_serve.server.protocol import (
     ChatStreamChoice,
     ChoiceLogprobs,
     DeltaMessage,
+    NamedToolChoice,
     ResponseMessage,
     TokenLogprob,
     TopLogprob,
@@ -47,6 +49,8 @@ from qwen_serve.server.serving import (
     until_disconnected,
     usage_of,
 )
+from qwen_serve.server.tool_calls import StreamEvent, ToolCallParser, parse_tool_calls, tool_choice_spec
+from qwen_serve.structured import StructuredOutputError, precompile
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -93,15 +97,43 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
 
 
 def structured_output_of(req: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The engine's `SamplingParams.structured_output` for this request (ValueError naming the field)."""
+    """The engine's `SamplingParams.structured_output` for this request (ValueError naming the field).
+
+    tool_choice "required" or a named function is a grammar over Qwen's <tool_call> blocks; it takes
+    precedence over response_format, which shapes plain answers.
+    """
+    if parses_tool_calls(req):
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
+        spec = tool_choice_spec([t.model_dump(exclude_none=True) for t in req.tools or []], choice,
+                                req.parallel_tool_calls)
+        if spec is not None:
+            return spec
     if req.response_format is None:
         return None
     return req.response_format.structured_output()
 
 
+def parses_tool_calls(req: ChatCompletionRequest) -> bool:
+    """Tools were offered to the model, so its <tool_call> blocks become `tool_calls`."""
+    return bool(req.tools) and req.tool_choice != "none"
+
+
+def _tool_names(req: ChatCompletionRequest) -> list[str]:
+    return [t.function.name for t in req.tools or []]
+
+
+def _finish_reason(output: CompletionOutput, has_calls: bool) -> str | None:
+    # A turn that ends (not cut by max_tokens) with calls in it hands over to the tools.
+    return "tool_calls" if has_calls and output.finish_reason == "stop" else output.finish_reason
+
+
 def output_to_message(output: CompletionOutput, req: ChatCompletionRequest) -> tuple[ResponseMessage, str | None]:
     """The assistant message and finish reason of one finished sample."""
-    return ResponseMessage(content=output.text), output.finish_reason
+    if not parses_tool_calls(req):
+        return ResponseMessage(content=output.text), output.finish_reason
+    parsed = parse_tool_calls(output.text, tool_names=_tool_names(req))
+    message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.tool_calls])
+    return message, _finish_reason(output, bool(parsed.tool_calls))
 
 
 class MessageStream:
@@ -113,12 +145,23 @@ class MessageStream:
 
     def __init__(self, req: ChatCompletionRequest) -> None:
         self.req = req
+        # The same parser as output_to_message, fed delta by delta: streamed == non-streamed.
+        self._tools = ToolCallParser(tool_names=_tool_names(req)) if parses_tool_calls(req) else None
 
     def feed(self, delta_text: str) -> list[DeltaMessage]:
-        return [DeltaMessage(content=delta_text)] if delta_text else []
+        if self._tools is None:
+            return [DeltaMessage(content=delta_text)] if delta_text else []
+        return _delta_messages(self._tools.feed(delta_text))
 
     def finish(self, output: CompletionOutput) -> tuple[list[DeltaMessage], str | None]:
-        return [], output.finish_reason
+        if self._tools is None:
+            return [], output.finish_reason
+        tail = _delta_messages(self._tools.finish())
+        return tail, _finish_reason(output, bool(self._tools.result().tool_calls))
+
+
+def _delta_messages(events: list[StreamEvent]) -> list[DeltaMessage]:
+    return [DeltaMessage(**e.to_openai()) for e in events]
 
 
 def chat_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | None, k: int) -> ChoiceLogprobs | None:
@@ -150,6 +193,13 @@ class ChatServing(Serving):
             structured = structured_output_of(req)
         except ValueError as err:
             raise APIError.from_value_error(err) from None
+        if structured is not None:
+            # Compile on the grammar pool, not the engine thread: a bad schema is a 400 here and the
+            # engine's new_constraint finds it cached (same spec, tokenizer and vocab size).
+            try:
+                await asyncio.wrap_future(precompile(structured, self.tokenizer, self.vocab_limit()))
+            except StructuredOutputError as err:
+                raise APIError(400, str(err), param="tools" if structured["type"] == "lark" else "response_format") from None
         try:
             prompt_text = render_prompt(self.tokenizer, req)
         except ValueError as err:

@@ -287,15 +287,15 @@ def function_tools(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, An
     for i, tool in enumerate(tools or []):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
-            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+            raise ValueError(f"tools: item {i} must be {{'type': 'function', 'function': {{...}}}}")
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise ValueError(f"tools[{i}].function.name must be a non-empty string")
+            raise ValueError(f"tools: item {i} needs function.name, a non-empty string")
         if name in out:
-            raise ValueError(f"tools[{i}]: duplicate function name {name!r}")
+            raise ValueError(f"tools: item {i} repeats the function name {name!r}")
         params = function.get("parameters") or {"type": "object"}
         if not isinstance(params, dict):
-            raise ValueError(f"tools[{i}].function.parameters must be a JSON Schema object")
+            raise ValueError(f"tools: item {i}'s function.parameters must be a JSON Schema object")
         out[name] = params
     return out
 
