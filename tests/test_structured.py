@@ -281,3 +281,57 @@ def test_engine_output_is_schema_valid(tiny_chat_checkpoint):
     assert out.finish_reason == "length" and out.text.startswith('{"ok":')
     with pytest.raises(json.JSONDecodeError):
         json.loads(out.text)
+
+
+# 20 schemas of varied shapes, each with the request a user would send with it.
+TWENTY = [
+    ("a user profile", {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 120}, "email": {"type": "string"}}, "required": ["name", "age"]}),
+    ("a book", {"type": "object", "properties": {"title": {"type": "string"}, "author": {"type": "string"}, "year": {"type": "integer", "minimum": 1400, "maximum": 2030}, "genres": {"type": "array", "items": {"type": "string"}, "maxItems": 4}}, "required": ["title", "author", "year", "genres"]}),
+    ("a traffic light state", {"type": "object", "properties": {"color": {"enum": ["red", "yellow", "green"]}, "seconds_left": {"type": "integer", "minimum": 0, "maximum": 90}}, "required": ["color", "seconds_left"]}),
+    ("a point in 3D", {"type": "object", "properties": {"x": {"type": "number"}, "y": {"type": "number"}, "z": {"type": "number"}}, "required": ["x", "y", "z"], "additionalProperties": False}),
+    ("three primary colors", {"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 3}),
+    ("an order with line items", {"type": "object", "properties": {"order_id": {"type": "string"}, "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "object", "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1, "maximum": 10}, "price": {"type": "number", "minimum": 0}}, "required": ["sku", "qty", "price"]}}}, "required": ["order_id", "items"]}),
+    ("a temperature reading", {"type": "object", "properties": {"celsius": {"type": "number", "minimum": -90, "maximum": 60}, "city": {"type": "string"}}, "required": ["celsius", "city"]}),
+    ("whether Paris is in France", {"type": "object", "properties": {"answer": {"type": "boolean"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["answer", "confidence"]}),
+    ("a company with an address", {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["street", "city", "zip"]}}, "required": ["name", "address"]}),
+    ("a to-do list", {"type": "object", "properties": {"todos": {"type": "array", "maxItems": 3, "items": {"type": "object", "properties": {"task": {"type": "string"}, "done": {"type": "boolean"}, "priority": {"enum": ["low", "medium", "high"]}}, "required": ["task", "done", "priority"], "additionalProperties": False}}}, "required": ["todos"]}),
+    ("a date", {"type": "object", "properties": {"year": {"type": "integer", "minimum": 1900, "maximum": 2100}, "month": {"type": "integer", "minimum": 1, "maximum": 12}, "day": {"type": "integer", "minimum": 1, "maximum": 31}}, "required": ["year", "month", "day"]}),
+    ("a product rating", {"type": "object", "properties": {"product": {"type": "string"}, "stars": {"type": "integer", "minimum": 1, "maximum": 5}, "pros": {"type": "array", "items": {"type": "string"}, "maxItems": 3}, "cons": {"type": "array", "items": {"type": "string"}, "maxItems": 3}}, "required": ["product", "stars", "pros", "cons"]}),
+    ("an HTTP response", {"type": "object", "properties": {"status": {"enum": [200, 201, 400, 404, 500]}, "headers": {"type": "object", "additionalProperties": {"type": "string"}}, "body": {"type": ["string", "null"]}}, "required": ["status", "headers", "body"]}),
+    ("a matrix of 2 rows of 2 integers", {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "integer"}}}),
+    ("a geometric shape", {"type": "object", "properties": {"shape": {"oneOf": [{"type": "object", "properties": {"kind": {"const": "circle"}, "radius": {"type": "number", "exclusiveMinimum": 0}}, "required": ["kind", "radius"]}, {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "number", "exclusiveMinimum": 0}}, "required": ["kind", "side"]}]}}, "required": ["shape"]}),
+    ("a recipe", {"type": "object", "properties": {"dish": {"type": "string"}, "servings": {"type": "integer", "minimum": 1, "maximum": 12}, "ingredients": {"type": "array", "minItems": 2, "maxItems": 5, "items": {"type": "object", "properties": {"name": {"type": "string"}, "grams": {"type": "number", "minimum": 0}}, "required": ["name", "grams"]}}}, "required": ["dish", "servings", "ingredients"]}),
+    ("a chess move", {"type": "object", "properties": {"from": {"type": "string", "pattern": "^[a-h][1-8]$"}, "to": {"type": "string", "pattern": "^[a-h][1-8]$"}, "piece": {"enum": ["pawn", "knight", "bishop", "rook", "queen", "king"]}}, "required": ["from", "to", "piece"]}),
+    ("a team with members", {"$defs": {"person": {"type": "object", "properties": {"name": {"type": "string"}, "role": {"enum": ["dev", "pm", "design"]}}, "required": ["name", "role"]}}, "type": "object", "properties": {"team": {"type": "string"}, "lead": {"$ref": "#/$defs/person"}, "members": {"type": "array", "items": {"$ref": "#/$defs/person"}, "maxItems": 3}}, "required": ["team", "lead", "members"]}),
+    ("the sum of 2 and 3", {"type": "object", "properties": {"expression": {"type": "string"}, "result": {"type": "integer"}}, "required": ["expression", "result"]}),
+    ("a weather forecast for 3 days", {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "array", "minItems": 3, "maxItems": 3, "items": {"type": "object", "properties": {"day": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}, "high": {"type": "integer", "minimum": -50, "maximum": 60}, "low": {"type": "integer", "minimum": -60, "maximum": 50}}, "required": ["day", "high", "low"]}}}, "required": ["city", "days"]}),
+]
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_model_twenty_schemas_greedy_and_sampled(demo_folder):
+    """The demo model under each schema, greedy and sampled: every answer is valid; json_object always parses."""
+    from qwen_serve import LLM, SamplingParams
+
+    llm = LLM(model=str(demo_folder), kv_cache_gb=0.5, max_model_len=2048)
+    tok = llm.get_tokenizer()
+    prompts, params, schemas = [], [], []
+    for n, (what, schema) in enumerate(TWENTY):
+        jsonschema.Draft202012Validator.check_schema(schema)
+        prompt = tok.apply_chat_template([{"role": "user", "content": f"Give {what} as JSON following this schema: {json.dumps(schema)}"}])
+        spec = {"type": "json_schema", "schema": schema}
+        for p in (SamplingParams(temperature=0.0, max_tokens=200, structured_output=spec),
+                  SamplingParams(temperature=0.8, top_p=0.95, seed=n, max_tokens=200, structured_output=spec)):
+            prompts.append(prompt)
+            params.append(p)
+            schemas.append(schema)
+    for what in ("a city", "your favourite numbers"):
+        prompts.append(tok.apply_chat_template([{"role": "user", "content": f"Describe {what} as a JSON object."}]))
+        params.append(SamplingParams(temperature=0.7, seed=1, max_tokens=200, structured_output={"type": "json_object"}))
+        schemas.append({"type": "object"})
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for out, schema in zip(outs, schemas):
+        text = out.outputs[0].text
+        assert out.outputs[0].finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)

@@ -405,3 +405,52 @@ def test_server_json_schema_and_errors(client):
 
 BOUNDED_SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 20}},
                   "required": ["kind", "age"], "additionalProperties": False}
+
+
+WEATHER_CALC = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                                                      "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "calculator", "description": "Evaluate an arithmetic expression",
+                                      "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                                                     "required": ["expression"]}}},
+]
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_model_weather_and_calculator(demo_folder):
+    """The demo model with two tools under each tool_choice; streamed parsing equals the whole parse."""
+    from qwen_serve import LLM, SamplingParams
+    from qwen_serve.tokenizer.detokenizer import IncrementalDetokenizer
+
+    llm = LLM(model=str(demo_folder), kv_cache_gb=0.5, max_model_len=4096)
+    tok = llm.get_tokenizer()
+    names = [t["function"]["name"] for t in WEATHER_CALC]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in WEATHER_CALC}
+    ask = [{"role": "user", "content": "What's the weather in Paris right now?"}]
+    choices = ["auto", "required", {"type": "function", "function": {"name": "calculator"}}, "none"]
+    prompts = [tok.apply_chat_template(ask, tools=None if c == "none" else WEATHER_CALC) for c in choices]
+    params = [SamplingParams(temperature=0.0, max_tokens=120, structured_output=tool_choice_spec(WEATHER_CALC, c, False))
+              for c in choices]
+    for choice, out in zip(choices, llm.generate(prompts, params, use_tqdm=False)):
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", (choice, o.text)
+        whole = parse_tool_calls(o.text, ids(), None if choice == "none" else names)
+        parser, detok = ToolCallParser(ids(), None if choice == "none" else names), IncrementalDetokenizer(tok)
+        for token in o.token_ids:
+            parser.feed(detok.add([token]))
+        parser.feed(detok.flush())
+        parser.finish()
+        assert parser.result() == whole
+        for call in whole.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+        if choice == "none":
+            assert whole.tool_calls == [] and whole.content
+        elif choice == "auto":  # the model asks for the weather: as a <tool_call> block or a bare JSON call
+            assert [c.name for c in whole.tool_calls] == ["get_weather"]
+            assert "paris" in json.loads(whole.tool_calls[0].arguments)["city"].lower()
+        else:
+            assert len(whole.tool_calls) == 1 and whole.content is None
+            assert isinstance(choice, str) or whole.tool_calls[0].name == "calculator"
