@@ -241,7 +241,7 @@ def test_every_block_returns_after_finish_abort_and_preemption(tiny):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
     engine.step()  # hands the finished ids to the runner
-    assert engine.runner.generators == {}
+    assert engine.runner.sampler.generators == {}
 
 
 def test_streaming_deltas_add_up(tiny):
