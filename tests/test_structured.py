@@ -203,6 +203,8 @@ def test_cache_is_keyed_by_canonical_spec_and_bounded(tok, vocab):
     a = compiler.precompile(schema_spec({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}), tok, vocab)
     b = compiler.precompile(schema_spec({"properties": {"y": {"type": "string"}, "x": {"type": "integer"}}, "type": "object"}), tok, vocab)
     assert a is b  # same schema, other key order: one compile
+    assert compiler.precompile({"type": "json_schema", "json_schema": {"name": "n", "strict": False, "schema": {
+        "type": "object", "properties": {"y": {"type": "string"}, "x": {"type": "integer"}}}}}, tok, vocab) is a
     assert a.result().vocab_size == vocab
     compiler.precompile({"type": "json_object"}, tok, vocab)
     compiler.precompile({"type": "lark", "grammar": 'start: "a"\n'}, tok, vocab)

@@ -51,7 +51,7 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
         strict = body.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise StructuredOutputError("json_schema 'strict' must be a boolean")
-        return {"type": "json_schema", "schema": schema, "strict": bool(strict)}
+        return {"type": "json_schema", "schema": schema}  # strict changes nothing (see above): not in the key
     if kind == "lark":
         grammar = spec.get("grammar")
         if not isinstance(grammar, str) or not grammar.strip():
