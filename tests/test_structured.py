@@ -252,6 +252,10 @@ def test_batched_bitmask_matches_bool_masks(tok, vocab):
         assert torch.equal(single[0], bitmask[row])
     with pytest.raises(ValueError):
         constraints[0].fill_bitmask(allocate_bitmask(1, vocab + 64))
+    # bf16 logits take the torch path (the one used on GPUs): same mask as the numpy path
+    half = reference.to(torch.bfloat16)
+    apply_bitmask_(half, bitmask)
+    assert torch.equal(torch.isfinite(half), torch.isfinite(logits))
 
 
 BOUNDED = [  # every text these allow is short, so even a random-weight model must finish them
