@@ -7,6 +7,9 @@ that sample, batched sampling, and a single device->host copy of the results.
 The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: on the
 CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memory_utilization`
 leaves after a profiling forward pass at the largest step the scheduler can make.
+
+On CUDA with the Triton attention backend, decode-only steps replay CUDA graphs captured once the KV
+cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +27,9 @@ from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, bind_kv_cache, forward_context
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.step_sampler import SampledToken, StepSampler
+
+if TYPE_CHECKING:
+    from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +54,11 @@ class ModelRunner:
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
                                     model_config.num_key_value_heads, model_config.head_dim, dtype=dtype, device=device)
-        bind_kv_cache(model, self.kv_cache, self._attention_backend())
+        backend = self._attention_backend()
+        bind_kv_cache(model, self.kv_cache, backend)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        self.graphs = None if backend is None or config.enforce_eager else self._capture_graphs()
 
     @classmethod
     def load(cls, folder: Path | None, model_config: Qwen2Config, config: EngineConfig, device: torch.device,
@@ -79,6 +88,14 @@ class ModelRunner:
         from qwen_serve.kernels.attention import TritonAttentionBackend
 
         return TritonAttentionBackend()
+
+    def _capture_graphs(self) -> "DecodeGraphs":
+        from qwen_serve.worker.cuda_graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(self.model, self.device, self.config.max_num_seqs, self.max_model_len,
+                              self.block_size, self.cfg.hidden_size, self.dtype)
+        graphs.capture()
+        return graphs
 
     # ---- KV cache sizing -----------------------------------------------------------------------
 
@@ -152,13 +169,28 @@ class ModelRunner:
                 sample_seqs.append(s)
 
         width = max(len(t) for t in tables)
+        padded_tables = [t + [0] * (width - len(t)) for t in tables]
+        if self.graphs is not None and len(ids) == len(sched.chunks) and self.graphs.fits(len(ids), width):
+            # Decode only (one token per sequence): replay the captured graph.
+            hidden = self.graphs.run(ids, positions, slots, seq_lens, padded_tables)  # [num_seqs, hidden]
+        else:
+            hidden = self._forward_eager(ids, positions, slots, query_start, seq_lens, padded_tables,
+                                         max(c.num_tokens for c in sched.chunks))
+        if not sample_seqs:
+            return RunnerOutput([])
+        # Logits only for the rows that sample: [num_samples, vocab] float32.
+        logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
+        return RunnerOutput(self.sampler(logits, sample_seqs))
+
+    def _forward_eager(self, ids: list[int], positions: list[int], slots: list[int], query_start: list[int],
+                       seq_lens: list[int], tables: list[list[int]], max_query_len: int) -> torch.Tensor:
         on_gpu = self.device.type == "cuda"
         meta = AttentionMetadata(
             query_start_loc=query_start,
             seq_lens=seq_lens,
             slot_mapping=self._to_device(slots, torch.long),  # [num_tokens]
-            block_tables=self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32),  # [S, width]
-            max_query_len=max(c.num_tokens for c in sched.chunks),
+            block_tables=self._to_device(tables, torch.int32),  # [S, width]
+            max_query_len=max_query_len,
             max_seq_len=max(seq_lens),
             query_start_loc_t=self._to_device(query_start, torch.int32) if on_gpu else None,
             seq_lens_t=self._to_device(seq_lens, torch.int32) if on_gpu else None,
@@ -166,12 +198,7 @@ class ModelRunner:
         input_ids = self._to_device(ids, torch.long)  # [num_tokens]
         pos = self._to_device(positions, torch.long)  # [num_tokens]
         with forward_context(meta):
-            hidden = self.model(input_ids, pos)  # [num_tokens, hidden]
-        if not sample_seqs:
-            return RunnerOutput([])
-        # Logits only for the rows that sample: [num_samples, vocab] float32.
-        logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
-        return RunnerOutput(self.sampler(logits, sample_seqs))
+            return self.model(input_ids, pos)  # [num_tokens, hidden]
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor; on a GPU through pinned memory, without waiting for the copy."""

@@ -1,0 +1,70 @@
+"""Decode CUDA graphs in the engine: greedy output with graphs equals the eager runner's on CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.llm import LLM
+from qwen_serve.engine.llm_engine import LLMEngine
+from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.worker.cuda_graphs import DecodeGraphs, batch_buckets
+
+from conftest import make_tiny_checkpoint
+
+pytestmark = pytest.mark.gpu
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """Tiny random checkpoint with weights scaled up, so greedy choices have clear margins."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("graphs") / "m", vocab=VOCAB, max_pos=512)
+    path = folder / "model.safetensors"
+    tensors = {name: t * 8 if t.dim() == 2 else t for name, t in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return folder
+
+
+def _generate(folder: Path, **overrides) -> tuple[LLMEngine, list[list[int]]]:
+    cfg = dict(model=str(folder), dtype="float32", device="cuda", block_size=4, num_kv_blocks=256, max_model_len=128)
+    engine = LLMEngine(EngineConfig(**{**cfg, **overrides}), Path(folder))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (1, 5, 9, 13, 3, 30, 7, 2, 17, 11, 4)]
+    # Different lengths: sequences finish one after another, so decode batches take many sizes.
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+    return engine, [o.outputs[0].token_ids for o in outs]
+
+
+def test_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+@pytest.mark.parametrize("max_num_seqs", [16, 6])
+def test_graphs_match_eager(tiny, monkeypatch, max_num_seqs):
+    eager_engine, eager = _generate(tiny, max_num_seqs=max_num_seqs, enforce_eager=True)
+    assert eager_engine.runner.graphs is None
+
+    sizes: list[int] = []
+    run = DecodeGraphs.run
+
+    def counting_run(self, ids, *args):
+        sizes.append(len(ids))
+        return run(self, ids, *args)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    engine, graphed = _generate(tiny, max_num_seqs=max_num_seqs)
+    assert sorted(engine.runner.graphs.graphs) == batch_buckets(max_num_seqs)
+    assert graphed == eager
+    # Replays covered several batch sizes, some of them padded up to a larger bucket.
+    assert len(set(sizes)) >= 3 and set(sizes) - set(batch_buckets(max_num_seqs))
+    stats = engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
