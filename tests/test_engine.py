@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -299,9 +297,11 @@ def test_structured_output_hook_masks_and_stops(tiny, monkeypatch):
         def is_finished(self):
             return self.seen >= 4
 
-    fake = types.ModuleType("qwen_serve.structured")
-    fake.new_constraint = lambda spec, tokenizer, vocab_size: OnlyFrom()
-    monkeypatch.setitem(sys.modules, "qwen_serve.structured", fake)
+    import qwen_serve.structured as structured
+
+    # Patch the attribute, not sys.modules: once any test has imported the package, `import
+    # qwen_serve.structured` finds it as an attribute of `qwen_serve` and never looks in sys.modules.
+    monkeypatch.setattr(structured, "new_constraint", lambda spec, tokenizer, vocab_size: OnlyFrom())
     engine = _engine(tiny, tokenizer=CharTokenizer())
     params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=NEW, structured_output={"type": "json_object"})
     out = _generate(engine, [_prompts()[2]], params)[0]
