@@ -72,6 +72,24 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.table(q.device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
         return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
 
+    def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step factors for `rotate`, looked up once per forward pass and shared by every layer:
+        float32 [num_tokens, 1, head_dim] each, cos|cos and -sin|sin."""
+        cos, sin = self.table(device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
+        return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
+
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """RoPE on x: [num_tokens, n * head_dim] (q and k side by side may go in one call), with the
+        factors of `cos_sin`. x*cos|cos + swap_halves(x)*(-sin|sin) equals `forward` bit for bit:
+        a - b and a + (-b) round alike. Returns a new contiguous tensor of x's dtype."""
+        shape, dtype = x.shape, x.dtype
+        cos, sin = cos_sin
+        h = x.reshape(shape[0], -1, self.head_dim).float()
+        half = self.head_dim // 2
+        out = h * cos
+        out.add_(torch.cat([h[..., half:], h[..., :half]], dim=-1).mul_(sin))
+        return out.to(dtype).view(shape)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
     shape, dtype = x.shape, x.dtype

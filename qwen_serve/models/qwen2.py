@@ -68,7 +68,9 @@ class RMSNorm(nn.Module):
             x = x + residual
         residual = x
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # In place on the float32 copy (never on x itself, which is returned as the residual).
+        scale = h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        h = h.mul_(scale) if h is not x else h * scale
         return self.weight * h.to(x.dtype), residual
 
 
@@ -83,12 +85,17 @@ class Qwen2Attention(nn.Module):
         self.rotary = rotary
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, d, d**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin=None) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
         if kernel_dispatch.use_kernels(x):  # one kernel: RoPE, and k/v into the paged cache
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k, written = kernel_dispatch.rotary_and_cache(positions, q, k, v, self.rotary, self.attn)
             return kernel_dispatch.linear(self.attn(q, k, v, kv_written=written), self.o_proj.weight)
-        q, k = self.rotary(positions, q, k)
+        if cos_sin is None:
+            cos_sin = self.rotary.cos_sin(positions, x.device)
+        # q and k sit side by side in qkv: rotate both in one call.
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary.rotate(qk, cos_sin).split([self.q_size, self.kv_size], dim=-1)
         return kernel_dispatch.linear(self.attn(q, k, v), self.o_proj.weight)
 
 
@@ -104,7 +111,7 @@ class Qwen2MLP(nn.Module):
         if kernel_dispatch.use_kernels(gate_up):
             return kernel_dispatch.linear(kernel_dispatch.ops().silu_and_mul(gate_up), self.down_proj.weight)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -116,10 +123,10 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, cos_sin=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h)
+        h = self.self_attn(positions, h, cos_sin)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -131,13 +138,16 @@ class Qwen2Model(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         # One table shared by every layer; sized for the longest context the config allows.
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = rotary
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
+        # Torch path: the RoPE factors of this step's positions, looked up once for all layers.
+        cos_sin = None if kernel_dispatch.use_kernels(x) else self.rotary.cos_sin(positions, x.device)
         for layer in self.layers:
-            x, residual = layer(positions, x, residual)
+            x, residual = layer(positions, x, residual, cos_sin)
         return self.norm(x, residual)[0]
 
 
