@@ -84,6 +84,22 @@ def demo_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tok(demo_folder: Path):
+    """Our tokenizer of the demo model."""
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(demo_folder)
+
+
+@pytest.fixture(scope="session")
+def vocab(demo_folder: Path) -> int:
+    """The logits width of the demo model (grammar masks must cover it: wider than the tokenizer's ids)."""
+    import json
+
+    return json.loads((demo_folder / "config.json").read_text())["vocab_size"]
+
+
+@pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     """The assembled, sha256-verified demo GGUF file (for transformers' own GGUF loading)."""
     from qwen_serve.loader.demo import demo_gguf_path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -67,17 +66,6 @@ TREE = {
     },
     "$ref": "#/$defs/node",
 }
-
-
-@pytest.fixture(scope="module")
-def tok(demo_folder: Path) -> Tokenizer:
-    return Tokenizer.from_folder(demo_folder)
-
-
-@pytest.fixture(scope="module")
-def vocab(demo_folder: Path) -> int:
-    """The logits width of the demo model (masks must cover it)."""
-    return json.loads((demo_folder / "config.json").read_text())["vocab_size"]
 
 
 def schema_spec(schema: dict) -> dict:

@@ -30,11 +30,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(demo_folder: Path) -> Tokenizer:
-    return Tokenizer.from_folder(demo_folder)
-
-
 @pytest.mark.demo
 @pytest.mark.parametrize("text", TEXTS)
 def test_ids_match_transformers_and_round_trip(tok: Tokenizer, hf_demo_tokenizer, text: str) -> None:

@@ -200,16 +200,6 @@ def test_tool_choice_spec_shapes():
 
 
 # -- grammars, with llguidance and the demo tokenizer ------------------------------------------------
-@pytest.fixture(scope="module")
-def tok(demo_folder: Path) -> Tokenizer:
-    return Tokenizer.from_folder(demo_folder)
-
-
-@pytest.fixture(scope="module")
-def vocab(demo_folder: Path) -> int:
-    return json.loads((demo_folder / "config.json").read_text())["vocab_size"]
-
-
 def accepts(spec: dict, text: str, tok: Tokenizer, vocab: int) -> bool:
     c = new_constraint(spec, tok, vocab)
     allowed = torch.zeros(vocab, dtype=torch.bool)
