@@ -153,6 +153,74 @@ def test_logprobs_match_reference(tiny, reference):
     assert abs(out.cumulative_logprob - total) < 1e-4
 
 
+def _check_prompt_logprobs(reference, prompt: list[int], entries: list, k: int) -> None:
+    """Entry j (j >= 1) holds prompt token j's logprob under transformers (log_softmax of row j - 1),
+    its rank, and exactly the reference's top-k ids besides it; entry 0 is None."""
+    with torch.no_grad():
+        ref = torch.log_softmax(reference(torch.tensor([prompt])).logits[0].float(), -1)  # [len, V]
+    assert len(entries) == len(prompt) and entries[0] is None
+    for j in range(1, len(prompt)):
+        tok, entry, row = prompt[j], entries[j], ref[j - 1]
+        assert abs(entry[tok].logprob - row[tok].item()) < 1e-4
+        assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+        top = row.topk(k).indices.tolist()
+        assert [t for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank) if lp.rank <= k] == top
+        assert set(entry) == set(top) | {tok}
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"max_num_batched_tokens": 7},
+    {"num_kv_blocks": 20, "max_model_len": 64},
+], ids=["one-chunk", "chunked-prefill", "preemption"])
+def test_prompt_logprobs_match_transformers(tiny, reference, expected, overrides, monkeypatch):
+    from qwen_serve.worker import prompt_logprobs
+
+    monkeypatch.setattr(prompt_logprobs, "ROWS_PER_SLICE", 5)  # several slices per step, split mid-chunk
+    engine = _engine(tiny, **overrides)  # prefix caching on: a quarter of the prompts share a prefix
+    ks = [0 if i % 2 else 5 for i in range(len(_prompts()))]  # both k in one batch
+    outs = _generate(engine, _prompts(), [_greedy(prompt_logprobs=k) for k in ks])
+    for prompt, out, k in zip(_prompts(), outs, ks):
+        _check_prompt_logprobs(reference, prompt, out.prompt_logprobs, k)
+    assert [o.outputs[0].token_ids for o in outs] == expected  # sampling is unchanged
+    if "num_kv_blocks" in overrides:
+        assert engine.stats().num_preemptions > 0  # recomputed prompts added no entries twice
+    assert engine.outputs.prompt_logprobs == {}
+
+
+def test_prompt_logprobs_skip_the_prefix_cache(tiny, reference):
+    engine = _engine(tiny)
+    prompts = _prompts()
+    _generate(engine, [prompts[0]], _greedy())  # caches the shared 13-token prefix
+    out = _generate(engine, [prompts[4]], _greedy(prompt_logprobs=3))[0]
+    assert out.metrics.num_cached_tokens == 0
+    _check_prompt_logprobs(reference, prompts[4], out.prompt_logprobs, 3)
+    assert _generate(engine, [prompts[8]], _greedy())[0].metrics.num_cached_tokens == 12  # the cache was there
+    assert _generate(engine, [prompts[8]], _greedy())[0].prompt_logprobs is None
+
+
+def test_max_tokens_zero_scores_the_prompt_only(tiny, reference):
+    engine = _engine(tiny, max_num_batched_tokens=16)
+    prompt = _prompts()[6]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=0, prompt_logprobs=2, logprobs=2)
+    engine.add_request("p", prompt, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs) == 1 and outputs[0].finished  # one output, once the prompt is computed
+    out = outputs[0]
+    assert [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in out.outputs] == [([], "", "length", [])] * 2
+    assert out.metrics.num_generation_tokens == 0
+    _check_prompt_logprobs(reference, prompt, out.prompt_logprobs, 2)
+    assert _generate(engine, [prompt[:1]], params)[0].prompt_logprobs == [None]
+    stats = engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total and engine.outputs.prompt_logprobs == {}
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0).validate()
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21).validate()
+
+
 def test_repetition_penalty_matches_transformers(tiny, reference):
     engine = _engine(tiny)
     prompt = _prompts()[6]

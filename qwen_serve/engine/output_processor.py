@@ -3,16 +3,20 @@
 One `SampleState` per sequence keeps the streamed text (through the incremental detokenizer and
 the stop-string checker) and what changed since the last step. `append` decides whether a
 sequence is finished: eos / stop_token_ids (after min_tokens), stop strings, max_tokens,
-max_model_len, or a structured-output grammar that is complete.
+max_model_len, or a structured-output grammar that is complete. A request's prompt logprobs
+arrive chunk by chunk (`add_prompt_logprobs`) and are kept per request until it finishes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.stop import StopStringChecker
+
+if TYPE_CHECKING:
+    from qwen_serve.worker.prompt_logprobs import PromptLogprobs
 
 
 class SampleState:
@@ -37,6 +41,7 @@ class OutputProcessor:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.states: dict[int, SampleState] = {}
+        self.prompt_logprobs: dict[str, list[PositionLogprobs | None]] = {}  # request id -> entries so far
         self._token_text: dict[int, str] = {}
 
     def state(self, seq: Sequence) -> SampleState:
@@ -57,10 +62,12 @@ class OutputProcessor:
         """Records one sampled token (already appended to seq.token_ids); True if the sequence is done."""
         st = self.state(seq)
         params = seq.request.params
+        if params.max_tokens == 0:  # only the prompt's logprobs were wanted: the engine kept no token
+            st.finish_reason = "length"
+            return True
         st.delta_token_ids.append(token_id)
         if st.logprobs is not None:
-            entry = {tid: Logprob(lp, r + 1, self._decode_one(tid)) for r, (tid, lp) in enumerate(top or [])}
-            entry[token_id] = Logprob(logprob, rank, self._decode_one(token_id))
+            entry = self._position(token_id, logprob, rank, top or [])
             st.logprobs.append(entry)
             st.delta_logprobs.append(entry)
             st.cumulative_logprob += logprob
@@ -89,9 +96,27 @@ class OutputProcessor:
                 st.finish_reason, st.stop_reason = "stop", st.stop.stop_reason
         return st.finish_reason is not None
 
+    def add_prompt_logprobs(self, chunks: list["PromptLogprobs"]) -> None:
+        """Records one step's prompt-logprob entries. A prompt computed again after preemption
+        brings entries already recorded (the same values): only new positions are kept."""
+        for c in chunks:
+            if c.seq.is_finished:  # aborted while its step was in flight
+                continue
+            entries = self.prompt_logprobs.setdefault(c.seq.request.request_id, [None])
+            for i, (lp, rank, top) in enumerate(zip(c.logprobs, c.ranks, c.top)):
+                if c.first + i == len(entries):
+                    entries.append(self._position(c.seq.token_ids[c.first + i], lp, rank, top))
+
     def drop(self, request: Request) -> None:
         for seq in request.sequences:
             self.states.pop(seq.seq_id, None)
+        self.prompt_logprobs.pop(request.request_id, None)
+
+    def _position(self, token_id: int, logprob: float, rank: int, top: list[tuple[int, float]]) -> PositionLogprobs:
+        """The top alternatives (ranks 1..k) and the chosen token, which may be among them."""
+        entry = {tid: Logprob(lp, r + 1, self._decode_one(tid)) for r, (tid, lp) in enumerate(top)}
+        entry[token_id] = Logprob(logprob, rank, self._decode_one(token_id))
+        return entry
 
     def _decode_one(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -129,7 +154,13 @@ class OutputProcessor:
             num_generation_tokens=sum(s.num_output_tokens for s in seqs),
             num_cached_tokens=seqs[0].num_cached_tokens,
         )
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None:
+            # A one-token prompt has no chunk entries: only the first token's None.
+            prompt_logprobs = self.prompt_logprobs.setdefault(request.request_id, [None])
         if finished:
             for seq in seqs:
                 self.states.pop(seq.seq_id, None)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics)
+            self.prompt_logprobs.pop(request.request_id, None)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, finished, metrics,
+                             prompt_logprobs)

@@ -20,7 +20,7 @@ class Logprob:
     decoded_token: str
 
 
-# One generated position: token id -> Logprob, holding the sampled token and the top alternatives.
+# One position: token id -> Logprob, holding the sampled (or prompt) token and the top alternatives.
 PositionLogprobs = dict[int, Logprob]
 
 
@@ -62,6 +62,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, the first None (nothing
+    # predicts it). Complete in every output, since a request's first output follows its prompt.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 @dataclass(slots=True)

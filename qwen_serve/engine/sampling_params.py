@@ -38,10 +38,11 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None = 16  # None: up to max_model_len; 0 (with prompt_logprobs): only score the prompt
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives (0..20) besides the sampled token
+    prompt_logprobs: int | None = None  # the same for each prompt token (0..20); None: off
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_output: dict[str, Any] | None = None
@@ -101,13 +102,17 @@ class SamplingParams:
         _check(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list)
                and all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids)),
                "stop_token_ids", "must be a list of non-negative integers")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-               "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1)
+               or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+               "max_tokens", f"must be an integer >= 1 (or 0 with prompt_logprobs), got {self.max_tokens!r}")
         _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None
+               or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         spec = self.structured_output
         _check(spec is None or (isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema", "lark")),
                "structured_output", "must be a dict with type json_object, json_schema or lark")
