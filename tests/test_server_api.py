@@ -175,6 +175,53 @@ def test_completions_stream_equals_non_stream(client: openai.OpenAI):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+SCORED = "def add(a, b):\n    return a + b  # sums"
+
+
+def test_completions_echo_max_tokens_zero_scores_the_prompt(client: openai.OpenAI, tiny_chat_checkpoint: Path):
+    """What lm-eval-harness's loglikelihood requests send: the prompt back with its logprobs, nothing generated."""
+    from qwen_serve import LLM, SamplingParams
+
+    r = client.completions.create(model=MODEL, prompt=SCORED, echo=True, logprobs=1, max_tokens=0)
+    choice, lp = r.choices[0], r.choices[0].logprobs
+    assert choice.text == SCORED and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and len(lp.tokens) == r.usage.prompt_tokens
+    assert "".join(lp.tokens) == SCORED
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[1:])  # the best token, and the prompt's if not it
+    llm = LLM(model=str(tiny_chat_checkpoint), dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=512)
+    ids = llm.get_tokenizer().encode(SCORED)
+    engine = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)[0].prompt_logprobs
+    assert lp.token_logprobs[1:] == pytest.approx([pos[t].logprob for t, pos in zip(ids[1:], engine[1:])], abs=1e-4)
+
+
+def test_completions_echo_logprobs_cover_prompt_then_completion(client: openai.OpenAI, http: httpx.Client):
+    kw = dict(model=MODEL, prompt=SCORED, max_tokens=3, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    scored = client.completions.create(model=MODEL, prompt=SCORED, echo=True, logprobs=1, max_tokens=0).choices[0]
+    plain = client.completions.create(**kw).choices[0]
+    echo = client.completions.create(echo=True, **kw).choices[0]
+    n = len(scored.logprobs.tokens)
+    assert echo.text == SCORED + plain.text and len(echo.logprobs.tokens) == n + 3
+    assert echo.logprobs.tokens == scored.logprobs.tokens + plain.logprobs.tokens
+    assert echo.logprobs.token_logprobs[0] is None
+    assert echo.logprobs.token_logprobs[1:] == pytest.approx(
+        scored.logprobs.token_logprobs[1:] + plain.logprobs.token_logprobs, abs=1e-4)
+    assert echo.logprobs.text_offset == scored.logprobs.text_offset + [len(SCORED) + o for o in plain.logprobs.text_offset]
+    chunks = [c.choices[0] for c in client.completions.create(echo=True, stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == echo.text
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == echo.logprobs.tokens
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == echo.logprobs.text_offset
+    # vLLM's prompt_logprobs field: token id -> {logprob, rank, decoded_token}, the top 2 and the prompt's.
+    extra = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "prompt_logprobs": 2}}).choices[0]
+    ids = http.post("/tokenize", json={"prompt": SCORED}).json()["tokens"]
+    entries = extra.model_extra["prompt_logprobs"]
+    assert len(entries) == n == len(ids) and entries[0] is None
+    for tok, logprob, entry in zip(ids[1:], scored.logprobs.token_logprobs[1:], entries[1:]):
+        assert entry[str(tok)]["logprob"] == pytest.approx(logprob, abs=1e-4)
+        assert {e["rank"] for e in entry.values()} >= {1, 2} and len(entry) <= 3
+
+
 def test_tokenize_detokenize(http: httpx.Client):
     r = http.post("/tokenize", json={"model": MODEL, "prompt": "hello world"})
     assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"])
@@ -251,7 +298,9 @@ BAD_REQUESTS = [
     ("negative token id", "POST", CMPLP, _cmpl(prompt=[-1]), None, 400, "prompt"),
     ("empty prompt in batch", "POST", CMPLP, _cmpl(prompt=[[1, 2], []]), None, 400, "prompt"),
     ("mixed prompt batch", "POST", CMPLP, _cmpl(prompt=["a", [1, 2]]), None, 400, "prompt"),
-    ("echo with logprobs", "POST", CMPLP, _cmpl(echo=True, logprobs=1), None, 400, "echo"),
+    ("max_tokens 0 w/o echo", "POST", CMPLP, _cmpl(max_tokens=0), None, 400, "max_tokens"),
+    ("prompt_logprobs 21", "POST", CMPLP, _cmpl(prompt_logprobs=21), None, 400, "prompt_logprobs"),
+    ("prompt_logprobs streamed", "POST", CMPLP, _cmpl(prompt_logprobs=1, stream=True), None, 400, "prompt_logprobs"),
     ("logprobs 21", "POST", CMPLP, _cmpl(logprobs=21), None, 400, "logprobs"),
     ("suffix", "POST", CMPLP, _cmpl(suffix="end"), None, 400, "suffix"),
     ("best_of != n", "POST", CMPLP, _cmpl(best_of=3), None, 400, "best_of"),

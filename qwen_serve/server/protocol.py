@@ -181,11 +181,13 @@ PromptInput = str | list[StrictInt] | list[str] | list[list[StrictInt]]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo: the prompt (and its logprobs) alone
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    # vLLM's extra: each prompt token's logprob and top alternatives, in choice.prompt_logprobs.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def validate_fields(self) -> None:
         self.check_common()
@@ -193,8 +195,20 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix: not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available when stream is true")
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """What the engine computes for the prompt: prompt_logprobs, else (as vLLM) echo's logprobs.
+        An echo with max_tokens 0 runs only the prompt, which the engine does for its logprobs."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
         if self.echo and self.logprobs is not None:
-            raise ValueError("echo: logprobs of prompt tokens are not supported; drop echo or logprobs")
+            return self.logprobs
+        return 0 if self.max_tokens == 0 else None
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: each a string or a list of token ids."""
@@ -322,12 +336,22 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one token's entry in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # vLLM's extra, with the request's prompt_logprobs: per prompt token, token id -> entry (None first).
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -150,7 +150,8 @@ class Serving:
         return self._defaults
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
-                        structured_output: dict[str, Any] | None = None) -> SamplingParams:
+                        structured_output: dict[str, Any] | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Request fields over --generation-config defaults; every field is set explicitly, so the
         engine applies no defaults of its own on top."""
         fields: dict[str, Any] = dict(self.defaults())
@@ -165,7 +166,7 @@ class Serving:
         fields.update(
             max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
-            structured_output=structured_output,
+            structured_output=structured_output, prompt_logprobs=prompt_logprobs,
         )
         try:
             return SamplingParams(**fields).validate()

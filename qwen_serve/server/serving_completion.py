@@ -2,25 +2,29 @@
 
 A batch of prompts becomes one engine request per prompt, run concurrently; choice `index` is
 `prompt_index * n + sample_index`, as in OpenAI's API. `echo` puts the prompt's text in front of the
-completion (in the first chunk when streaming); `logprobs` gives OpenAI's legacy logprobs shape.
+completion (in the choice's first chunk when streaming); `logprobs` gives OpenAI's legacy logprobs
+shape, with `echo` covering the prompt's tokens first (the first one's logprob null: nothing predicts
+it). `echo` with `max_tokens: 0` returns the prompt and its logprobs alone, which is how evaluation
+harnesses score text; vLLM's `prompt_logprobs` field adds its own per-token shape beside them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen_serve.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from qwen_serve.server.errors import APIError
 from qwen_serve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprob,
     PromptTokensDetails,
     UsageInfo,
 )
@@ -40,25 +44,40 @@ from qwen_serve.server.serving import (
 )
 
 
-def completion_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | None, k: int,
-                        text_start: int) -> CompletionLogprobs | None:
-    """OpenAI's legacy shape; `text_offset` counts characters from the start of the choice's text."""
-    if positions is None:
-        return None
+def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], k: int, text_start: int,
+                        decode: Callable[[int], str]) -> CompletionLogprobs:
+    """OpenAI's legacy shape; `text_offset` counts characters from the start of the choice's text.
+    A position without logprobs (a prompt's first token) gets null logprob and top_logprobs."""
     out = CompletionLogprobs()
     offset = text_start
     for tok, pos in zip(token_ids, positions):
-        chosen = pos.get(tok)
+        chosen = pos.get(tok) if pos is not None else None
+        text = chosen.decoded_token if chosen is not None else decode(tok)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
         if chosen is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
             continue
-        out.tokens.append(chosen.decoded_token)
         out.token_logprobs.append(finite(chosen.logprob))
         tops = {lp.decoded_token: finite(lp.logprob) for _, lp in top_entries(pos, k)}
         tops.setdefault(chosen.decoded_token, finite(chosen.logprob))
         out.top_logprobs.append(tops)
-        out.text_offset.append(offset)
-        offset += len(chosen.decoded_token)
     return out
+
+
+def joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=first.text_offset + then.text_offset,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              tokens=first.tokens + then.tokens, top_logprobs=first.top_logprobs + then.top_logprobs)
+
+
+def prompt_logprobs_field(entries: list[PositionLogprobs | None]) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a choice: token id -> {logprob, rank, decoded_token} per position."""
+    return [None if pos is None else
+            {t: PromptLogprob(logprob=finite(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in pos.items()} for pos in entries]
 
 
 class _Prompt:
@@ -83,8 +102,9 @@ class CompletionServing(Serving):
         requests = []
         base_id = random_id("cmpl")
         for i, p in enumerate(prompts):
-            max_tokens = self.check_context(len(p.ids), limit)
-            params = self.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+            max_tokens = self._output_limit(len(p.ids), limit)
+            params = self.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                                          prompt_logprobs=req.engine_prompt_logprobs)
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             requests.append(self.generate(p.ids, params, rid))
         merged = merge_streams(requests)
@@ -101,6 +121,30 @@ class CompletionServing(Serving):
         except ClientDisconnected:
             return JSONResponse({}, status_code=499)
         return json_response(self._response(req, model, base_id, prompts, finals))
+
+    def _output_limit(self, prompt_len: int, limit: int | None) -> int:
+        """max_tokens for the engine (checked against the context); 0 (echo only) still needs the
+        prompt to leave room for a token, as the engine requires of every prompt."""
+        if limit == 0:
+            self.check_context(prompt_len, 1)
+            return 0
+        return self.check_context(prompt_len, limit)
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs(self, req: CompletionRequest, out: RequestOutput, token_ids: list[int],
+                  positions: list[PositionLogprobs] | None, text_start: int, echo: bool) -> CompletionLogprobs | None:
+        """A choice's legacy logprobs for these generated tokens; with `echo`, the prompt's tokens
+        first, their offsets from the start of the text (the generated ones start at `text_start`)."""
+        if req.logprobs is None:
+            return None
+        generated = completion_logprobs(token_ids, positions or [], req.logprobs, text_start, self._decode_token)
+        if not echo:
+            return generated
+        prompt = completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], req.logprobs, 0,
+                                     self._decode_token)
+        return joined(prompt, generated)
 
     async def _prompt(self, p: str | list[int], i: int, count: int, echo: bool) -> _Prompt:
         param = "prompt" if count == 1 else f"prompt.{i}"
@@ -137,14 +181,15 @@ class CompletionServing(Serving):
             prompt_tokens += len(out.prompt_token_ids)
             cached += out.metrics.num_cached_tokens
             prefix = prompts[i].text if req.echo else ""
+            prompt_lps = prompt_logprobs_field(out.prompt_logprobs or []) if req.prompt_logprobs is not None else None
             for j in sorted(samples):
                 o = samples[j]
                 completion_tokens += len(o.token_ids)
                 choices.append(CompletionChoice(
                     index=i * req.n + j, text=prefix + o.text, finish_reason=o.finish_reason,
                     stop_reason=o.stop_reason,
-                    logprobs=completion_logprobs(o.token_ids, o.logprobs, req.logprobs or 0, len(prefix))
-                    if req.logprobs is not None else None,
+                    logprobs=self._logprobs(req, out, o.token_ids, o.logprobs, len(prefix), req.echo),
+                    prompt_logprobs=prompt_lps,
                 ))
         usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           total_tokens=prompt_tokens + completion_tokens,
@@ -157,6 +202,7 @@ class CompletionServing(Serving):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         offsets: dict[int, int] = {}  # choice index -> characters sent so far (for text_offset)
+        echoed: set[int] = set()
         finished: set[int] = set()
         token_counts: dict[int, int] = {}
         prompt_tokens: dict[int, int] = {}
@@ -166,11 +212,6 @@ class CompletionServing(Serving):
             return sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
                        exclude=exclude)
 
-        if req.echo:
-            for i, p in enumerate(prompts):
-                for j in range(req.n):
-                    offsets[i * req.n + j] = len(p.text)
-                    yield chunk(CompletionChoice(index=i * req.n + j, text=p.text))
         item: tuple[int, RequestOutput] | None = first
         try:
             while item is not None:
@@ -180,13 +221,17 @@ class CompletionServing(Serving):
                 for o in out.outputs:
                     index = i * req.n + o.index
                     token_counts[index] = len(o.token_ids)
-                    start = offsets.get(index, 0)
-                    logprobs = (completion_logprobs(o.delta_token_ids, o.delta_logprobs, req.logprobs or 0, start)
-                                if req.logprobs is not None and o.delta_token_ids else None)
+                    # The prompt is echoed with the choice's first output, which brings its logprobs.
+                    echo = req.echo and index not in echoed
+                    prefix = prompts[i].text if echo else ""
+                    start = offsets.get(index, 0) + len(prefix)
+                    logprobs = (self._logprobs(req, out, o.delta_token_ids, o.delta_logprobs, start, echo)
+                                if o.delta_token_ids or echo else None)
                     done = o.finish_reason is not None and index not in finished
-                    if o.delta_text or logprobs is not None or done:
+                    if echo or o.delta_text or logprobs is not None or done:
+                        echoed.add(index)
                         offsets[index] = start + len(o.delta_text)
-                        yield chunk(CompletionChoice(index=index, text=o.delta_text, logprobs=logprobs,
+                        yield chunk(CompletionChoice(index=index, text=prefix + o.delta_text, logprobs=logprobs,
                                                      finish_reason=o.finish_reason if done else None,
                                                      stop_reason=o.stop_reason if done else None))
                     if done:
