@@ -14,7 +14,12 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_serve.models.config import Qwen2Config
 
 # Named shapes for random-weight runs (MODELS.md): Qwen2.5-7B-Instruct and Qwen2.5-0.5B.
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -46,7 +51,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default="bench-offline.json", help="where to write the results (default: bench-offline.json)")
 
 
-def _random_model_config(spec: str):
+def random_model_config(spec: str) -> Qwen2Config:
+    """A named shape (NAMED_CONFIGS) or a config.json path, for random weights."""
     from qwen_serve.models.config import Qwen2Config
 
     if spec in NAMED_CONFIGS:
@@ -60,7 +66,7 @@ def _build_engine(args: argparse.Namespace):
 
     config = EngineConfig.from_cli_args(args)
     if args.random_config:
-        return LLMEngine(config, folder=None, model_config=_random_model_config(args.random_config))
+        return LLMEngine(config, folder=None, model_config=random_model_config(args.random_config))
     return LLMEngine.from_config(config)
 
 
@@ -112,8 +118,12 @@ def _engine_batch(engine, prompts: list[list[int]], output_len: int) -> dict[str
                    output_len, decode_phase)
 
 
-class _FirstTokenClock:
-    """A transformers streamer that only notes when the first generated tokens arrive."""
+class FirstTokenClock:
+    """A transformers streamer that only notes when the first generated tokens arrive.
+
+    generate() hands the streamer device tensors before anything waits for them, so on a GPU the clock
+    synchronizes first: otherwise it would read the time the prefill was queued, not when it ended.
+    """
 
     def __init__(self) -> None:
         self.calls = 0
@@ -122,6 +132,10 @@ class _FirstTokenClock:
     def put(self, value) -> None:
         self.calls += 1
         if self.calls == 2:  # the first call carries the prompt
+            if value.is_cuda:
+                import torch
+
+                torch.cuda.synchronize(value.device)
             self.first, self.cpu_first = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
@@ -132,7 +146,7 @@ def _transformers_batch(model, prompts: list[list[int]], output_len: int) -> dic
     import torch
 
     ids = torch.tensor(prompts)
-    clock = _FirstTokenClock()
+    clock = FirstTokenClock()
     with torch.inference_mode():
         start, cpu_start = time.perf_counter(), time.process_time()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len, min_new_tokens=output_len,
@@ -144,19 +158,29 @@ def _transformers_batch(model, prompts: list[list[int]], output_len: int) -> dic
                    output_len, (clock.first, len(prompts)))
 
 
-def _load_transformers(engine, args: argparse.Namespace):
+def load_transformers(model_config: Qwen2Config, folder: Path | None, dtype: torch.dtype, device: torch.device):
+    """transformers' Qwen2ForCausalLM of the same config (rope scaling included) and dtype on `device`:
+    random weights made on the device itself when `folder` is None, else the folder's checkpoint."""
     import torch
-    from transformers import Qwen2Config as HFConfig, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config as HFConfig, Qwen2ForCausalLM
 
-    dtype = engine.runner.dtype
-    if args.random_config:
-        raw = dict(engine.model_config.raw)
-        model = Qwen2ForCausalLM(HFConfig(**raw)).to(dtype)
+    hf_config = HFConfig(**model_config.raw)
+    if folder is None:
+        # Made on the device: on the CPU a 7B shape would first need ~30 GB of float32 and a slow random init.
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     else:
+        model = Qwen2ForCausalLM.from_pretrained(folder, config=hf_config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _load_transformers(engine, args: argparse.Namespace):
+    folder = None
+    if not args.random_config:
         from qwen_serve.loader.resolve import resolve_model
 
-        model = Qwen2ForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype)
-    return model.to(engine.device).eval()
+        folder = resolve_model(args.model)
+    return load_transformers(engine.model_config, folder, engine.runner.dtype, engine.device)
 
 
 def run(args: argparse.Namespace) -> int:
