@@ -4,6 +4,7 @@
 not set QWEN_SERVE_FUSED_KERNELS=0 (for A/B measurements and debugging). The CPU path never
 imports Triton. `ops()` returns `qwen_serve.kernels.fused` (imported on first use); the torch code
 each kernel replaces stays in the layer and is the reference the GPU tests compare against.
+On the CPU, `linear` goes to `worker.cpu_linear.linear`, which knows the weights prepared at load.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+
+from qwen_serve.worker import cpu_linear
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,11 +32,12 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except one-row inputs on CUDA (batch-1 decode) go to the Triton GEMV."""
+    """F.linear, except one-row inputs on CUDA (batch-1 decode) go to the Triton GEMV, and CPU inputs
+    to worker/cpu_linear.py (for weights packed for oneDNN, or given float32 copies, at load)."""
     if x.dim() == 2 and x.shape[0] == 1 and use_kernels(x):
         return ops().gemv(x, weight, bias)
-    if weight.is_mkldnn:  # packed once for oneDNN on the CPU (worker/cpu_linear.py)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    if x.is_cpu:
+        return cpu_linear.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
