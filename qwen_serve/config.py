@@ -32,6 +32,9 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "force this many KV-cache blocks (tests, debugging)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
+    overlap_steps: str = _opt(
+        "auto", "schedule step N+1 while the device runs step N: auto (on with CUDA), on, off"
+    )
     rope_scaling: str | None = _opt(
         None, "add YaRN to a model whose config lacks it: 'yarn' (factor 4 over 32768) or a JSON object"
     )
@@ -51,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"--kv-cache-gb must be positive, got {self.kv_cache_gb}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"--num-kv-blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.overlap_steps not in ("auto", "on", "off"):
+            raise ValueError(f"--overlap-steps must be auto, on or off, got {self.overlap_steps!r}")
         if self.rope_scaling not in (None, "yarn"):
             try:
                 block = json.loads(self.rope_scaling)

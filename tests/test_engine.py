@@ -468,3 +468,79 @@ def test_offline_bench_runs_on_a_random_config(tiny, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["qwen_serve"]["batch3"]["generated"] == 9 and result["transformers"]["batch1_runs"][0]["generated"] == 3
     assert "qwen_serve / transformers" in capsys.readouterr().out
+
+
+def _mixed_params(expected) -> list[SamplingParams]:
+    """One request of every kind the overlapped path treats differently, for the 16 prompts."""
+    return [
+        _greedy(), _greedy(max_tokens=1), _greedy(stop_token_ids=[expected[2][4]]), _greedy(n=2, logprobs=3),
+        SamplingParams(temperature=1.0, seed=7, top_p=0.8, max_tokens=9, ignore_eos=True),
+        SamplingParams(n=3, temperature=0.9, seed=8, top_k=20, max_tokens=7, ignore_eos=True),
+        _greedy(stop=["b"]), SamplingParams(temperature=0.0, max_tokens=NEW, min_tokens=6),
+        _greedy(repetition_penalty=1.3), _greedy(frequency_penalty=0.5, presence_penalty=0.2),
+        _greedy(max_tokens=None), _greedy(max_tokens=3), SamplingParams(temperature=0.0, max_tokens=NEW),
+        _greedy(logprobs=0), SamplingParams(temperature=0.7, seed=3, min_p=0.1, max_tokens=12, ignore_eos=True),
+        _greedy(stop=["zz", "ab"], max_tokens=14),
+    ]
+
+
+def _summary(outs) -> list:
+    return [[(c.index, c.token_ids, c.text, c.finish_reason, c.stop_reason,
+              [sorted((t, round(lp.logprob, 4)) for t, lp in e.items()) for e in c.logprobs or []])
+             for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"max_num_batched_tokens": 7},
+    {"num_kv_blocks": 20, "max_model_len": 64},
+    {"enable_prefix_caching": False, "max_num_seqs": 5},
+], ids=["prefix-cache", "chunked-prefill", "preemption", "few-seats"])
+def test_overlapped_steps_give_the_same_outputs(tiny, expected, overrides):
+    """Overlapped steps (the next step launched before this one's tokens reach the host) change
+    nothing a request sees: every kind of request, chunked prefill, preemption, length caps."""
+    eos = expected[12][2]  # request 12 does not ignore eos: it stops early
+    overrides = {"max_model_len": 64, **overrides}  # request 10 (max_tokens None) stops at max_model_len
+    outs = {}
+    for mode in ("off", "on"):
+        engine = _engine(tiny, tokenizer=CharTokenizer(eos=[eos]), overlap_steps=mode, **overrides)
+        llm, in_flight = LLM.from_engine(engine), []
+        step = engine.step
+
+        def watched_step():
+            result = step()
+            in_flight.append(engine._in_flight is not None)
+            return result
+
+        engine.step = watched_step
+        outs[mode] = llm.generate(_prompts(), _mixed_params(expected), use_tqdm=False)
+        assert any(in_flight) == (mode == "on")
+        stats = engine.stats()
+        assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+        if "num_kv_blocks" in overrides:
+            assert stats.num_preemptions > 0
+    assert _summary(outs["on"]) == _summary(outs["off"])
+    assert outs["on"][12].outputs[0].finish_reason == "stop"
+    assert outs["on"][10].outputs[0].finish_reason == "length"
+
+
+def test_overlapped_steps_survive_aborts(tiny):
+    """Aborts while a step is in flight: its tokens for the aborted requests are dropped, every
+    block comes back, and no sequence is left a token ahead."""
+    engine = _engine(tiny, num_kv_blocks=24, max_model_len=64, max_num_batched_tokens=16, overlap_steps="on")
+    for i, p in enumerate(_prompts()):
+        engine.add_request(str(i), p, SamplingParams(n=2 if i % 5 == 0 else 1, temperature=1.0, seed=i,
+                                                      max_tokens=4 + i, ignore_eos=True))
+    requests = list(engine.requests.values())
+    steps, aborted = 0, set()
+    while engine.has_unfinished_requests():
+        assert not {o.request_id for o in engine.step()} & aborted  # nothing arrives after an abort
+        steps += 1
+        if steps in (2, 5, 9):
+            for rid in list(engine.requests)[::3]:
+                engine.abort_request(rid)
+                aborted.add(rid)
+    stats = engine.stats()
+    assert aborted and stats.num_preemptions > 0 and stats.num_kv_blocks_free == stats.num_kv_blocks_total
+    engine.step()  # collects the last step in flight, if any
+    assert all(s.num_pending_tokens == 0 for r in requests for s in r.sequences)

@@ -13,7 +13,8 @@ def _tensors(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=None,
     temps = torch.full((n,), float(temperature))
     greedy = temps == 0
     return SamplingTensors(
-        temperature=torch.where(greedy, torch.ones(n), temps), greedy=greedy, all_greedy=bool(greedy.all()),
+        temperature=torch.where(greedy, torch.ones(n), temps), random_rows=(~greedy).nonzero().squeeze(1).tolist(),
+        all_greedy=bool(greedy.all()),
         top_k=[top_k] * n, top_p=torch.full((n,), float(top_p)) if top_p < 1 else None,
         min_p=torch.full((n,), float(min_p)) if min_p > 0 else None,
         generators=generators or [None] * n, default_generator=torch.Generator().manual_seed(0), **extra,

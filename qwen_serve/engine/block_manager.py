@@ -126,7 +126,8 @@ class BlockManager:
         while len(seq.block_ids) < self.blocks_needed(end):
             seq.block_ids.append(self._pop_free())
         if self.enable_prefix_caching:
-            self._cache_full_blocks(seq, end)
+            # A token still on the device (overlapped steps) is hashed on a later call, once it is known.
+            self._cache_full_blocks(seq, min(end, seq.num_tokens))
         return copies
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

@@ -1,8 +1,17 @@
 """The offline engine: add_request / abort_request / step, driving scheduler -> runner -> outputs.
 
-`step()` = `scheduler.schedule()` -> `runner.execute()` -> append sampled tokens, decide stops,
-free finished sequences -> one `RequestOutput` per request that produced something (with deltas
-for streaming). Single-threaded; the async front end (engine/async_engine.py) runs it in a thread.
+`step()` = `scheduler.schedule()` -> `runner.launch()` -> collect the sampled tokens, append them,
+decide stops, free finished sequences -> one `RequestOutput` per request that produced something
+(with deltas for streaming). Single-threaded; the async front end (engine/async_engine.py) runs it
+in a thread.
+
+Overlapped steps (on with CUDA): a step is collected by the *next* call, after that call has
+scheduled and launched its successor, so the host's scheduling, input preparation and output
+processing run while the GPU computes instead of between its steps. A sequence is then one token
+ahead of its token_ids while the step is in flight (Sequence.num_pending_tokens; the runner reads
+that token on the device). The cost: a sequence that turns out to have finished (eos, a stop
+string) computes one more token, which is dropped. Steps whose next step needs the host to know
+the tokens (penalties count them, grammars advance on them) are collected at once.
 """
 
 from __future__ import annotations
@@ -18,11 +27,11 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.block_manager import BlockManager
 from qwen_serve.engine.output_processor import OutputProcessor
 from qwen_serve.engine.outputs import EngineStats, RequestOutput
-from qwen_serve.engine.request import Request
+from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler
 from qwen_serve.models.config import Qwen2Config
-from qwen_serve.worker.model_runner import ModelRunner
+from qwen_serve.worker.model_runner import ModelRunner, StepHandle
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +73,10 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than "
                              f"max_model_len {self.max_model_len}: lower --max-model-len or give the cache more memory")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
+        self._in_flight: StepHandle | None = None  # launched, not yet collected (overlapped steps only)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._defaults = defaults_from_generation_config(self.generation_config)
@@ -139,12 +151,43 @@ class LLMEngine:
             request = chunk.seq.request
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
-        result = self.runner.execute(sched)
+        previous, self._in_flight = self._in_flight, None
+        try:
+            handle = self.runner.launch(sched)
+        except BaseException:
+            if previous is not None:
+                self._forget(previous)
+            raise
+        for seq in handle.seqs:
+            seq.num_pending_tokens += 1
+        outputs = []
+        try:
+            if previous is not None:
+                outputs += self._collect(previous)
+        except BaseException:
+            self._forget(handle)
+            raise
+        if self.overlap and _can_overlap(handle.seqs):
+            self._in_flight = handle
+        else:
+            outputs += self._collect(handle)
+        return outputs
+
+    def _collect(self, handle: StepHandle) -> list[RequestOutput]:
+        """Waits for a launched step; appends its tokens, decides stops, frees finished sequences."""
+        try:
+            result = self.runner.collect(handle)
+        finally:
+            self._forget(handle)
         now = time.time()
+        self.outputs.add_prompt_logprobs(result.prompt_logprobs)
         touched: dict[str, Request] = {}
         for s in result.sampled:
             seq, request = s.seq, s.seq.request
-            seq.token_ids.append(s.token_id)
+            if seq.is_finished:  # aborted, or finished by the step before (overlapped): drop it
+                continue
+            if request.params.max_tokens != 0:  # 0: only prompt logprobs; the output processor finishes it
+                seq.token_ids.append(s.token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
             if self.outputs.append(seq, s.token_id, s.logprob, s.rank, s.top):
@@ -159,6 +202,12 @@ class LLMEngine:
             outputs.append(self.outputs.make_output(request, finished))
         return outputs
 
+    @staticmethod
+    def _forget(handle: StepHandle) -> None:
+        """The step's tokens are no longer pending: collected, or lost with a failed step."""
+        for seq in handle.seqs:
+            seq.num_pending_tokens -= 1
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -170,6 +219,17 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+
+def _can_overlap(seqs: list[Sequence]) -> bool:
+    """Whether the next step can be launched before these sequences' tokens reach the host:
+    not when penalties count the tokens or a grammar must advance on them first."""
+    for seq in seqs:
+        p = seq.request.params
+        if seq.constraint is not None or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 \
+                or p.presence_penalty != 0.0:
+            return False
+    return True
 
 
 def _load_tokenizer(folder: Path) -> Any:

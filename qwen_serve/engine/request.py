@@ -26,6 +26,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request", "sample_index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "block_ids", "block_hashes", "status", "num_cached_tokens", "num_preemptions", "constraint",
+        "num_pending_tokens",
     )
 
     def __init__(self, request: "Request", sample_index: int, token_ids: list[int], num_prompt_tokens: int) -> None:
@@ -35,6 +36,9 @@ class Sequence:
         self.token_ids = token_ids  # prompt followed by the generated tokens
         self.num_prompt_tokens = num_prompt_tokens
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or being written this step)
+        # 1 while a token sampled on the device has not reached token_ids yet (overlapped steps: the
+        # next step is scheduled before the host has read this step's tokens).
+        self.num_pending_tokens = 0
         self.block_ids: list[int] = []  # block table: block i holds tokens [i*block_size, (i+1)*block_size)
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
         self.status = SequenceStatus.WAITING
@@ -46,6 +50,19 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens
+
+    def ends_with_pending(self, max_model_len: int | None) -> bool:
+        """Its pending token is certain to be its last (max_tokens or max_model_len): nothing to schedule."""
+        if not self.num_pending_tokens:
+            return False
+        max_tokens = getattr(self.request.params, "max_tokens", None)
+        n = self.num_tokens_with_pending
+        return (max_tokens is not None and n - self.num_prompt_tokens >= max_tokens) or (
+            max_model_len is not None and n >= max_model_len)
 
     @property
     def num_output_tokens(self) -> int:

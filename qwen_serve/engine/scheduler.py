@@ -4,6 +4,9 @@ As in vLLM v1 there is no prefill phase and no decode phase: each running sequen
 `num_tokens - num_computed_tokens` tokens behind, and a step gives each as many tokens as the
 budget allows - one for a decode, a chunk for a prompt. Running sequences come first (oldest
 first), then waiting ones are admitted while budget, `max_num_seqs` and free blocks last.
+A sequence may be one token ahead of its `token_ids` (`num_pending_tokens`): with overlapped steps
+the engine schedules step N+1 while step N's sampled tokens are still on the device, and the runner
+reads such a token from there.
 When a running sequence cannot get a block, the newest running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later (its full blocks stay
 in the prefix cache, so the recompute is often cheap).
@@ -54,8 +57,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         self.bm = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -78,8 +83,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new == 0:  # a sample forked this step: it samples from its parent's row
+            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
+            # 0: a sample forked this step (it samples from its parent's row), or a sequence whose
+            # token still on the device is certain to finish it.
+            if num_new == 0 or seq.ends_with_pending(self.max_model_len):
                 i += 1
                 continue
             copies = self.bm.allocate_slots(seq, num_new)
@@ -104,7 +111,7 @@ class Scheduler:
             seats = request.n - len(request.sequences) + 1 if request.needs_fork else 1
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            cached = self.bm.find_cached_blocks(seq) if not seq.block_ids else []
+            cached = self.bm.find_cached_blocks(seq) if not seq.block_ids and getattr(seq.request.params, "prompt_logprobs", None) is None else []
             start = len(cached) * self.bm.block_size if cached else seq.num_computed_tokens
             num_new = min(seq.num_tokens - start, budget)
             copies = self.bm.allocate_slots(seq, num_new, cached)
@@ -126,7 +133,7 @@ class Scheduler:
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_new
         samples: list[Sequence] = []
-        if seq.num_computed_tokens == seq.num_tokens:
+        if seq.num_computed_tokens == seq.num_tokens_with_pending:
             samples = [seq]
             request = seq.request
             if request.needs_fork and seq is request.sequences[0]:

@@ -23,7 +23,7 @@ class SamplingTensors:
     """One step's sampling settings, one row per sampling sequence. Optional parts are None when no row uses them."""
 
     temperature: torch.Tensor  # [n] float32, 0 = greedy
-    greedy: torch.Tensor  # [n] bool
+    random_rows: list[int]  # rows that draw (the others take the argmax); a host list, so no sync
     all_greedy: bool
     top_k: list[int]  # per row, 0 = off (host side: chooses the candidate set)
     top_p: torch.Tensor | None  # [n] float32, 1 = off
@@ -62,9 +62,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
 
     tokens = logits.argmax(dim=-1)  # [n] greedy choice for every row (cheap next to the forward pass)
     if not st.all_greedy:
-        rows = (~st.greedy).nonzero().squeeze(1)  # [r]
-        drawn = _draw(logits[rows], st, rows.tolist())  # host list of row indices: settings only
-        tokens[rows] = drawn
+        rows = torch.tensor(st.random_rows).to(logits.device, non_blocking=True)  # [r]
+        tokens[rows] = _draw(logits[rows], st, st.random_rows, rows)
 
     out = SamplerOutput(tokens)
     if raw_logprobs is not None:
@@ -89,12 +88,14 @@ def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> None:
         logits -= st.presence[:, None] * (st.output_counts > 0).float()
 
 
-def _draw(logits: torch.Tensor, st: SamplingTensors, rows: list[int]) -> torch.Tensor:
-    """Temperature, top_k, top_p, min_p and the random draw for the non-greedy rows. logits: [r, V]."""
+def _draw(logits: torch.Tensor, st: SamplingTensors, rows: list[int], rows_t: torch.Tensor) -> torch.Tensor:
+    """Temperature, top_k, top_p, min_p and the random draw for the non-greedy rows. logits: [r, V];
+    rows: their row numbers, as a host list (per-row settings) and on the device (indexing there
+    with a host list would copy it synchronously)."""
     r, vocab = logits.shape
-    logits = logits / st.temperature[rows][:, None]
+    logits = logits / st.temperature[rows_t][:, None]
     top_k = [st.top_k[i] for i in rows]
-    top_p = st.top_p[rows] if st.top_p is not None else None
+    top_p = st.top_p[rows_t] if st.top_p is not None else None
     needs_sorted = top_p is not None or any(k > 0 for k in top_k)
     if needs_sorted:
         # Candidates in descending order: only the top max(k) when every row has a top_k
@@ -102,7 +103,7 @@ def _draw(logits: torch.Tensor, st: SamplingTensors, rows: list[int]) -> torch.T
         k_max = max(top_k) if all(k > 0 for k in top_k) else vocab
         cand_logits, cand_ids = logits.topk(min(k_max, vocab), dim=-1)  # [r, K] sorted
         ranks = torch.arange(cand_logits.shape[1], device=logits.device)
-        limits = torch.tensor([k if k > 0 else vocab for k in top_k], device=logits.device)
+        limits = torch.tensor([k if k > 0 else vocab for k in top_k]).to(logits.device, non_blocking=True)
         cand_logits.masked_fill_(ranks[None, :] >= limits[:, None], float("-inf"))
     else:
         cand_logits, cand_ids = logits, None
@@ -112,7 +113,7 @@ def _draw(logits: torch.Tensor, st: SamplingTensors, rows: list[int]) -> torch.T
         before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(before > top_p[:, None], 0.0)
     if st.min_p is not None:
-        min_p = st.min_p[rows][:, None]
+        min_p = st.min_p[rows_t][:, None]
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
 
     noise = torch.empty_like(probs).exponential_(generator=st.default_generator)  # [r, K]

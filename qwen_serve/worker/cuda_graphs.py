@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.attention import AttentionMetadata, forward_context
+from qwen_serve.worker.host_arrays import host_tensor
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,19 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, width: int) -> bool:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+    def run(self, ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
             tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of n sequences (one token each; tables padded to one width) -> hidden [n, H].
+        """One decode step of n sequences (ids [n] on the device, one token each; tables padded to
+        one width) -> hidden [n, H].
 
         The result is a view of the static output buffer: use it before the next replay."""
-        n = len(ids)
+        n = len(positions)
         bucket = next(b for b in self.buckets if b >= n)
         pad = bucket - n
+        # Padding rows keep whatever ids an earlier replay left: any valid id will do, since they
+        # write no KV (slot -1) and their outputs are never read.
+        self.input_ids[:n].copy_(ids)
         # Host -> device through pinned memory, queued on the stream before the replay.
-        self._fill(self.input_ids[:bucket], ids + [0] * pad, torch.long)
         self._fill(self.positions[:bucket], positions + [0] * pad, torch.long)
         self._fill(self.slot_mapping[:bucket], slots + [-1] * pad, torch.long)
         self._fill(self.seq_lens[:bucket], seq_lens + [1] * pad, torch.int32)
@@ -105,4 +109,4 @@ class DecodeGraphs:
 
     @staticmethod
     def _fill(dst: torch.Tensor, values: list, dtype: torch.dtype) -> None:
-        dst.copy_(torch.tensor(values, dtype=dtype).pin_memory(), non_blocking=True)
+        dst.copy_(host_tensor(values, dtype).pin_memory(), non_blocking=True)

@@ -15,7 +15,7 @@ cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; prefill and mixe
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,9 @@ from qwen_serve.engine.request import Sequence
 from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, bind_kv_cache, forward_context
 from qwen_serve.models.config import Qwen2Config
-from qwen_serve.worker.step_sampler import SampledToken, StepSampler
+from qwen_serve.worker.host_arrays import host_tensor
+from qwen_serve.worker.prompt_logprobs import PromptLogprobs, compute_prompt_logprobs
+from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
 
 if TYPE_CHECKING:
     from qwen_serve.worker.cuda_graphs import DecodeGraphs
@@ -37,6 +39,20 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class RunnerOutput:
     sampled: list[SampledToken]
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # prompt chunks that asked for them
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step: its sampling, still on the device (None when no sequence samples)."""
+
+    sample: PendingSample | None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # already on the host
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        """The sequences that sample a token in this step."""
+        return self.sample.seqs if self.sample is not None else []
 
 
 class ModelRunner:
@@ -50,6 +66,9 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.sampler = StepSampler(device, config.seed, eos_token_ids, config.max_num_seqs, self._to_device)
+        # The last launch's sampled tokens on the device, and each sampling sequence's row in them.
+        self._last_tokens = torch.zeros(0, dtype=torch.long, device=device)
+        self._last_rows: dict[int, int] = {}
         self.num_blocks = self._num_kv_blocks()
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
@@ -138,23 +157,37 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """One step, start to finish."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queues one step on the device and returns without waiting for it. A sequence one token
+        ahead of its token_ids (num_pending_tokens) reads that token from the previous launch's
+        samples on the device, so a step can be launched before the previous one is collected."""
         self.sampler.forget(sched.finished_seq_ids)
         if sched.block_copies:
-            src = torch.tensor([s for s, _ in sched.block_copies], device=self.device)
-            dst = torch.tensor([d for _, d in sched.block_copies], device=self.device)
+            src = self._to_device([s for s, _ in sched.block_copies], torch.long)
+            dst = self._to_device([d for _, d in sched.block_copies], torch.long)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         if not sched.chunks:
-            return RunnerOutput([])
+            return StepHandle(None)
 
         ids, positions, slots, query_start, seq_lens, tables = [], [], [], [0], [], []
+        pending_at: list[int] = []  # flat input positions whose token is still on the device
+        pending_from: list[int] = []  # ... and its row in the previous launch's samples
         sample_rows: list[int] = []  # hidden-state row each sampling sequence reads
         sample_seqs: list[Sequence] = []
         bs = self.block_size
         for chunk in sched.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            ids.extend(seq.token_ids[start : start + n])
+            known = seq.token_ids[start : start + n]
+            ids.extend(known)
+            if len(known) < n:  # the last input is the token this sequence sampled last step
+                pending_at.append(len(ids))
+                pending_from.append(self._last_rows[seq.seq_id])
+                ids.append(0)
             positions.extend(range(start, start + n))
             table = seq.block_ids
             if n == 1:
@@ -167,22 +200,42 @@ class ModelRunner:
             for s in chunk.sample_seqs:
                 sample_rows.append(query_start[-1] - 1)
                 sample_seqs.append(s)
+        input_ids = self._input_ids(ids, pending_at, pending_from)
 
         width = max(len(t) for t in tables)
         padded_tables = [t + [0] * (width - len(t)) for t in tables]
         if self.graphs is not None and len(ids) == len(sched.chunks) and self.graphs.fits(len(ids), width):
             # Decode only (one token per sequence): replay the captured graph.
-            hidden = self.graphs.run(ids, positions, slots, seq_lens, padded_tables)  # [num_seqs, hidden]
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)  # [num_seqs, hidden]
         else:
-            hidden = self._forward_eager(ids, positions, slots, query_start, seq_lens, padded_tables,
+            hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
                                          max(c.num_tokens for c in sched.chunks))
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.chunks, query_start)
         if not sample_seqs:
-            return RunnerOutput([])
+            return StepHandle(None, prompt_logprobs)
         # Logits only for the rows that sample: [num_samples, vocab] float32.
         logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
-        return RunnerOutput(self.sampler(logits, sample_seqs))
+        pending = self.sampler.launch(logits, sample_seqs)
+        self._last_tokens = pending.token_ids
+        self._last_rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
+        return StepHandle(pending, prompt_logprobs)
 
-    def _forward_eager(self, ids: list[int], positions: list[int], slots: list[int], query_start: list[int],
+    def collect(self, handle: StepHandle) -> RunnerOutput:
+        """Waits for a launched step and returns its sampled tokens."""
+        return RunnerOutput(self.sampler.collect(handle.sample) if handle.sample is not None else [],
+                            handle.prompt_logprobs)
+
+    def _input_ids(self, ids: list[int], pending_at: list[int], pending_from: list[int]) -> torch.Tensor:
+        """[num_tokens] token ids on the device, the pending ones taken from the last launch's samples."""
+        if pending_at and len(pending_at) == len(ids) == len(self._last_tokens) and pending_from == pending_at:
+            return self._last_tokens  # steady decode: the same sequences, in the same order
+        input_ids = self._to_device(ids, torch.long)
+        if pending_at:
+            src = self._to_device(pending_from, torch.long)
+            input_ids[self._to_device(pending_at, torch.long)] = self._last_tokens[src]
+        return input_ids
+
+    def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slots: list[int], query_start: list[int],
                        seq_lens: list[int], tables: list[list[int]], max_query_len: int) -> torch.Tensor:
         on_gpu = self.device.type == "cuda"
         meta = AttentionMetadata(
@@ -195,7 +248,6 @@ class ModelRunner:
             query_start_loc_t=self._to_device(query_start, torch.int32) if on_gpu else None,
             seq_lens_t=self._to_device(seq_lens, torch.int32) if on_gpu else None,
         )
-        input_ids = self._to_device(ids, torch.long)  # [num_tokens]
         pos = self._to_device(positions, torch.long)  # [num_tokens]
         with forward_context(meta):
             return self.model(input_ids, pos)  # [num_tokens, hidden]
@@ -204,4 +256,4 @@ class ModelRunner:
         """Host list -> device tensor; on a GPU through pinned memory, without waiting for the copy."""
         if self.device.type != "cuda":
             return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype).pin_memory().to(self.device, non_blocking=True)
+        return host_tensor(values, dtype).pin_memory().to(self.device, non_blocking=True)

@@ -17,6 +17,18 @@ from qwen_serve.layers.sampler import SamplerOutput, SamplingTensors, sample
 
 
 @dataclass(slots=True)
+class PendingSample:
+    """One step's sampling, queued on the device: `token_ids` stay there for the next step's inputs,
+    `host` fills once `ready` (a CUDA event; None on the CPU) has passed."""
+
+    seqs: list[Sequence]
+    max_logprobs: int
+    token_ids: torch.Tensor  # [n] int64, on the device
+    host: torch.Tensor  # [n + logprob parts] float64, on the host
+    ready: torch.cuda.Event | None
+
+
+@dataclass(slots=True)
 class SampledToken:
     seq: Sequence
     token_id: int
@@ -42,9 +54,32 @@ class StepSampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         """logits: [n, V] float32, row i for seqs[i] (modified in place)."""
+        return self.collect(self.launch(logits, seqs))
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
+        """Queues the sampling of one step on the device and the copy of its results to the host;
+        returns without waiting for either. logits: [n, V] float32 (modified in place)."""
         self._apply_grammars(logits, seqs)
         st = self._sampling_tensors(seqs, logits.shape[1])
-        return self._to_host(seqs, st, sample(logits, st))
+        out = sample(logits, st)
+        parts = [out.token_ids.double()]
+        if out.sampled_logprob is not None:
+            parts += [out.sampled_logprob.double(), out.sampled_rank.double()]
+            if out.top_ids is not None:
+                parts += [out.top_ids.double().flatten(), out.top_logprobs.double().flatten()]
+        # NOTE: the one device->host copy of the step (into pinned memory on a GPU).
+        host = torch.cat(parts).to("cpu", non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return PendingSample(seqs, st.max_logprobs, out.token_ids, host, ready)
+
+    def collect(self, pending: "PendingSample") -> list[SampledToken]:
+        """Waits for a launched step's results (the step's one CPU-GPU synchronization)."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        return self._to_host(pending.seqs, pending.max_logprobs, pending.host.tolist())
 
     def _sampling_tensors(self, seqs: list[Sequence], vocab: int) -> SamplingTensors:
         """Per-request settings as tensors, built once per step."""
@@ -54,8 +89,8 @@ class StepSampler:
         greedy = [t == 0.0 or p.top_k == 1 for t, p in zip(temps, params)]
         all_greedy = all(greedy)
         st = SamplingTensors(
-            temperature=torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32, device=dev),
-            greedy=torch.tensor(greedy, device=dev),
+            temperature=self._to_device([t if t > 0 else 1.0 for t in temps], torch.float32),
+            random_rows=[i for i, g in enumerate(greedy) if not g],
             all_greedy=all_greedy,
             top_k=[max(p.top_k, 0) for p in params],
             top_p=None, min_p=None,
@@ -63,14 +98,14 @@ class StepSampler:
             default_generator=self.default_generator,
         )
         if any(p.top_p < 1.0 for p in params):
-            st.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            st.top_p = self._to_device([p.top_p for p in params], torch.float32)
         if any(p.min_p > 0.0 for p in params):
-            st.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            st.min_p = self._to_device([p.min_p for p in params], torch.float32)
         self._penalties(st, seqs, params, vocab)
         self._banned(st, seqs, params, vocab)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
-            st.logprob_rows = torch.tensor(want, dtype=torch.long, device=dev)
+            st.logprob_rows = self._to_device(want, torch.long)
             st.max_logprobs = max(params[i].logprobs for i in want)
         return st
 
@@ -95,7 +130,7 @@ class StepSampler:
         # Token statistics via one scatter over padded id lists; the pad id `vocab` lands in a spare column.
         def counts(lists: list[list[int]]) -> torch.Tensor:
             width = max(1, max(len(x) for x in lists))
-            idx = torch.tensor([x + [vocab] * (width - len(x)) for x in lists], dtype=torch.long, device=dev)
+            idx = self._to_device([x + [vocab] * (width - len(x)) for x in lists], torch.long)
             out = torch.zeros(n, vocab + 1, dtype=torch.float32, device=dev)
             out.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float32, device=dev))
             return out[:, :vocab]
@@ -104,17 +139,17 @@ class StepSampler:
         if use_rep:
             prompt_seen = counts([s.token_ids[: s.num_prompt_tokens] for s in seqs]) > 0
             st.seen_mask = prompt_seen | (st.output_counts > 0)
-            st.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+            st.repetition = self._to_device([p.repetition_penalty for p in params], torch.float32)
         if use_freq:
-            st.frequency = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
+            st.frequency = self._to_device([p.frequency_penalty for p in params], torch.float32)
         if use_pres:
-            st.presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
+            st.presence = self._to_device([p.presence_penalty for p in params], torch.float32)
 
     def _banned(self, st: SamplingTensors, seqs: list[Sequence], params, vocab: int) -> None:
         """Stop tokens a row may not sample before its min_tokens, as (row, token id) pairs."""
         rows, tokens = [], []
         for i, (s, p) in enumerate(zip(seqs, params)):
-            if s.num_output_tokens < p.min_tokens:
+            if s.num_output_tokens + s.num_pending_tokens < p.min_tokens:
                 stops = [t for t in list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids) if t < vocab]
                 rows += [i] * len(stops)
                 tokens += stops
@@ -145,19 +180,14 @@ class StepSampler:
             c.fill_mask(allowed)
             logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
 
-    def _to_host(self, seqs: list[Sequence], st: SamplingTensors, out: SamplerOutput) -> list[SampledToken]:
-        # NOTE: the one device->host copy (and CPU-GPU synchronization) of the step happens here.
-        parts = [out.token_ids.double()]
-        if out.sampled_logprob is not None:
-            parts += [out.sampled_logprob.double(), out.sampled_rank.double()]
-            if out.top_ids is not None:
-                parts += [out.top_ids.double().flatten(), out.top_logprobs.double().flatten()]
-        host = torch.cat(parts).tolist()
+    def _to_host(self, seqs: list[Sequence], k: int, host: list[float]) -> list[SampledToken]:
+        """host: token ids [n], then for the m rows that want logprobs: logprobs [m], ranks [m],
+        top ids [m * k], top logprobs [m * k]."""
         n = len(seqs)
         sampled = [SampledToken(s, int(t)) for s, t in zip(seqs, host[:n])]
-        if out.sampled_logprob is not None:
+        if len(host) > n:
             rows = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
-            m, k = len(rows), st.max_logprobs
+            m = len(rows)
             lps, ranks = host[n : n + m], host[n + m : n + 2 * m]
             top_ids = host[n + 2 * m : n + 2 * m + m * k]
             top_lps = host[n + 2 * m + m * k :]

@@ -68,3 +68,28 @@ def test_graphs_match_eager(tiny, monkeypatch, max_num_seqs):
     assert len(set(sizes)) >= 3 and set(sizes) - set(batch_buckets(max_num_seqs))
     stats = engine.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+def test_overlapped_steps_match_and_launch_without_a_sync(tiny, monkeypatch):
+    """Overlapped steps on CUDA (the default there) give the output of collected-at-once steps, and
+    launching a step never waits for the GPU (torch's sync debug mode raises on any wait)."""
+    from qwen_serve.worker.model_runner import ModelRunner
+
+    _, plain = _generate(tiny, overlap_steps="off")
+    launch = ModelRunner.launch
+
+    def strict_launch(self, sched):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(self, sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(ModelRunner, "launch", strict_launch)
+    engine, overlapped = _generate(tiny)
+    assert engine.overlap and overlapped == plain
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, top_k=30, seed=5, max_tokens=12, ignore_eos=True, logprobs=2)
+    outs = LLM.from_engine(engine).generate([[1, 2, 3], [4, 5]], sampled, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    stats = engine.stats()
+    assert stats.num_kv_blocks_free == stats.num_kv_blocks_total

@@ -1,0 +1,135 @@
+"""Where an engine step's wall time goes, on the suite's mixed-length throughput workload.
+
+Wraps the engine's pieces with host timers and prints the time spent in scheduling, launching
+(input preparation and kernel launches; a launch also blocks while the GPU's queue is full),
+waiting for the GPU (the sampled tokens' event), and the rest of collecting (appending tokens, stop
+checks, detokenizing, building outputs). On CUDA it also records an event when each step's first
+work is queued: the gaps between one step's sampled tokens and the next step's first work, on the
+GPU's own clock, are the time the GPU sat idle waiting for the host.
+
+    python scripts/profile_steps.py --random-config 7b --num-prompts 256 --max-num-seqs 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+from qwen_serve.bench.offline import _build_engine
+from qwen_serve.bench.suite import _mixed_work
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.sampling_params import SamplingParams
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        inner: Callable[..., Any] = getattr(owner, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.total[label] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    EngineConfig.add_cli_args(parser)
+    parser.add_argument("--random-config", default=None, help="7b | 0.5b | a config.json (random weights)")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    args = parser.parse_args()
+
+    engine = _build_engine(args)
+    timers = Timers()
+    timers.wrap(engine.scheduler, "schedule", "schedule")
+    timers.wrap(engine.runner, "launch", "launch")
+    timers.wrap(engine.runner.sampler, "collect", "collect: wait + tokens to host")
+    timers.wrap(engine, "_collect", "collect: all")
+    lengths = [args.min_len, args.max_len]
+    work = _mixed_work(random.Random(0), engine.model_config.vocab_size, args.num_prompts, lengths, lengths)
+
+    def run(batch) -> tuple[float, int, int]:
+        start = time.perf_counter()
+        for i, (prompt, out_len) in enumerate(batch):
+            engine.add_request(f"p-{start}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+        generated = steps = 0
+        while engine.has_unfinished_requests():
+            generated += sum(len(o.outputs[0].delta_token_ids) for o in engine.step())
+            steps += 1
+        return time.perf_counter() - start, generated, steps
+
+    starts: list[Any] = []  # (CUDA event at the start of a launch, the step's handle)
+    if engine.device.type == "cuda":
+        import torch
+
+        launch = engine.runner.launch
+
+        def marked_launch(sched: Any) -> Any:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            handle = launch(sched)
+            starts.append((start, handle))
+            return handle
+
+        engine.runner.launch = marked_launch
+        engine.runner.sampler.launch = _timed_sampler_launch(engine.runner.sampler.launch)
+
+    run(work[:4])  # warm-up
+    timers.total.clear()
+    starts.clear()
+    seconds, generated, steps = run(work)
+    t = timers.total
+    wait = t["collect: wait + tokens to host"]
+    print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:,.0f} tok/s), {steps} steps, "
+          f"{seconds / steps * 1e3:.2f} ms per step")
+    rows = [("schedule", t["schedule"]), ("launch (inputs + kernel launches)", t["launch"]),
+            ("collect: wait for the GPU + copy", wait), ("collect: tokens, stops, outputs", t["collect: all"] - wait),
+            ("other (engine.step rest, benchmark loop)",
+             seconds - t["schedule"] - t["launch"] - t["collect: all"])]
+    for name, value in rows:
+        print(f"  {name:<42} {value:7.2f} s  {value / steps * 1e3:7.3f} ms/step")
+    if starts:
+        idle = _gpu_idle_ms(starts)
+        print(f"  GPU idle between steps (GPU clock)        {idle / 1e3:7.2f} s  {idle / steps:7.3f} ms/step")
+
+
+def _timed_sampler_launch(launch: Callable[..., Any]) -> Callable[..., Any]:
+    """The sampler's launch with a timing-enabled `ready` event (the engine's own has no timing)."""
+    import torch
+
+    def timed(*args: Any) -> Any:
+        pending = launch(*args)
+        pending.ready = torch.cuda.Event(enable_timing=True)
+        pending.ready.record()
+        return pending
+
+    return timed
+
+
+def _gpu_idle_ms(starts: list[Any]) -> float:
+    """Sum over consecutive sampling steps of (next step's start - this step's sampled tokens), when positive."""
+    import torch
+
+    torch.cuda.synchronize()
+    idle, last_ready = 0.0, None
+    for start, handle in starts:
+        if last_ready is not None:
+            idle += max(0.0, last_ready.elapsed_time(start))
+        if handle.sample is not None:
+            last_ready = handle.sample.ready
+    return idle
+
+
+if __name__ == "__main__":
+    main()
