@@ -452,10 +452,18 @@ def _warm_up_one(ours: _Ours, vocab: int, prompt_len: int) -> None:
 
 
 def _measure_ours_main(session: _Session, work: Workload, max_model_len: int) -> None:
-    args, sections = session.args, session.args.sections
+    args = session.args
     config = _engine_config(session, max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_num_batched_tokens, rope_scaling=None)
     ours = _Ours(_build_engine(session, config, session.spec.base, "engine"))
+    try:
+        _measure_main_sections(session, work, ours)
+    finally:
+        ours.engine.close()  # its memory must be free for the next engine even if a reference lingers
+
+
+def _measure_main_sections(session: _Session, work: Workload, ours: _Ours) -> None:
+    args, sections = session.args, session.args.sections
     vocab = session.spec.base.vocab_size
     if "decode" in sections:
         def decode() -> dict[str, Any]:
@@ -495,7 +503,10 @@ def _measure_ours_long(session: _Session, work: Workload) -> None:
         _warm_up_one(ours, session.spec.long.vocab_size, min(len(work.long[0]), chunk + 1))
         return {"chunk": chunk, **_best([ours.one(p, args.long_context_new_tokens) for p in work.long])}
 
-    session.section("qwen_serve", "long", long)
+    try:
+        session.section("qwen_serve", "long", long)
+    finally:
+        ours.engine.close()
 
 
 def _load_theirs(session: _Session, model_config: Qwen2Config, key: str) -> _Theirs:

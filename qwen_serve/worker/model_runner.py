@@ -108,6 +108,15 @@ class ModelRunner:
 
         return TritonAttentionBackend()
 
+    def close(self) -> None:
+        """Frees the device memory this runner holds (weights, KV cache, CUDA graphs) even while
+        something else still references the runner or its model; the runner is unusable after."""
+        self.graphs = None
+        bind_kv_cache(self.model, None)
+        self.kv_cache = torch.empty(0, device="meta")
+        self.model.to(torch.device("meta"))  # the parameters' storage goes, whoever holds the module
+        self._last_tokens = torch.empty(0, dtype=torch.long, device="meta")
+
     def _capture_graphs(self) -> "DecodeGraphs":
         from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
@@ -135,7 +144,10 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
-        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
+        # Prompts of at most 1024 tokens: the torch attention this pass runs (the kernels need the
+        # cache) may fall back to materialising every score, n^2 per head; the kernels' attention
+        # memory for longer chunks is linear in n and small next to the MLP's activations.
+        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens), -(-num_tokens // 1024))
         lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
