@@ -544,3 +544,14 @@ def test_overlapped_steps_survive_aborts(tiny):
     assert aborted and stats.num_preemptions > 0 and stats.num_kv_blocks_free == stats.num_kv_blocks_total
     engine.step()  # collects the last step in flight, if any
     assert all(s.num_pending_tokens == 0 for r in requests for s in r.sequences)
+
+
+def test_close_frees_weights_and_cache_despite_lingering_references(tiny):
+    engine = _engine(tiny)
+    _generate(engine, [_prompts()[1]], _greedy(max_tokens=2))
+    model, runner = engine.runner.model, engine.runner  # references that outlive the engine's use
+    engine.add_request("left", _prompts()[2], _greedy())
+    engine.close()
+    assert not engine.has_unfinished_requests()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert runner.kv_cache.device.type == "meta" and runner.graphs is None
