@@ -197,7 +197,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     engine = _build_engine(args)
     vocab = engine.model_config.vocab_size
     warm = _prompts(vocab, 1, min(16, args.input_len), seed=1)
-    single_prompt = _prompts(vocab, 1, args.input_len)
+    # A fresh prompt per repeat: a repeated one would be served from the prefix cache.
+    single_prompts = [_prompts(vocab, 1, args.input_len, seed=100 + r) for r in range(args.repeats)]
     batch_prompts = _prompts(vocab, args.num_prompts, args.input_len, seed=2)
     _engine_batch(engine, warm, 2)  # warm-up: first-call allocations, thread pools
     hf = None
@@ -206,7 +207,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         _transformers_batch(hf, warm, 2)
     # Batch 1 is short and a shared machine is noisy: alternate the two engines, keep each one's best.
     ours_b1, hf_b1 = [], []
-    for _ in range(args.repeats):
+    for single_prompt in single_prompts:
         ours_b1.append(_engine_batch(engine, single_prompt, args.output_len))
         if hf is not None:
             hf_b1.append(_transformers_batch(hf, single_prompt, args.output_len))
