@@ -277,9 +277,9 @@ def test_resolve_dtype(tiny_hf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("float16", "cpu", cfg) == torch.float16
     from qwen_serve.loader import model_loader
 
-    monkeypatch.setattr(model_loader, "_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(model_loader, "_cpu_prefers_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu", cfg) == torch.float32
-    monkeypatch.setattr(model_loader, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(model_loader, "_cpu_prefers_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu", cfg) == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype 'int8'"):
         resolve_dtype("int8", "cpu", cfg)
