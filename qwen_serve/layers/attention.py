@@ -176,11 +176,9 @@ class TorchAttentionBackend:
     def _decode_batched(q, k_cache, v_cache, meta, scale):
         # q: [num_seqs, num_heads, head_dim], one query per sequence.
         num_seqs, max_len = meta.num_seqs, meta.max_seq_len
-        block_size = k_cache.shape[1]
-        max_blocks = (max_len + block_size - 1) // block_size
-        tables = _derived(meta.block_tables, "decode_tables", lambda: meta.block_tables[:, :max_blocks].long())
         if num_seqs == 1 and q.is_cpu:
-            return TorchAttentionBackend._decode_one_cpu(q, k_cache, v_cache, tables[0], max_len, scale)
+            return TorchAttentionBackend._decode_one_cpu(q, k_cache, v_cache, meta, scale)
+        tables = _decode_tables(meta, k_cache.shape[1])
         # [num_seqs, max_len, num_kv_heads, head_dim]
         keys = k_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
         values = v_cache[tables].flatten(1, 2)[:, :max_len].to(q.dtype)
@@ -205,16 +203,41 @@ class TorchAttentionBackend:
         return out.reshape(num_seqs, num_heads, head_dim)
 
     @staticmethod
-    def _decode_one_cpu(q, k_cache, v_cache, table, seq_len, scale):
+    def _decode_one_cpu(q, k_cache, v_cache, meta, scale):
         # One decode sequence on the CPU (batch-1 latency): float32 batched matmuls over the KV heads
         # take about half the time of bfloat16 ones at this size (oneDNN's per-call cost dominates).
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = k_cache.shape[2]
-        keys = k_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1).float()  # [KVH, seq_len, D]
-        values = v_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1).float()
+        keys = _sequence_tokens(k_cache, meta).transpose(0, 1).float()  # [KVH, seq_len, D]
+        values = _sequence_tokens(v_cache, meta).transpose(0, 1).float()
         qg = q.view(num_kv_heads, num_heads // num_kv_heads, head_dim).float()  # [KVH, G, D]
         probs = torch.softmax(torch.bmm(qg, keys.transpose(1, 2)).mul_(scale), dim=-1)  # [KVH, G, seq_len]
         return torch.bmm(probs, values).to(q.dtype).reshape(1, num_heads, head_dim)
+
+
+def _decode_tables(meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """The block tables of a decode step cut to the blocks in use, as int64 indices (once per step)."""
+    max_blocks = (meta.max_seq_len + block_size - 1) // block_size
+    return _derived(meta.block_tables, "decode_tables", lambda: meta.block_tables[:, :max_blocks].long())
+
+
+def _first_block_if_contiguous(table: torch.Tensor) -> int | None:
+    """The first block id when the blocks of `table` (one sequence's, in use) are consecutive ids."""
+    ids = table.tolist()
+    return ids[0] if ids == list(range(ids[0], ids[0] + len(ids))) else None
+
+
+def _sequence_tokens(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """The cached tokens of a single-sequence step, [seq_len, num_kv_heads, head_dim]: a view of the
+    cache when the sequence's blocks are consecutive (the usual case, as the block manager hands out
+    free blocks in order), which saves a gather per layer; else gathered block by block."""
+    seq_len, block_size = meta.max_seq_len, cache.shape[1]
+    table = _decode_tables(meta, block_size)[0]
+    first = _derived(meta.block_tables, "first_block", lambda: _first_block_if_contiguous(table))
+    if first is None:
+        return cache[table].flatten(0, 1)[:seq_len]
+    start = first * block_size
+    return cache.flatten(0, 1)[start : start + seq_len]
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
