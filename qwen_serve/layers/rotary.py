@@ -78,17 +78,18 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.table(device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
         return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
 
-    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """RoPE on x: [num_tokens, n * head_dim] (q and k side by side may go in one call), with the
-        factors of `cos_sin`. x*cos|cos + swap_halves(x)*(-sin|sin) equals `forward` bit for bit:
-        a - b and a + (-b) round alike. Returns a new contiguous tensor of x's dtype."""
-        shape, dtype = x.shape, x.dtype
+    def rotate_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """RoPE on x: [num_tokens, n * head_dim] in place (q and k side by side, e.g. as columns of the
+        qkv projection, may go in one call), with the factors of `cos_sin`. Writing back into x (one
+        copy that also rounds) spares the caller a split per layer. x*cos|cos + swap_halves(x)*(-sin|sin)
+        equals `forward` bit for bit: a - b and a + (-b) round alike."""
         cos, sin = cos_sin
-        h = x.reshape(shape[0], -1, self.head_dim).float()
+        heads = x.view(x.shape[0], -1, self.head_dim)
+        h = heads.float()
         half = self.head_dim // 2
         out = h * cos
         out.add_(torch.cat([h[..., half:], h[..., :half]], dim=-1).mul_(sin))
-        return out.to(dtype).view(shape)
+        heads.copy_(out)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -93,9 +93,9 @@ class Qwen2Attention(nn.Module):
             return kernel_dispatch.linear(self.attn(q, k, v, kv_written=written), self.o_proj.weight)
         if cos_sin is None:
             cos_sin = self.rotary.cos_sin(positions, x.device)
-        # q and k sit side by side in qkv: rotate both in one call.
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary.rotate(qk, cos_sin).split([self.q_size, self.kv_size], dim=-1)
+        # q and k sit side by side in qkv: rotate both in one call, in place.
+        self.rotary.rotate_(qkv[:, : self.q_size + self.kv_size], cos_sin)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return kernel_dispatch.linear(self.attn(q, k, v), self.o_proj.weight)
 
 
