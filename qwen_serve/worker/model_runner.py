@@ -225,11 +225,8 @@ class ModelRunner:
         prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.chunks, query_start)
         if not sample_seqs:
             return StepHandle(None, prompt_logprobs)
-        # Logits only for the rows that sample: [num_samples, vocab] float32. A decode-only step samples
-        # every row in order, and needs no gather.
-        if sample_rows != list(range(len(hidden))):
-            hidden = hidden[self._to_device(sample_rows, torch.long)]
-        logits = self.model.compute_logits(hidden)
+        # Logits only for the rows that sample: [num_samples, vocab] float32.
+        logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
         pending = self.sampler.launch(logits, sample_seqs)
         self._last_tokens = pending.token_ids
         self._last_rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}

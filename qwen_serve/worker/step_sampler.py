@@ -24,7 +24,7 @@ class PendingSample:
     seqs: list[Sequence]
     max_logprobs: int
     token_ids: torch.Tensor  # [n] int64, on the device
-    host: torch.Tensor  # token ids [n] (int64), or float64 [n + logprob parts]; on the host
+    host: torch.Tensor  # [n + logprob parts] float64, on the host
     ready: torch.cuda.Event | None
 
 
@@ -62,14 +62,13 @@ class StepSampler:
         self._apply_grammars(logits, seqs)
         st = self._sampling_tensors(seqs, logits.shape[1])
         out = sample(logits, st)
-        results = out.token_ids
-        if out.sampled_logprob is not None:  # one float64 vector, so that one copy carries everything
-            parts = [out.token_ids.double(), out.sampled_logprob.double(), out.sampled_rank.double()]
+        parts = [out.token_ids.double()]
+        if out.sampled_logprob is not None:
+            parts += [out.sampled_logprob.double(), out.sampled_rank.double()]
             if out.top_ids is not None:
                 parts += [out.top_ids.double().flatten(), out.top_logprobs.double().flatten()]
-            results = torch.cat(parts)
         # NOTE: the one device->host copy of the step (into pinned memory on a GPU).
-        host = results.to("cpu", non_blocking=True)
+        host = torch.cat(parts).to("cpu", non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
