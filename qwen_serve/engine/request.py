@@ -36,8 +36,8 @@ class Sequence:
         self.token_ids = token_ids  # prompt followed by the generated tokens
         self.num_prompt_tokens = num_prompt_tokens
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or being written this step)
-        # 1 while a token sampled on the device has not reached token_ids yet (overlapped steps: the
-        # next step is scheduled before the host has read this step's tokens).
+        # Tokens sampled on the device that have not reached token_ids yet: 1 between overlapped steps
+        # (the next step is scheduled before the host has read this step's tokens), else 0.
         self.num_pending_tokens = 0
         self.block_ids: list[int] = []  # block table: block i holds tokens [i*block_size, (i+1)*block_size)
         self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks

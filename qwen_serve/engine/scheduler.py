@@ -111,7 +111,9 @@ class Scheduler:
             seats = request.n - len(request.sequences) + 1 if request.needs_fork else 1
             if len(self.running) + seats > self.max_num_seqs:
                 break
-            cached = self.bm.find_cached_blocks(seq) if not seq.block_ids and getattr(seq.request.params, "prompt_logprobs", None) is None else []
+            # A request asking for prompt logprobs computes every prompt row, so takes no cached blocks.
+            wants_prompt_rows = getattr(seq.request.params, "prompt_logprobs", None) is not None
+            cached = self.bm.find_cached_blocks(seq) if not seq.block_ids and not wants_prompt_rows else []
             start = len(cached) * self.bm.block_size if cached else seq.num_computed_tokens
             num_new = min(seq.num_tokens - start, budget)
             copies = self.bm.allocate_slots(seq, num_new, cached)

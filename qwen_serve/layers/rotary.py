@@ -73,7 +73,7 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
 
     def cos_sin(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-step factors for `rotate`, looked up once per forward pass and shared by every layer:
+        """Per-step factors for `rotate_`, looked up once per forward pass and shared by every layer:
         float32 [num_tokens, 1, head_dim] each, cos|cos and -sin|sin."""
         cos, sin = self.table(device)[positions].chunk(2, dim=-1)  # [num_tokens, head_dim/2] each
         return torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]

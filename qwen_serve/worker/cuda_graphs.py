@@ -4,7 +4,8 @@ A decode step of a few sequences launches hundreds of small kernels; replaying a
 removes their per-launch host cost. Every graph reads static buffers that `run` fills before each
 replay (token ids, positions, KV slots, block tables, sequence lengths) and writes the final hidden
 states into one static buffer. A batch of n sequences replays the smallest bucket >= n; rows n..bucket
-are padding: slot -1 (the KV write skips it), sequence length 1, token 0 at position 0.
+are padding: slot -1 (the KV write skips it), sequence length 1, position 0, and whatever token id
+an earlier replay left there.
 
 Captured after the KV cache is bound, with meta.max_seq_len = max_model_len: the Triton backend picks
 its split-KV count on the host from max_seq_len at capture time and reads the real lengths on the

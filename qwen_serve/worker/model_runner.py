@@ -1,8 +1,9 @@
 """The only owner of device memory: model weights, the KV cache, per-step input tensors, sampling.
 
-`execute(SchedulerOutput) -> RunnerOutput` runs one step: block copies (copy-on-write of forked
+`launch(SchedulerOutput) -> StepHandle` queues one step: block copies (copy-on-write of forked
 samples), one forward pass over the flat batch of every scheduled chunk, logits only for the rows
-that sample, batched sampling, and a single device->host copy of the results.
+that sample, batched sampling, and a single device->host copy of the results; `collect(handle)`
+waits for that copy and returns the sampled tokens.
 
 The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: on the
 CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memory_utilization`
@@ -168,10 +169,6 @@ class ModelRunner:
         return num_blocks
 
     # ---- one step --------------------------------------------------------------------------------
-
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """One step, start to finish."""
-        return self.collect(self.launch(sched))
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> StepHandle:

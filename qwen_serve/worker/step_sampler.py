@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from qwen_serve.engine.request import Sequence
-from qwen_serve.layers.sampler import SamplerOutput, SamplingTensors, sample
+from qwen_serve.layers.sampler import SamplingTensors, sample
 
 
 @dataclass(slots=True)
@@ -51,10 +51,6 @@ class StepSampler:
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self.generators.pop(seq_id, None)
-
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-        """logits: [n, V] float32, row i for seqs[i] (modified in place)."""
-        return self.collect(self.launch(logits, seqs))
 
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
         """Queues the sampling of one step on the device and the copy of its results to the host;
