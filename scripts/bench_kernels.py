@@ -9,6 +9,7 @@ Sections (--sections, comma separated; default all):
   model    the whole Qwen2.5-7B shape with random bf16 weights: prefill time (TTFT) at 4K..32K and
            131K (YaRN), and decode tok/s from a CUDA graph of one decode step (model + greedy argmax)
            at batch 1 (prompt 128 + 256 new, fused kernels on and off) and at long contexts and batch 64.
+  pdl      the batch-1 decode graph with programmatic dependent launch off and on, alternated.
 Prints a table per section and writes every figure to OUT/bench_kernels.json.
 
 Timing: small kernels are captured in one CUDA graph that runs R different inputs back to back
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 import traceback
@@ -405,6 +407,33 @@ def section_model(rows: list[dict]) -> None:
     print(rows[-1], flush=True)
 
 
+def section_pdl(rows: list[dict]) -> None:
+    """Batch-1 decode (prompt 128 + 256) from a CUDA graph with programmatic dependent launch off and on."""
+    cfg = Qwen2Config.from_dict(QWEN7B)
+    model = build_model(cfg, BF16, "cuda")
+    random_weights(model, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (128,), device="cuda", generator=gen)
+    before = os.environ.get("QWEN_SERVE_PDL")
+    try:
+        for setting in ("0", "1", "0", "1"):  # alternated, so drift shows up as a difference between repeats
+            os.environ["QWEN_SERVE_PDL"] = setting
+            runner = DecodeRunner(model, cfg, 1, 128 + 256 + 16, TritonAttentionBackend())
+            runner.prefill(ids, 128)
+            ms = runner.decode_ms(128, 256)
+            rows.append({"figure": f"decode b=1 prompt128+256 (PDL {'on' if setting == '1' else 'off'})",
+                         "ms_per_step": ms, "tok_s": 1e3 / ms, "roofline_tok_s": READ_BW / weight_bytes})
+            print(rows[-1], flush=True)
+            del runner
+            torch.cuda.empty_cache()
+    finally:
+        if before is None:
+            os.environ.pop("QWEN_SERVE_PDL", None)
+        else:
+            os.environ["QWEN_SERVE_PDL"] = before
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     if not rows:
         return
@@ -420,7 +449,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--sections", default="attn,prefill,fused,gemv,model")
+    parser.add_argument("--sections", default="attn,prefill,fused,gemv,model,pdl")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -431,7 +460,7 @@ def main() -> None:
     del x, y
     print(results, flush=True)
     sections = {"attn": section_attn, "prefill": section_prefill, "fused": section_fused, "gemv": section_gemv,
-                "model": section_model}
+                "model": section_model, "pdl": section_pdl}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()

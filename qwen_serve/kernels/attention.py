@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, gather_kv
 
 _LOG2E = 1.4426950408889634
@@ -45,8 +46,10 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
+    wait_for_previous(USE_PDL)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     if slot >= 0:
         heads = tl.arange(0, HEADS_POW2)
@@ -122,11 +125,12 @@ def _paged_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     NUM_HEADS: tl.constexpr, NUM_QPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PER_SEQ_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    wait_for_previous(USE_PDL)
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q, PER_SEQ_PAD)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -197,9 +201,11 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
+    wait_for_previous(USE_PDL)
     row = tok * NUM_HEADS + head
     offs_s = tl.arange(0, SPLITS_POW2)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -273,7 +279,7 @@ def write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=num_kv_heads,
         HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **launch_options(k.device),
     )
 
 
@@ -387,7 +393,7 @@ class TritonAttentionBackend:
             NUM_HEADS=num_heads, NUM_QPK=qpk, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
             BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, PER_SEQ_PAD=pad,
             NUM_SPLITS=splits, MIN_SPLIT_TILES=self.min_split_tiles,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, **launch_options(device),
         )
         for i in dense:
             s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -399,6 +405,6 @@ class TritonAttentionBackend:
             _merge_splits_kernel[(num_tokens, num_heads)](
                 part_out, part_lse, out, out.stride(0), out.stride(1),
                 NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=splits,
-                SPLITS_POW2=triton.next_power_of_2(splits), num_warps=4,
+                SPLITS_POW2=triton.next_power_of_2(splits), num_warps=4, **launch_options(device),
             )
         return out

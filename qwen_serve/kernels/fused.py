@@ -1,7 +1,8 @@
 """Fused elementwise kernels for the decoder layer, each with its torch reference beside it.
 
 Why they pay: at batch-1 decode the layer's matmuls read ~0.5 GB of weights in ~0.18 ms, and
-every extra kernel costs ~2 us even inside a CUDA graph. The torch versions of RMSNorm + residual
+every extra kernel costs ~2 us even inside a CUDA graph (less since they launch with programmatic
+dependent launch on Hopper, kernels/pdl.py). The torch versions of RMSNorm + residual
 (~8 kernels), RoPE (~15) and SwiGLU (2) add ~50 launches a layer; these replace them with 3.
 Each kernel reproduces the reference's rounding points (where it casts to the model dtype), so
 bf16 results match it to within one rounding step.
@@ -21,17 +22,20 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qwen_serve.kernels.pdl import launch_options, wait_for_previous
+
 
 # ----------------------------------------------------------------------------- RMSNorm + residual
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
+    wait_for_previous(USE_PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0)
@@ -72,16 +76,18 @@ def rms_norm(
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
             n_cols, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            **launch_options(x.device),
         )
     return out, res_out
 
 
 # ----------------------------------------------------------------------------- SwiGLU
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_cols
+    wait_for_previous(USE_PDL)
     gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=ok, other=0.0)
     act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)  # F.silu rounds to the dtype
@@ -103,7 +109,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if n_rows:
         block = 1024
         _silu_and_mul_kernel[(n_rows, triton.cdiv(inter, block))](
-            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
+            x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4, **launch_options(x.device)
         )
     return out
 
@@ -126,9 +132,10 @@ def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, table_ptr,
     stride_q, stride_k, stride_v, stride_table, stride_cb, stride_cs, num_q_heads, num_k_heads,
     Q_HEADS_POW2: tl.constexpr, K_HEADS_POW2: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
+    wait_for_previous(USE_PDL)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF)[None, :]
     cos = tl.load(table_ptr + pos * stride_table + dims)  # [1, HALF] float32 (mscale folded in)
@@ -182,7 +189,7 @@ def _launch_rotary(positions, q, k, table, head_dim, v=None, k_cache=None, v_cac
             q.stride(0), k.stride(0), v.stride(0) if write else 0, table.stride(0),
             k_cache.stride(0) if write else 0, k_cache.stride(1) if write else 0, hq, hk,
             Q_HEADS_POW2=triton.next_power_of_2(hq), K_HEADS_POW2=triton.next_power_of_2(hk), HALF=head_dim // 2,
-            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, num_warps=4,
+            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, num_warps=4, **launch_options(q.device),
         )
     return q_out, k_out
 
@@ -217,13 +224,21 @@ def rotary_and_write_kv(
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_w,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, n_cols, BLOCK_K):
+    # The first weight tile depends on no kernel: with PDL it is read while the previous kernel finishes.
+    if EVEN_K:
+        w = tl.load(w_ptrs, mask=row_ok[:, None])
+    else:
+        w = tl.load(w_ptrs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+    wait_for_previous(USE_PDL)
+    x = tl.load(x_ptr + cols, mask=cols < n_cols, other=0.0)
+    acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, n_cols, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0, mask=row_ok[:, None])
             x = tl.load(x_ptr + k0 + cols)
@@ -275,5 +290,6 @@ def gemv(
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
         x, weight, bias if bias is not None else weight, y, n_rows, n_cols, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN_K=n_cols % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **launch_options(x.device),
     )
     return y
