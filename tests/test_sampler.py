@@ -46,6 +46,27 @@ def test_greedy_is_argmax():
     assert out.token_ids.tolist() == logits.argmax(-1).tolist()
 
 
+def test_a_given_argmax_is_used_unless_bans_or_penalties_change_the_logits():
+    """The decode CUDA graph hands sample() its rows' argmax. It is taken as given for plain greedy rows
+    (a marker that is not the argmax shows it), and recomputed after a ban or a penalty, where the
+    graph's argmax may be the very token that was banned or penalised."""
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    best = logits.argmax(-1)
+    marker = (best + 1) % V
+    out = sample(logits.clone(), _tensors(3, temperature=0.0), marker.clone())
+    assert out.token_ids.tolist() == marker.tolist()
+
+    banned = (torch.tensor([0]), best[:1])
+    out = sample(logits.clone(), _tensors(3, temperature=0.0, banned=banned), best.clone())
+    assert out.token_ids[0] != best[0] and out.token_ids[1:].tolist() == best[1:].tolist()
+
+    counts = torch.zeros(3, V)
+    counts[1, best[1]] = 1.0
+    out = sample(logits.clone(), _tensors(3, temperature=0.0, presence=torch.full((3,), 100.0), output_counts=counts),
+                 best.clone())
+    assert out.token_ids[1] != best[1] and out.token_ids[[0, 2]].tolist() == best[[0, 2]].tolist()
+
+
 def test_filtered_distribution_matches_reference():
     base = torch.randn(V, generator=torch.Generator().manual_seed(2)) * 2
     draws = 6000

@@ -22,7 +22,7 @@ import torch
 class SamplingTensors:
     """One step's sampling settings, one row per sampling sequence. Optional parts are None when no row uses them."""
 
-    temperature: torch.Tensor  # [n] float32, 0 = greedy
+    temperature: torch.Tensor | None  # [n] float32 (greedy rows 1.0); None when every row is greedy
     random_rows: list[int]  # rows that draw (the others take the argmax); a host list, so no sync
     all_greedy: bool
     top_k: list[int]  # per row, 0 = off (host side: chooses the candidate set)
@@ -51,16 +51,20 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [m, max_logprobs] float32
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-    """logits: [n, V] float32 (modified in place)."""
+def sample(logits: torch.Tensor, st: SamplingTensors, argmax: torch.Tensor | None = None) -> SamplerOutput:
+    """logits: [n, V] float32 (modified in place); argmax: [n] their rows' argmax when the caller
+    already has it (the decode CUDA graph computes it), used unless penalties or bans change the
+    logits; the drawn rows are written into it."""
     raw_logprobs = None
     if st.logprob_rows is not None:
         raw_logprobs = torch.log_softmax(logits[st.logprob_rows], dim=-1)  # [m, V]
     if st.banned is not None:
         logits[st.banned] = float("-inf")
-    _apply_penalties(logits, st)
+    if st.banned is not None or _apply_penalties(logits, st):
+        argmax = None
 
-    tokens = logits.argmax(dim=-1)  # [n] greedy choice for every row (cheap next to the forward pass)
+    # [n] greedy choice for every row (cheap next to the forward pass)
+    tokens = logits.argmax(dim=-1) if argmax is None else argmax
     if not st.all_greedy:
         rows = torch.tensor(st.random_rows).to(logits.device, non_blocking=True)  # [r]
         tokens[rows] = _draw(logits[rows], st, st.random_rows, rows)
@@ -76,7 +80,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     return out
 
 
-def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> None:
+def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> bool:
+    """Returns whether any penalty applied."""
     if st.repetition is not None:
         # HF / vLLM rule: divide positive logits, multiply negative ones, for every token seen.
         rep = st.repetition[:, None].expand_as(logits)
@@ -86,6 +91,7 @@ def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> None:
         logits -= st.frequency[:, None] * st.output_counts
     if st.presence is not None:
         logits -= st.presence[:, None] * (st.output_counts > 0).float()
+    return st.repetition is not None or st.frequency is not None or st.presence is not None
 
 
 def _draw(logits: torch.Tensor, st: SamplingTensors, rows: list[int], rows_t: torch.Tensor) -> torch.Tensor:

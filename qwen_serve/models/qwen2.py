@@ -174,6 +174,7 @@ class Qwen2ForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden_size] -> float32 logits [n, vocab_size]."""
-        return kernel_dispatch.linear(hidden, self.lm_head.weight).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, hidden_size] -> float32 logits [n, vocab_size] (written into `out` when given)."""
+        logits = kernel_dispatch.linear(hidden, self.lm_head.weight)
+        return logits.float() if out is None else out.copy_(logits)

@@ -2,10 +2,11 @@
 
 A decode step of a few sequences launches hundreds of small kernels; replaying a captured graph
 removes their per-launch host cost. Every graph reads static buffers that `run` fills before each
-replay (token ids, positions, KV slots, block tables, sequence lengths) and writes the final hidden
-states into one static buffer. A batch of n sequences replays the smallest bucket >= n; rows n..bucket
-are padding: slot -1 (the KV write skips it), sequence length 1, position 0, and whatever token id
-an earlier replay left there.
+replay (token ids, positions, KV slots, block tables, sequence lengths) and writes two static
+outputs: every row's float32 logits and their argmax (the greedy token, which the sampler takes
+as is when nothing changes the logits). A batch of n sequences replays the smallest bucket >= n;
+rows n..bucket are padding: slot -1 (the KV write skips it), sequence length 1, position 0, and
+whatever token id an earlier replay left there.
 
 Captured after the KV cache is bound, with meta.max_seq_len = max_model_len: the Triton backend picks
 its split-KV count on the host from max_seq_len at capture time and reads the real lengths on the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +30,13 @@ from qwen_serve.worker.host_arrays import host_tensor
 log = logging.getLogger(__name__)
 
 
+class DecodeOutput(NamedTuple):
+    """Views of the graphs' static outputs for the n rows of one replay: valid until the next replay."""
+
+    logits: torch.Tensor  # [n, vocab] float32
+    greedy: torch.Tensor  # [n] int64: each row's argmax
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 below max_num_seqs, then max_num_seqs itself."""
     small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
@@ -36,7 +45,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, hidden_size: int, dtype: torch.dtype) -> None:
+                 block_size: int, vocab_size: int) -> None:
         self.model = model
         self.device = device
         self.buckets = batch_buckets(max_num_seqs)
@@ -51,7 +60,8 @@ class DecodeGraphs:
         # sequence's length are never read, and padding rows read only block entry 0 (a valid id).
         self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)  # one token per sequence
-        self.hidden = torch.zeros(b, hidden_size, dtype=dtype, device=device)  # [B, H] graph output
+        self.logits = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)  # [B, V] graph output
+        self.greedy = torch.zeros(b, dtype=torch.long, device=device)  # [B] graph output
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, n: int) -> AttentionMetadata:
@@ -63,7 +73,9 @@ class DecodeGraphs:
 
     def _forward(self, n: int) -> None:
         with forward_context(self._meta(n)):
-            self.hidden[:n] = self.model(self.input_ids[:n], self.positions[:n])
+            hidden = self.model(self.input_ids[:n], self.positions[:n])
+        self.model.compute_logits(hidden, out=self.logits[:n])
+        torch.argmax(self.logits[:n], dim=-1, out=self.greedy[:n])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -89,11 +101,10 @@ class DecodeGraphs:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
 
     def run(self, ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
+            tables: list[list[int]]) -> DecodeOutput:
         """One decode step of n sequences (ids [n] on the device, one token each; tables padded to
-        one width) -> hidden [n, H].
-
-        The result is a view of the static output buffer: use it before the next replay."""
+        one width) -> their logits and greedy tokens (views of the static outputs: queue their
+        use before the next replay)."""
         n = len(positions)
         bucket = next(b for b in self.buckets if b >= n)
         pad = bucket - n
@@ -106,7 +117,7 @@ class DecodeGraphs:
         self._fill(self.seq_lens[:bucket], seq_lens + [1] * pad, torch.int32)
         self._fill(self.block_tables[:n, : len(tables[0])], tables, torch.int32)
         self.graphs[bucket].replay()
-        return self.hidden[:n]
+        return DecodeOutput(self.logits[:n], self.greedy[:n])
 
     @staticmethod
     def _fill(dst: torch.Tensor, values: list, dtype: torch.dtype) -> None:

@@ -10,7 +10,8 @@ CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memor
 leaves after a profiling forward pass at the largest step the scheduler can make.
 
 On CUDA with the Triton attention backend, decode-only steps replay CUDA graphs captured once the KV
-cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; prefill and mixed steps run eagerly.
+cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; the graph also computes every row's
+logits and argmax, which the sampler takes as the greedy choice. Prefill and mixed steps run eagerly.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class ModelRunner:
         from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
         graphs = DecodeGraphs(self.model, self.device, self.config.max_num_seqs, self.max_model_len,
-                              self.block_size, self.cfg.hidden_size, self.dtype)
+                              self.block_size, self.cfg.vocab_size)
         graphs.capture()
         return graphs
 
@@ -213,18 +214,23 @@ class ModelRunner:
 
         width = max(len(t) for t in tables)
         padded_tables = [t + [0] * (width - len(t)) for t in tables]
+        greedy = None  # each sampling row's argmax, when the decode graph computed it
         if self.graphs is not None and len(ids) == len(sched.chunks) and self.graphs.fits(len(ids), width):
-            # Decode only (one token per sequence): replay the captured graph.
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)  # [num_seqs, hidden]
+            # Decode only (one token per sequence, so no prompt logprobs): replay the captured graph,
+            # which also computes every row's logits and argmax.
+            logits, greedy = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)
+            prompt_logprobs = []
+            if sample_rows != list(range(len(ids))):
+                logits, greedy = logits[self._to_device(sample_rows, torch.long)], None
         else:
             hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
                                          max(c.num_tokens for c in sched.chunks))
-        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.chunks, query_start)
+            prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.chunks, query_start)
+            # Logits only for the rows that sample: [num_samples, vocab] float32.
+            logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)]) if sample_seqs else None
         if not sample_seqs:
             return StepHandle(None, prompt_logprobs)
-        # Logits only for the rows that sample: [num_samples, vocab] float32.
-        logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)])
-        pending = self.sampler.launch(logits, sample_seqs)
+        pending = self.sampler.launch(logits, sample_seqs, greedy)
         self._last_tokens = pending.token_ids
         self._last_rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
         return StepHandle(pending, prompt_logprobs)

@@ -24,7 +24,7 @@ class PendingSample:
     seqs: list[Sequence]
     max_logprobs: int
     token_ids: torch.Tensor  # [n] int64, on the device
-    host: torch.Tensor  # [n + logprob parts] float64, on the host
+    host: torch.Tensor  # on the host: [n] int64 token ids, or float64 [n + logprob parts] with logprobs
     ready: torch.cuda.Event | None
 
 
@@ -52,19 +52,23 @@ class StepSampler:
         for seq_id in seq_ids:
             self.generators.pop(seq_id, None)
 
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> "PendingSample":
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> "PendingSample":
         """Queues the sampling of one step on the device and the copy of its results to the host;
-        returns without waiting for either. logits: [n, V] float32 (modified in place)."""
-        self._apply_grammars(logits, seqs)
+        returns without waiting for either. logits: [n, V] float32 (modified in place); greedy:
+        their rows' argmax when the caller has it (written in place)."""
+        if self._apply_grammars(logits, seqs):
+            greedy = None
         st = self._sampling_tensors(seqs, logits.shape[1])
-        out = sample(logits, st)
-        parts = [out.token_ids.double()]
-        if out.sampled_logprob is not None:
-            parts += [out.sampled_logprob.double(), out.sampled_rank.double()]
+        out = sample(logits, st, greedy)
+        if out.sampled_logprob is None:
+            results = out.token_ids
+        else:
+            parts = [out.token_ids.double(), out.sampled_logprob.double(), out.sampled_rank.double()]
             if out.top_ids is not None:
                 parts += [out.top_ids.double().flatten(), out.top_logprobs.double().flatten()]
+            results = torch.cat(parts)
         # NOTE: the one device->host copy of the step (into pinned memory on a GPU).
-        host = torch.cat(parts).to("cpu", non_blocking=True)
+        host = results.to("cpu", non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -85,7 +89,7 @@ class StepSampler:
         greedy = [t == 0.0 or p.top_k == 1 for t, p in zip(temps, params)]
         all_greedy = all(greedy)
         st = SamplingTensors(
-            temperature=self._to_device([t if t > 0 else 1.0 for t in temps], torch.float32),
+            temperature=None if all_greedy else self._to_device([t if t > 0 else 1.0 for t in temps], torch.float32),
             random_rows=[i for i, g in enumerate(greedy) if not g],
             all_greedy=all_greedy,
             top_k=[max(p.top_k, 0) for p in params],
@@ -152,12 +156,13 @@ class StepSampler:
         if rows:
             st.banned = (self._to_device(rows, torch.long), self._to_device(tokens, torch.long))
 
-    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
         """Masks what each structured-output row's grammar forbids (before sampling, as vLLM does,
-        so those rows' logprobs are of the constrained distribution). logits: [n, V]."""
+        so those rows' logprobs are of the constrained distribution). logits: [n, V]. Returns
+        whether any row has a grammar."""
         rows = [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
         if not rows:
-            return
+            return False
         if all(hasattr(c, "fill_bitmask") for _, c in rows):
             # The structured module's packed path: one int32 bitmask [n, V/32] filled on its threads.
             from qwen_serve.structured.constraint import allocate_bitmask, apply_bitmask_, fill_bitmasks
@@ -169,12 +174,13 @@ class StepSampler:
             bitmask.fill_(-1)  # unconstrained rows: everything allowed
             fill_bitmasks([(c, i) for i, c in rows], bitmask)
             apply_bitmask_(logits, bitmask)
-            return
+            return True
         allowed = torch.zeros(logits.shape[1], dtype=torch.bool)
         for i, c in rows:
             allowed.zero_()
             c.fill_mask(allowed)
             logits[i].masked_fill_(~allowed.to(logits.device), float("-inf"))
+        return True
 
     def _to_host(self, seqs: list[Sequence], k: int, host: list[float]) -> list[SampledToken]:
         """host: token ids [n], then for the m rows that want logprobs: logprobs [m], ranks [m],
