@@ -7,7 +7,10 @@ checks, detokenizing, building outputs). On CUDA it also records an event when e
 work is queued: the gaps between one step's sampled tokens and the next step's first work, on the
 GPU's own clock, are the time the GPU sat idle waiting for the host.
 
-    python scripts/profile_steps.py --random-config 7b --num-prompts 256 --max-num-seqs 256
+With --kernels N it also runs torch's profiler (CUDA activity) over the measured run and prints the
+N kernels that took the most GPU time (the profiler slows the host; the per-kernel times stand).
+
+    python scripts/profile_steps.py --random-config 7b --num-prompts 256 --max-num-seqs 256 [--kernels 30]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time")
     args = parser.parse_args()
 
     engine = _build_engine(args)
@@ -88,7 +92,14 @@ def main() -> None:
     run(work[:4])  # warm-up
     timers.total.clear()
     starts.clear()
-    seconds, generated, steps = run(work)
+    if args.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            seconds, generated, steps = run(work)
+        _print_kernels(prof, args.kernels)
+    else:
+        seconds, generated, steps = run(work)
     t = timers.total
     wait = t["collect: wait + tokens to host"]
     print(f"{generated} tokens in {seconds:.2f} s ({generated / seconds:,.0f} tok/s), {steps} steps, "
@@ -102,6 +113,16 @@ def main() -> None:
     if starts:
         idle = _gpu_idle_ms(starts)
         print(f"  GPU idle between steps (GPU clock)        {idle / 1e3:7.2f} s  {idle / steps:7.3f} ms/step")
+
+
+def _print_kernels(prof: Any, top: int) -> None:
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"GPU time in kernels and copies: {total / 1e6:.2f} s")
+    for e in events[:top]:
+        t = e.self_device_time_total
+        print(f"  {t / 1e6:7.3f} s {100 * t / total:5.1f}%  {e.count:8d}x  {t / e.count:9.1f} us  {e.key[:110]}")
 
 
 def _timed_sampler_launch(launch: Callable[..., Any]) -> Callable[..., Any]:
