@@ -21,8 +21,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable
 
-from qwen_serve.bench.offline import _build_engine
-from qwen_serve.bench.suite import _mixed_work
+from qwen_serve.bench.offline import build_engine
+from qwen_serve.bench.suite import mixed_work
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.sampling_params import SamplingParams
 
@@ -54,14 +54,14 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time")
     args = parser.parse_args()
 
-    engine = _build_engine(args)
+    engine = build_engine(args)
     timers = Timers()
     timers.wrap(engine.scheduler, "schedule", "schedule")
     timers.wrap(engine.runner, "launch", "launch")
     timers.wrap(engine.runner.sampler, "collect", "collect: wait + tokens to host")
     timers.wrap(engine, "_collect", "collect: all")
     lengths = [args.min_len, args.max_len]
-    work = _mixed_work(random.Random(0), engine.model_config.vocab_size, args.num_prompts, lengths, lengths)
+    work = mixed_work(random.Random(0), engine.model_config.vocab_size, args.num_prompts, lengths, lengths)
 
     def run(batch) -> tuple[float, int, int]:
         start = time.perf_counter()

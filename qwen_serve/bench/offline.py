@@ -60,7 +60,8 @@ def random_model_config(spec: str) -> Qwen2Config:
     return Qwen2Config.from_file(Path(spec))
 
 
-def _build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace):
+    """The engine `qwen-serve bench` measures: a model from the flags, or random weights of --random-config."""
     from qwen_serve.config import EngineConfig
     from qwen_serve.engine.llm_engine import LLMEngine
 
@@ -194,7 +195,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = _build_engine(args)
+    engine = build_engine(args)
     vocab = engine.model_config.vocab_size
     warm = _prompts(vocab, 1, min(16, args.input_len), seed=1)
     # A fresh prompt per repeat: a repeated one would be served from the prefix cache.

@@ -197,7 +197,7 @@ def _random_ids(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(min(vocab, 10000)) for _ in range(n)]
 
 
-def _mixed_work(rng: random.Random, vocab: int, n: int, input_len: list[int],
+def mixed_work(rng: random.Random, vocab: int, n: int, input_len: list[int],
                 output_len: list[int]) -> list[tuple[list[int], int]]:
     """Per request: a prompt length, the prompt, an output length (with seed 0: the requests of the first
     H100 throughput run, so the figures compare)."""
@@ -236,7 +236,7 @@ def _workload(args: argparse.Namespace, spec: ModelSpec, max_model_len: int) -> 
                              "positions of the model with --rope-scaling")
         long = [_random_ids(random.Random(f"long-{r}"), vocab, args.long_context_len - args.long_context_new_tokens)
                 for r in range(args.long_context_repeats)]
-    throughput = _mixed_work(random.Random(0), vocab, args.throughput_requests, args.throughput_input_len,
+    throughput = mixed_work(random.Random(0), vocab, args.throughput_requests, args.throughput_input_len,
                              args.throughput_output_len) if "throughput" in sections else []
     return Workload(decode, contexts, long, throughput)
 
@@ -485,7 +485,7 @@ def _measure_main_sections(session: _Session, work: Workload, ours: _Ours) -> No
     if "throughput" in sections:
         def throughput() -> dict[str, Any]:
             # Warm-up on other prompts, so the prefix cache serves none of the measured ones.
-            ours.batch(_mixed_work(random.Random("throughput-warm-up"), vocab, min(4, len(work.throughput)),
+            ours.batch(mixed_work(random.Random("throughput-warm-up"), vocab, min(4, len(work.throughput)),
                                    args.throughput_input_len, [2, 2]))
             return ours.batch(work.throughput)
 
