@@ -109,8 +109,8 @@ def test_float32_copies_share_tied_weights_and_keep_names(tiny, caplog):
     with caplog.at_level(logging.INFO, logger=cpu_linear.__name__):
         assert cpu_linear.add_float32_copies(model) == PREPARED
     assert set(model.state_dict()) == names
-    assert isinstance(model.lm_head, cpu_linear.HybridLinear)
-    assert isinstance(model.model.layers[0].mlp.down_proj, cpu_linear.HybridLinear)
+    assert isinstance(model.lm_head, cpu_linear.CpuLinear)
+    assert isinstance(model.model.layers[0].mlp.down_proj, cpu_linear.CpuLinear)
     copies = {id(getattr(p, cpu_linear._FLOAT32_COPY)) for p in model.parameters() if p.dim() == 2
               and hasattr(p, cpu_linear._FLOAT32_COPY)}
     assert len(copies) == PREPARED  # the embedding of a tied model is the lm_head's one copy
@@ -136,7 +136,9 @@ def test_pack_linears_keeps_packing_where_it_works(tiny, monkeypatch):
     model = _bf16_model(tiny)
     tied = model.config.tie_word_embeddings
     assert cpu_linear.pack_linears(model) == PREPARED - tied == len(packed)
-    assert not any(isinstance(m, cpu_linear.HybridLinear) for m in model.modules())
+    prepared = [m for m in model.modules() if isinstance(m, cpu_linear.CpuLinear)]
+    assert len(prepared) == len(packed) - sum(type(m).__name__ == "MergedLinear" for m in model.modules())
+    assert not any(isinstance(m.weight, nn.Parameter) for m in prepared)  # the packed buffer replaced it
     assert not any(hasattr(p, cpu_linear._FLOAT32_COPY) for p in model.parameters())
 
 
@@ -144,7 +146,7 @@ def test_pack_linears_gives_float32_copies_where_packing_fails(tiny, monkeypatch
     monkeypatch.setattr(cpu_linear, "packing_works", lambda: False)
     model = _bf16_model(tiny)
     assert cpu_linear.pack_linears(model) == PREPARED
-    assert isinstance(model.lm_head, cpu_linear.HybridLinear)
+    assert isinstance(model.lm_head, cpu_linear.CpuLinear)
     float32_model = load_model(tiny, load_model_config(tiny), torch.float32, "cpu")
     assert cpu_linear.pack_linears(float32_model) == 0
 
@@ -155,7 +157,6 @@ def test_engine_greedy_output_unchanged(tiny, packing, monkeypatch, linear_calls
     packing works (stubbed as an unpacked weight here), no matmul runs in float32."""
     monkeypatch.setattr(cpu_linear, "packing_works", lambda: packing)
     if packing:
-        monkeypatch.setattr(cpu_linear, "PackedLinear", lambda layer: layer)
         monkeypatch.setattr(cpu_linear, "pack_weight", lambda w: w.detach().clone())
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (3, 9, 17, 30)]

@@ -85,28 +85,20 @@ def packing_works() -> bool:
         return False
 
 
-class PackedLinear(nn.Module):
-    """Stands in for an nn.Linear: `weight` is the packed buffer, so both calling the module and
-    `kernel_dispatch.linear(x, module.weight)` reach oneDNN."""
+class CpuLinear(nn.Module):
+    """Stands in for an nn.Linear whose weight was prepared here (packed for oneDNN, or given a float32
+    copy), so that calling the module takes the same route through `linear` as
+    `kernel_dispatch.linear(x, module.weight)` does. A packed weight is a buffer: it replaces the
+    parameter (no second copy) and stays out of the state dict."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", pack_weight(linear.weight), persistent=False)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.weight, self.bias)
-
-
-class HybridLinear(nn.Module):
-    """Stands in for an nn.Linear whose weight has a float32 copy, so that calling the module takes
-    the same route through `linear` as `kernel_dispatch.linear(x, module.weight)` does."""
-
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, weight: torch.Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight, self.bias = layer.weight, layer.bias
+        if isinstance(weight, nn.Parameter):
+            self.weight = weight
+        else:
+            self.register_buffer("weight", weight, persistent=False)
+        self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -129,7 +121,7 @@ def pack_linears(model: nn.Module) -> int:
                 if id(getattr(child, "weight", None)) in embeddings:
                     continue
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, PackedLinear(child))
+                    setattr(parent, name, CpuLinear(child, pack_weight(child.weight)))
                     count += 1
                 elif type(child).__name__ == "MergedLinear":  # its forward goes through kernel_dispatch.linear
                     packed = pack_weight(child.weight)
@@ -166,7 +158,7 @@ def add_float32_copies(model: nn.Module, max_memory_fraction: float = 0.25) -> i
             setattr(weight, _FLOAT32_COPY, weight.detach().float())
     for parent, name, child in layers:
         if isinstance(child, nn.Linear):  # its forward calls F.linear directly
-            setattr(parent, name, HybridLinear(child))
+            setattr(parent, name, CpuLinear(child, child.weight))
     log.info("no bfloat16 packing on this CPU: float32 copies of %d linear weights (%.2f GiB extra memory) "
              "for matmuls of %d rows or more", len(weights), extra / 2**30, FLOAT32_MIN_ROWS)
     return len(layers)
