@@ -29,7 +29,7 @@ from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, bind_kv_cache, forward_context
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.host_arrays import host_tensor
-from qwen_serve.worker.prompt_logprobs import PromptLogprobs, compute_prompt_logprobs
+from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs
 from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
 
 if TYPE_CHECKING:
@@ -46,10 +46,11 @@ class RunnerOutput:
 
 @dataclass(slots=True)
 class StepHandle:
-    """A launched step: its sampling, still on the device (None when no sequence samples)."""
+    """A launched step: its sampling and prompt logprobs, still on the device (None when no sequence
+    samples / no chunk asked for prompt logprobs)."""
 
     sample: PendingSample | None
-    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # already on the host
+    prompt_logprobs: PendingPromptLogprobs | None = None
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -219,13 +220,13 @@ class ModelRunner:
             # Decode only (one token per sequence, so no prompt logprobs): replay the captured graph,
             # which also computes every row's logits and argmax.
             logits, greedy = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)
-            prompt_logprobs = []
+            prompt_logprobs = None
             if sample_rows != list(range(len(ids))):
                 logits, greedy = logits[self._to_device(sample_rows, torch.long)], None
         else:
             hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
                                          max(c.num_tokens for c in sched.chunks))
-            prompt_logprobs = compute_prompt_logprobs(self.model, hidden, sched.chunks, query_start)
+            prompt_logprobs = launch_prompt_logprobs(self.model, hidden, sched.chunks, query_start, self._to_device)
             # Logits only for the rows that sample: [num_samples, vocab] float32.
             logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)]) if sample_seqs else None
         if not sample_seqs:
@@ -238,7 +239,7 @@ class ModelRunner:
     def collect(self, handle: StepHandle) -> RunnerOutput:
         """Waits for a launched step and returns its sampled tokens."""
         return RunnerOutput(self.sampler.collect(handle.sample) if handle.sample is not None else [],
-                            handle.prompt_logprobs)
+                            handle.prompt_logprobs.collect() if handle.prompt_logprobs is not None else [])
 
     def _input_ids(self, ids: list[int], pending_at: list[int], pending_from: list[int]) -> torch.Tensor:
         """[num_tokens] token ids on the device, the pending ones taken from the last launch's samples."""

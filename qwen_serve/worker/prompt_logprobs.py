@@ -13,6 +13,7 @@ an 8K-token chunk of a 152K vocabulary would otherwise need 5 GB of float32 logi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,24 +43,42 @@ def _prompt_rows(chunk: ScheduledChunk) -> int:
     return max(0, min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1) - chunk.start)
 
 
-def compute_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks: list[ScheduledChunk],
-                            query_start: list[int]) -> list[PromptLogprobs]:
-    """Entries for every chunk whose request asked for prompt logprobs.
+@dataclass(slots=True)
+class PendingPromptLogprobs:
+    """One step's prompt logprobs, queued on the device: `host` fills once `ready` (a CUDA event; None
+    on the CPU) has passed, so launching the step never waits for them."""
 
-    hidden: [num_tokens, hidden_size], chunk i owning rows query_start[i]:query_start[i + 1].
+    wanted: list[tuple[int, ScheduledChunk, int]]  # (chunk index, chunk, rows that predict a prompt token)
+    k: int  # top alternatives per row: the most any of the step's requests asked for
+    host: torch.Tensor  # float64: logprobs [R], ranks [R], top ids [R * k], top logprobs [R * k]
+    ready: torch.cuda.Event | None
+
+    def collect(self) -> list[PromptLogprobs]:
+        """Waits for the copy and returns one entry list per chunk."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return _entries(self.wanted, self.host.tolist(), self.k)
+
+
+def launch_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks: list[ScheduledChunk],
+                           query_start: list[int], to_device: Callable[[list, torch.dtype], torch.Tensor]
+                           ) -> PendingPromptLogprobs | None:
+    """Queues the entries of every chunk whose request asked for prompt logprobs (None: no chunk did).
+
+    hidden: [num_tokens, hidden_size], chunk i owning rows query_start[i]:query_start[i + 1];
+    to_device: host list -> device tensor without waiting for the GPU (the runner's).
     """
     wanted = [(i, c, n) for i, c in enumerate(chunks) if (n := _prompt_rows(c)) > 0]
     if not wanted:
-        return []
+        return None
     rows: list[int] = []
     targets: list[int] = []
     for i, c, n in wanted:
         rows.extend(range(query_start[i], query_start[i] + n))
         targets.extend(c.seq.token_ids[c.start + 1 : c.start + 1 + n])
     k = max(c.seq.request.params.prompt_logprobs for _, c, _ in wanted)
-    device = hidden.device
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)  # [R]
-    targets_t = torch.tensor(targets, dtype=torch.long, device=device)[:, None]  # [R, 1]
+    rows_t = to_device(rows, torch.long)  # [R]
+    targets_t = to_device(targets, torch.long)[:, None]  # [R, 1]
     token_lp, ranks, top_lp, top_ids = [], [], [], []
     for s in range(0, len(rows), ROWS_PER_SLICE):
         logits = model.compute_logits(hidden[rows_t[s : s + ROWS_PER_SLICE]])  # [r, V] float32
@@ -72,16 +91,19 @@ def compute_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks
             values, ids = logprobs.topk(k, dim=-1)  # [r, k]
             top_lp.append(values)
             top_ids.append(ids)
-    return _to_host(wanted, token_lp, ranks, top_lp, top_ids, k)
-
-
-def _to_host(wanted: list[tuple[int, ScheduledChunk, int]], token_lp: list[torch.Tensor], ranks: list[torch.Tensor],
-             top_lp: list[torch.Tensor], top_ids: list[torch.Tensor], k: int) -> list[PromptLogprobs]:
-    # NOTE: one device->host copy (a CPU-GPU synchronization) for all prompt chunks of the step.
     parts = [torch.cat(token_lp).double(), torch.cat(ranks).double()]
     if k > 0:
         parts += [torch.cat(top_ids).double().flatten(), torch.cat(top_lp).double().flatten()]
-    host = torch.cat(parts).tolist()
+    # NOTE: one device->host copy for all prompt chunks of the step (into pinned memory on a GPU).
+    host = torch.cat(parts).to("cpu", non_blocking=True)
+    ready = None
+    if hidden.is_cuda:
+        ready = torch.cuda.Event()
+        ready.record()
+    return PendingPromptLogprobs(wanted, k, host, ready)
+
+
+def _entries(wanted: list[tuple[int, ScheduledChunk, int]], host: list[float], k: int) -> list[PromptLogprobs]:
     total = sum(n for _, _, n in wanted)
     lps, rks = host[:total], host[total : 2 * total]
     ids, tops = host[2 * total : 2 * total + total * k], host[2 * total + total * k :]

@@ -91,5 +91,16 @@ def test_overlapped_steps_match_and_launch_without_a_sync(tiny, monkeypatch):
     sampled = SamplingParams(temperature=0.9, top_p=0.9, top_k=30, seed=5, max_tokens=12, ignore_eos=True, logprobs=2)
     outs = LLM.from_engine(engine).generate([[1, 2, 3], [4, 5]], sampled, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    # Prompt logprobs are copied to the host at collect, not in launch; the same values as collected at once.
+    scored = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2)
+    prompt = list(range(10, 40))
+    overlapped_lp = LLM.from_engine(engine).generate([prompt], scored, use_tqdm=False)[0].prompt_logprobs
+    monkeypatch.setattr(ModelRunner, "launch", launch)
+    plain_engine, _ = _generate(tiny, overlap_steps="off")
+    plain_lp = LLM.from_engine(plain_engine).generate([prompt], scored, use_tqdm=False)[0].prompt_logprobs
+    assert overlapped_lp[0] is None and len(overlapped_lp) == len(prompt)
+    assert [sorted(e) for e in overlapped_lp[1:]] == [sorted(e) for e in plain_lp[1:]]
+    for got, want in zip(overlapped_lp[1:], plain_lp[1:]):
+        assert all(abs(got[t].logprob - want[t].logprob) < 1e-5 for t in want)
     stats = engine.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
