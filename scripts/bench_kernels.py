@@ -5,6 +5,8 @@ Sections (--sections, comma separated; default all):
            variants) vs the torch reference, against the KV-read floor (bytes / read bandwidth).
   prefill  one prefill chunk of 4K..32K tokens (with and without a cached prefix): Triton tile
            variants vs torch's flash SDPA on contiguous tensors, against the matmul-rate floor.
+  chunked  a prefill chunk after a cached prefix: the backend's two cuDNN calls + merge vs single calls
+           (GQA without expanding KV heads, lower-right causal mask).
   fused    RMSNorm+residual, SwiGLU, RoPE kernels vs their torch references (CUDA-graph timed).
   model    the whole Qwen2.5-7B shape with random bf16 weights: prefill time (TTFT) at 4K..32K and
            131K (YaRN), and decode tok/s from a CUDA graph of one decode step (model + greedy argmax)
@@ -158,6 +160,55 @@ def section_prefill(rows: list[dict]) -> None:
         del b
         torch.cuda.empty_cache()
         print("prefill " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ chunked
+def section_chunked(rows: list[dict]) -> None:
+    """A prefill chunk after a cached prefix, the long-prompt case: the backend's path (prefix gathered,
+    KV heads expanded, one cuDNN call over the prefix and one causal over the chunk, merged by
+    log-sum-exp) against single calls that would need neither the expansion nor the merge."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    scale = D**-0.5
+    for ctx, new in ((8192, 8192), (24576, 8192), (114688, 16384)):
+        b = random_paged_batch([(ctx, new)], H, KVH, D, 16, BF16, "cuda", seed=1)
+        visible = new * ctx + new * (new + 1) / 2
+        flops = 4 * H * D * visible
+        row = {"context": ctx, "new": new, "TFLOP": flops / 1e12, "floor_ms": flops / MATMUL_FLOPS * 1e3}
+        q = b.q.transpose(0, 1)[None]  # [1, H, new, D]
+        k = torch.randn(1, KVH, ctx + new, D, device="cuda", dtype=BF16)  # prefix + chunk, contiguous
+        v = torch.randn_like(k)
+        mask = causal_lower_right(new, ctx + new)
+        group = H // KVH
+        variants = {
+            "backend (2 cuDNN calls + merge)": attention_call(TritonAttentionBackend(), b),
+            "cudnn prefix call, GQA (no expand)": lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k[:, :, :ctx], v[:, :, :ctx], None, True, 0.0, False, False, scale=scale),
+            "sdpa lower-right causal, GQA": lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True),
+            "sdpa lower-right causal, heads expanded": lambda: F.scaled_dot_product_attention(
+                q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask, scale=scale),
+        }
+        for name, fn in variants.items():
+            try:
+                ms = bench_ms(fn)
+                row[name] = ms
+                row[name + " TFLOP/s"] = flops / ms / 1e9
+            except Exception as e:  # an unsupported combination is a result too
+                row[name] = f"fail: {type(e).__name__}: {str(e)[:80]}"
+        try:  # a GQA call that runs must also be right: against the expanded heads
+            got = variants["cudnn prefix call, GQA (no expand)"]()[0]
+            want = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k[:, :, :ctx].repeat_interleave(group, dim=1), v[:, :, :ctx].repeat_interleave(group, dim=1),
+                None, True, 0.0, False, False, scale=scale)[0]
+            row["cudnn GQA max abs diff"] = (got.float() - want.float()).abs().max().item()
+        except Exception as e:
+            row["cudnn GQA max abs diff"] = f"fail: {type(e).__name__}"
+        rows.append(row)
+        del b, q, k, v
+        torch.cuda.empty_cache()
+        print("chunked " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
 
 
 # ------------------------------------------------------------------------------------------ fused
@@ -449,7 +500,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--sections", default="attn,prefill,fused,gemv,model,pdl")
+    parser.add_argument("--sections", default="attn,prefill,chunked,fused,gemv,model,pdl")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -459,8 +510,8 @@ def main() -> None:
     results["copy_GBps"] = 2 * x.numel() / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
     del x, y
     print(results, flush=True)
-    sections = {"attn": section_attn, "prefill": section_prefill, "fused": section_fused, "gemv": section_gemv,
-                "model": section_model, "pdl": section_pdl}
+    sections = {"attn": section_attn, "prefill": section_prefill, "chunked": section_chunked, "fused": section_fused,
+                "gemv": section_gemv, "model": section_model, "pdl": section_pdl}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()
