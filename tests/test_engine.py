@@ -247,6 +247,31 @@ def test_presence_and_frequency_penalties_match_reference_loop(tiny, reference):
     assert out == generated
 
 
+def test_logit_bias_matches_reference_loop(tiny, reference):
+    """Greedy with logit_bias equals transformers' logits plus the bias, argmax, step by step (a
+    moderate bias on two tokens, so both the biased and the model's own choices show up); -100 on
+    a token keeps it out; logprobs stay those of the unbiased model."""
+    engine = _engine(tiny)
+    prompt = _prompts()[3]
+    bias = {5: 2.5, 17: 4.0}
+    out = _generate(engine, [prompt], _greedy(logit_bias=bias, logprobs=0))[0].outputs[0]
+    tokens, generated, logprobs = list(prompt), [], []
+    for _ in range(NEW):
+        with torch.no_grad():
+            logits = reference(torch.tensor([tokens])).logits[0, -1].float()
+        biased = logits.clone()
+        for t, b in bias.items():
+            biased[t] += b
+        generated.append(int(biased.argmax()))
+        logprobs.append(float(torch.log_softmax(logits, -1)[generated[-1]]))
+        tokens.append(generated[-1])
+    assert out.token_ids == generated
+    assert [e[t].logprob for e, t in zip(out.logprobs, generated)] == pytest.approx(logprobs, abs=1e-4)
+    plain = _generate(engine, [prompt], _greedy())[0].outputs[0].token_ids
+    banned = _generate(engine, [prompt], _greedy(logit_bias={t: -100.0 for t in set(plain)}))[0].outputs[0].token_ids
+    assert not set(banned) & set(plain)
+
+
 def test_stop_strings_span_tokens_and_are_never_emitted(tiny):
     engine = _engine(tiny, tokenizer=CharTokenizer())
     prompt = _prompts()[4]
@@ -336,6 +361,10 @@ def test_bad_requests_raise_value_error(tiny):
         engine.add_request("v", [VOCAB + 5], _greedy())
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("e", [], _greedy())
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("b", [1, 2], _greedy(logit_bias={VOCAB: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("b", [1, 2], _greedy(logit_bias={3: float("nan")}))
 
 
 def test_generation_config_defaults_fill_unset_fields(tiny):

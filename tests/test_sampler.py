@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qwen_serve.layers.sampler import SamplingTensors, _apply_penalties, sample
@@ -133,6 +134,23 @@ def test_logprobs_ranks_and_top_alternatives():
         vals, ids = ref[row].topk(4)
         assert out.top_ids[j].tolist() == ids.tolist()
         torch.testing.assert_close(out.top_logprobs[j], vals)
+
+
+def test_logit_bias_shifts_the_distribution_not_the_logprobs():
+    """A bias b on token t multiplies its odds by e^b (checked on drawn frequencies against the
+    biased softmax); the logprobs reported are the raw model's."""
+    base = torch.randn(V, generator=torch.Generator().manual_seed(3))
+    draws = 6000
+    bias = (torch.arange(draws), torch.full((draws,), 4), torch.full((draws,), 2.0))
+    out = sample(base.repeat(draws, 1), _tensors(draws, 1.0, bias=bias))
+    biased = base.clone()
+    biased[4] += 2.0
+    freq = torch.bincount(out.token_ids, minlength=V).float() / draws
+    assert (freq - torch.softmax(biased, -1)).abs().max() < 0.03
+    one = sample(base[None].clone(), _tensors(1, 0.0, bias=(torch.tensor([0]), torch.tensor([4]), torch.tensor([100.0])),
+                                              logprob_rows=torch.tensor([0]), max_logprobs=1))
+    assert one.token_ids.tolist() == [4]
+    assert one.sampled_logprob.item() == pytest.approx(torch.log_softmax(base, -1)[4].item(), abs=1e-5)
 
 
 def test_banned_tokens_are_never_sampled():

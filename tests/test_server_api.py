@@ -133,6 +133,19 @@ def test_n_and_seed(client: openai.OpenAI):
     assert streamed == texts(a) and finishes == {0: "length", 1: "length"}
 
 
+def test_logit_bias(client: openai.OpenAI, http: httpx.Client):
+    """+100 on one token makes greedy decoding pick it at every step, and the sampled token's logprob
+    stays the model's (below the unbiased greedy token's), as in vLLM."""
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=4, temperature=0, logprobs=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw)
+    token_id = http.post("/tokenize", json={"model": MODEL, "prompt": " fox"}).json()["tokens"][-1]
+    expected = http.post("/detokenize", json={"model": MODEL, "tokens": [token_id] * 4}).json()["prompt"]
+    forced = client.completions.create(logit_bias={str(token_id): 100}, **kw)
+    assert forced.choices[0].text == expected != plain.choices[0].text
+    assert forced.choices[0].logprobs.token_logprobs[0] < plain.choices[0].logprobs.token_logprobs[0]
+
+
 def test_stop_string(client: openai.OpenAI):
     base = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})
@@ -276,7 +289,8 @@ BAD_REQUESTS = [
     ("too many stop strings", "POST", CHATP, _chat(stop=["x"] * 100), None, 400, "stop"),
     ("seed not a number", "POST", CHATP, _chat(seed="abc"), None, 400, "seed"),
     ("seed too large", "POST", CHATP, _chat(seed=2**70), None, 400, "seed"),
-    ("logit_bias", "POST", CHATP, _chat(logit_bias={"10": 5}), None, 400, "logit_bias"),
+    ("logit_bias key not a token id", "POST", CHATP, _chat(logit_bias={"ten": 5}), None, 400, "logit_bias"),
+    ("logit_bias token past vocab", "POST", CHATP, _chat(logit_bias={"999999999": 5}), None, 400, "logit_bias"),
     ("stream_options w/o stream", "POST", CHATP, _chat(stream_options={"include_usage": True}), None, 400,
      "stream_options"),
     ("min_tokens over max_tokens", "POST", CHATP, _chat(min_tokens=10, max_tokens=2), None, 400, "min_tokens"),

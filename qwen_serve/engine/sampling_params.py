@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_output: dict[str, Any] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (not to logprobs)
     # Names of the fields the caller set; generation_config defaults never override these.
     _explicit: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
@@ -113,6 +115,9 @@ class SamplingParams:
         _check(self.prompt_logprobs is None
                or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
                "prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
+        _check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+               isinstance(t, int) and t >= 0 and _is_num(b) and math.isfinite(b) for t, b in self.logit_bias.items())),
+               "logit_bias", "must map non-negative token ids to finite numbers")
         spec = self.structured_output
         _check(spec is None or (isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema", "lark")),
                "structured_output", "must be a dict with type json_object, json_schema or lark")

@@ -8,6 +8,7 @@ Responses are built as these models so their JSON is exactly what the OpenAI SDK
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -67,9 +68,22 @@ class SamplingFields(_Request):
             raise ValueError("token ids must be non-negative")
         return v
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and not all(k.isdigit() for k in v):
+            raise ValueError("keys must be token ids (non-negative integers as strings)")
+        if v is not None and any(math.isnan(b) for b in v.values()):
+            raise ValueError("values must be numbers")
+        return v
+
+    def token_bias(self) -> dict[int, float] | None:
+        """logit_bias with integer token ids, each value clamped to [-100, 100] (as OpenAI and vLLM)."""
+        if not self.logit_bias:
+            return None
+        return {int(k): min(100.0, max(-100.0, v)) for k, v in self.logit_bias.items()}
+
     def check_common(self) -> None:
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
 

@@ -160,7 +160,7 @@ class Serving:
             "n": req.n, "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
             "min_p": req.min_p, "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
-            "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
+            "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids, "logit_bias": req.token_bias(),
         }
         fields.update({k: v for k, v in given.items() if v is not None})
         fields.update(

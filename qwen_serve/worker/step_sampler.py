@@ -103,6 +103,7 @@ class StepSampler:
             st.min_p = self._to_device([p.min_p for p in params], torch.float32)
         self._penalties(st, seqs, params, vocab)
         self._banned(st, seqs, params, vocab)
+        self._bias(st, params)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             st.logprob_rows = self._to_device(want, torch.long)
@@ -155,6 +156,18 @@ class StepSampler:
                 tokens += stops
         if rows:
             st.banned = (self._to_device(rows, torch.long), self._to_device(tokens, torch.long))
+
+    def _bias(self, st: SamplingTensors, params) -> None:
+        """Each row's logit_bias as (row, token id, value) triples (the engine checked the ids)."""
+        rows, tokens, values = [], [], []
+        for i, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                rows.append(i)
+                tokens.append(token)
+                values.append(value)
+        if rows:
+            st.bias = (self._to_device(rows, torch.long), self._to_device(tokens, torch.long),
+                       self._to_device(values, torch.float32))
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
         """Masks what each structured-output row's grammar forbids (before sampling, as vLLM does,
