@@ -186,6 +186,26 @@ def test_openai_wrapper_and_lark(tok, vocab):
     assert first_rejected(new_constraint(lark, tok, vocab), tok.encode("maybe"), vocab) == 0
 
 
+def test_regex_and_choice_specs(tok, vocab):
+    """vLLM's guided_regex and guided_choice: the mask allows exactly the matching texts."""
+    regex = {"type": "regex", "pattern": r"[A-Z]{2}-\d{3}"}
+    assert first_rejected(new_constraint(regex, tok, vocab), tok.encode("AB-123"), vocab) is None
+    assert first_rejected(new_constraint(regex, tok, vocab), tok.encode("ab-123"), vocab) == 0
+    c = new_constraint(regex, tok, vocab)
+    assert first_rejected(c, tok.encode("AB-123"), vocab) is None and c.is_finished()
+    choice = {"type": "choice", "choices": ["red", "green", 'say "hi"', "北京"]}
+    for text in ("green", 'say "hi"', "北京"):
+        c = new_constraint(choice, tok, vocab)
+        assert first_rejected(c, tok.encode(text), vocab) is None and c.is_finished(), text
+    assert first_rejected(new_constraint(choice, tok, vocab), tok.encode("blue"), vocab) == 0
+    for seed in range(3):
+        assert random_walk(new_constraint(choice, tok, vocab), tok, vocab, seed) in choice["choices"]
+    with pytest.raises(StructuredOutputError, match="regex"):
+        new_constraint({"type": "regex", "pattern": "("}, tok, vocab)
+    with pytest.raises(StructuredOutputError, match="choices"):
+        new_constraint({"type": "choice", "choices": []}, tok, vocab)
+
+
 def test_cache_is_keyed_by_canonical_spec_and_bounded(tok, vocab):
     compiler = GrammarCompiler(max_entries=2)
     a = compiler.precompile(schema_spec({"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "string"}}}), tok, vocab)

@@ -393,6 +393,40 @@ def test_server_json_schema_and_errors(client):
     assert e.value.body["param"] == "tool_choice"
 
 
+def test_server_vllm_guided_fields(client):
+    """vLLM's guided_choice / guided_regex / guided_json and structured_outputs, on chat and completions
+    (where response_format works too); conflicting or unsupported fields are 400s naming the field."""
+    import re
+
+    import openai
+
+    colors = ["red", "green", "light blue"]
+    r = client.completions.create(model="tiny", prompt="Pick a color:", max_tokens=20, n=3, temperature=1.0, seed=2,
+                                  extra_body={"guided_choice": colors})
+    assert all(c.text in colors and c.finish_reason == "stop" for c in r.choices)
+    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=20, temperature=1.0, seed=3,
+                                       extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{2,3}"})
+    assert re.fullmatch(r"[A-Z]{2}-[0-9]{2,3}", r.choices[0].message.content) and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt="A pet:", max_tokens=60, temperature=0.0,
+                                  extra_body={"guided_json": json.dumps(BOUNDED_SCHEMA)})
+    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED_SCHEMA)
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": BOUNDED_SCHEMA}}
+    r = client.completions.create(model="tiny", prompt="A pet:", max_tokens=60, temperature=1.0, seed=4,
+                                  extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(r.choices[0].text), BOUNDED_SCHEMA)
+    r = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=20,
+                                       extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.choices[0].message.content in ("yes", "no")
+    for extra, param in ((dict(guided_choice=["a"], guided_regex="b"), "guided_choice"),
+                         (dict(guided_grammar='root ::= "a"'), "guided_grammar"),
+                         (dict(guided_regex="("), "guided_regex"),
+                         (dict(guided_json="{not json"), "guided_json"),
+                         (dict(guided_choice=[]), "guided_choice")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body=extra)
+        assert e.value.body["param"] == param, (extra, e.value.body)
+
+
 BOUNDED_SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "age": {"type": "integer", "minimum": 0, "maximum": 20}},
                   "required": ["kind", "age"], "additionalProperties": False}
 

@@ -119,8 +119,9 @@ class SamplingParams:
                isinstance(t, int) and t >= 0 and _is_num(b) and math.isfinite(b) for t, b in self.logit_bias.items())),
                "logit_bias", "must map non-negative token ids to finite numbers")
         spec = self.structured_output
-        _check(spec is None or (isinstance(spec, dict) and spec.get("type") in ("json_object", "json_schema", "lark")),
-               "structured_output", "must be a dict with type json_object, json_schema or lark")
+        _check(spec is None or (isinstance(spec, dict)
+                                and spec.get("type") in ("json_object", "json_schema", "lark", "regex", "choice")),
+               "structured_output", "must be a dict with type json_object, json_schema, lark, regex or choice")
         return self
 
 

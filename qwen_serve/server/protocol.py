@@ -8,6 +8,7 @@ Responses are built as these models so their JSON is exactly what the OpenAI SDK
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any, Literal
@@ -27,6 +28,38 @@ class _Request(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "schema"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_output(self) -> dict[str, Any] | None:
+        """The engine's `SamplingParams.structured_output` for this format (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise ValueError("response_format: type json_schema needs json_schema.schema")
+        return {"type": "json_schema", "schema": self.json_schema.schema_}
+
+
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` object: one of json / regex / choice (grammar is refused below)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(_Request):
@@ -53,6 +86,13 @@ class SamplingFields(_Request):
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer structured_outputs.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @field_validator("stop")
     @classmethod
@@ -83,9 +123,49 @@ class SamplingFields(_Request):
             return None
         return {int(k): min(100.0, max(-100.0, v)) for k, v in self.logit_bias.items()}
 
+    def structured_spec(self) -> tuple[dict[str, Any], str] | None:
+        """The engine's `SamplingParams.structured_output` asked for by this request, and the field that
+        asked (for error messages); None for free text. ValueError when two fields ask, or for a grammar
+        (vLLM's guided_grammar is EBNF or Lark depending on its backend: refused rather than guessed)."""
+        so = self.structured_outputs
+        asked: list[tuple[str, dict[str, Any] | None]] = [
+            ("guided_json", _json_schema_spec("guided_json", self.guided_json)),
+            ("guided_regex", None if self.guided_regex is None else {"type": "regex", "pattern": self.guided_regex}),
+            ("guided_choice", None if self.guided_choice is None else {"type": "choice", "choices": self.guided_choice}),
+            ("response_format", self.response_format.structured_output() if self.response_format else None),
+        ]
+        if so is not None:
+            asked += [
+                ("structured_outputs.json", _json_schema_spec("structured_outputs.json", so.json_)),
+                ("structured_outputs.regex", None if so.regex is None else {"type": "regex", "pattern": so.regex}),
+                ("structured_outputs.choice", None if so.choice is None else {"type": "choice", "choices": so.choice}),
+                ("structured_outputs.json_object", {"type": "json_object"} if so.json_object else None),
+            ]
+        for name, grammar in (("guided_grammar", self.guided_grammar), ("structured_outputs.grammar", so and so.grammar)):
+            if grammar is not None:
+                raise ValueError(f"{name}: grammars are not supported; use a JSON schema, a regex or a choice")
+        given = [(name, spec) for name, spec in asked if spec is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1][0]}: give only one of {', '.join(name for name, _ in given)}")
+        return (given[0][1], given[0][0]) if given else None
+
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+
+
+def _json_schema_spec(name: str, schema: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """vLLM's guided_json: a JSON Schema as an object or as a JSON string."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}: not valid JSON ({err.msg})") from None
+    if schema is None:
+        return None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{name}: must be a JSON Schema object")
+    return {"type": "json_schema", "schema": schema}
 
 
 # ---------------------------------------------------------------- chat
@@ -139,28 +219,6 @@ class NamedToolChoice(_Request):
     function: dict[str, str]
 
 
-class JsonSchemaFormat(_Request):
-    name: str = "schema"
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    def structured_output(self) -> dict[str, Any] | None:
-        """The engine's `SamplingParams.structured_output` for this format (None for plain text)."""
-        if self.type == "text":
-            return None
-        if self.type == "json_object":
-            return {"type": "json_object"}
-        if self.json_schema is None or self.json_schema.schema_ is None:
-            raise ValueError("response_format: type json_schema needs json_schema.schema")
-        return {"type": "json_schema", "schema": self.json_schema.schema_}
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -170,7 +228,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
     # vLLM's extras for the template.
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True

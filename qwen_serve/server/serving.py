@@ -28,6 +28,7 @@ from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_gene
 from qwen_serve.server.errors import APIError, error_body
 from qwen_serve.server.metrics import ServerMetrics
 from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, SamplingFields
+from qwen_serve.structured import StructuredOutputError, precompile
 
 T = TypeVar("T")
 
@@ -98,6 +99,20 @@ class Serving:
         if tok is None:
             raise APIError.bad_request("this model has no tokenizer: send token-id prompts to /v1/completions")
         return tok
+
+    async def compile_structured(self, asked: tuple[dict[str, Any], str] | None) -> dict[str, Any] | None:
+        """The request's structured-output spec (from `SamplingFields.structured_spec`: spec and the field
+        that asked), compiled on the grammar pool rather than the engine thread: a bad spec is a 400 here
+        naming that field, and the engine's new_constraint finds it cached (same spec, tokenizer and
+        vocab size). None for free text."""
+        if asked is None:
+            return None
+        spec, param = asked
+        try:
+            await asyncio.wrap_future(precompile(spec, self.tokenizer, self.vocab_limit()))
+        except StructuredOutputError as err:
+            raise APIError(400, str(err), param=param) from None
+        return spec
 
     def vocab_limit(self) -> int:
         """Token ids the model accepts (its embedding rows; can exceed the tokenizer's vocabulary)."""

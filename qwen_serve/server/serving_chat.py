@@ -10,7 +10,6 @@ usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,7 +49,6 @@ from qwen_serve.server.serving import (
     usage_of,
 )
 from qwen_serve.server.tool_calls import StreamEvent, ToolCallParser, parse_tool_calls, tool_choice_spec
-from qwen_serve.structured import StructuredOutputError, precompile
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -96,21 +94,20 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
     )
 
 
-def structured_output_of(req: ChatCompletionRequest) -> dict[str, Any] | None:
-    """The engine's `SamplingParams.structured_output` for this request (ValueError naming the field).
+def structured_output_of(req: ChatCompletionRequest) -> tuple[dict[str, Any], str] | None:
+    """The engine's `SamplingParams.structured_output` for this request and the field that asked for it
+    (ValueError naming the field).
 
     tool_choice "required" or a named function is a grammar over Qwen's <tool_call> blocks; it takes
-    precedence over response_format, which shapes plain answers.
+    precedence over response_format and vLLM's guided fields, which shape plain answers.
     """
     if parses_tool_calls(req):
         choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedToolChoice) else req.tool_choice
         spec = tool_choice_spec([t.model_dump(exclude_none=True) for t in req.tools or []], choice,
                                 req.parallel_tool_calls)
         if spec is not None:
-            return spec
-    if req.response_format is None:
-        return None
-    return req.response_format.structured_output()
+            return spec, "tools"
+    return req.structured_spec()
 
 
 def parses_tool_calls(req: ChatCompletionRequest) -> bool:
@@ -190,16 +187,10 @@ class ChatServing(Serving):
         model = self.check_model(req.model)
         self.check_ready()
         try:
-            structured = structured_output_of(req)
+            asked = structured_output_of(req)
         except ValueError as err:
             raise APIError.from_value_error(err) from None
-        if structured is not None:
-            # Compile on the grammar pool, not the engine thread: a bad schema is a 400 here and the
-            # engine's new_constraint finds it cached (same spec, tokenizer and vocab size).
-            try:
-                await asyncio.wrap_future(precompile(structured, self.tokenizer, self.vocab_limit()))
-            except StructuredOutputError as err:
-                raise APIError(400, str(err), param="tools" if structured["type"] == "lark" else "response_format") from None
+        structured = await self.compile_structured(asked)
         try:
             prompt_text = render_prompt(self.tokenizer, req)
         except ValueError as err:

@@ -93,10 +93,12 @@ class CompletionServing(Serving):
         try:
             req.validate_fields()
             raw_prompts = req.prompts()
+            asked = req.structured_spec()
         except ValueError as err:
             raise APIError.from_value_error(err) from None
         model = self.check_model(req.model)
         self.check_ready()
+        structured = await self.compile_structured(asked)
         prompts = [await self._prompt(p, i, len(raw_prompts), req.echo) for i, p in enumerate(raw_prompts)]
         limit = req.max_tokens if "max_tokens" in req.model_fields_set else (self.max_tokens_default() or req.max_tokens)
         requests = []
@@ -104,7 +106,7 @@ class CompletionServing(Serving):
         for i, p in enumerate(prompts):
             max_tokens = self._output_limit(len(p.ids), limit)
             params = self.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                          prompt_logprobs=req.engine_prompt_logprobs)
+                                          structured_output=structured, prompt_logprobs=req.engine_prompt_logprobs)
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             requests.append(self.generate(p.ids, params, rid))
         merged = merge_streams(requests)

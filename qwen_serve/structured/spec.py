@@ -4,6 +4,8 @@ A spec is one of
     {"type": "json_object"}                                   any JSON object
     {"type": "json_schema", "schema": {...}, "strict": bool}  a JSON value valid against the schema
     {"type": "lark", "grammar": "..."}                        llguidance's Lark dialect (the server's tool grammars)
+    {"type": "regex", "pattern": "..."}                       text matching the regular expression (vLLM's guided_regex)
+    {"type": "choice", "choices": ["...", ...]}               exactly one of the strings (vLLM's guided_choice)
 The OpenAI wrapper {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} is accepted too, so the
 server may pass `response_format` through unchanged.
 
@@ -31,7 +33,7 @@ class StructuredOutputError(ValueError):
 
 JSON_FORMAT: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-SPEC_TYPES = ("json_object", "json_schema", "lark")
+SPEC_TYPES = ("json_object", "json_schema", "lark", "regex", "choice")
 
 
 def normalize_spec(spec: Any) -> dict[str, Any]:
@@ -57,6 +59,16 @@ def normalize_spec(spec: Any) -> dict[str, Any]:
         if not isinstance(grammar, str) or not grammar.strip():
             raise StructuredOutputError("lark spec needs 'grammar': a non-empty string")
         return {"type": "lark", "grammar": grammar}
+    if kind == "regex":
+        pattern = spec.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise StructuredOutputError("regex spec needs 'pattern': a non-empty string")
+        return {"type": "regex", "pattern": pattern}
+    if kind == "choice":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise StructuredOutputError("choice spec needs 'choices': a list of non-empty strings")
+        return {"type": "choice", "choices": list(choices)}
     raise StructuredOutputError(f"structured output type must be one of {', '.join(SPEC_TYPES)}; got {kind!r}")
 
 
@@ -71,4 +83,10 @@ def grammar_for_spec(spec: dict[str, Any]) -> str:
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_FORMAT)
     if spec["type"] == "json_schema":
         return LLMatcher.grammar_from_json_schema(spec["schema"], defaults=JSON_FORMAT)
+    if spec["type"] == "regex":
+        return LLMatcher.grammar_from_regex(spec["pattern"])
+    if spec["type"] == "choice":
+        # Lark string literals take JSON's escapes; one alternative per choice.
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec["choices"])
+        return LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
     return LLMatcher.grammar_from_lark(spec["grammar"])
