@@ -78,6 +78,24 @@ def test_matches_transformers(demo_folder: Path, hf_demo_tokenizer, name: str, w
 
 
 @pytest.mark.demo
+@pytest.mark.parametrize("partial", ["Sure, here is", "Sure, ", "```python\n", "好的，"])
+def test_continue_final_message_matches_transformers(demo_folder: Path, hf_demo_tokenizer, partial: str) -> None:
+    """The prompt ends inside the assistant's unfinished reply, as transformers cuts it (a trailing space
+    included when the template keeps it)."""
+    tok = Tokenizer.from_folder(demo_folder)
+    messages = CONVERSATIONS["multi_turn"] + [{"role": "assistant", "content": partial}]
+    ours = tok.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    ref = hf_demo_tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                                tokenize=False)
+    assert ours == ref and ours.endswith("<|im_start|>assistant\n" + partial)
+    with pytest.raises(ChatTemplateError, match="add_generation_prompt"):
+        tok.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ChatTemplateError, match="no text content"):
+        tok.apply_chat_template(messages[:-1] + [{"role": "assistant", "content": None}], add_generation_prompt=False,
+                                continue_final_message=True)
+
+
+@pytest.mark.demo
 def test_demo_template_error_becomes_chat_template_error(demo_folder: Path) -> None:
     tok = Tokenizer.from_folder(demo_folder)
     with pytest.raises(ChatTemplateError):  # the template concatenates a None content

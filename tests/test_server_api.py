@@ -146,6 +146,24 @@ def test_logit_bias(client: openai.OpenAI, http: httpx.Client):
     assert forced.choices[0].logprobs.token_logprobs[0] < plain.choices[0].logprobs.token_logprobs[0]
 
 
+def test_continue_final_message(client: openai.OpenAI, http: httpx.Client):
+    """An unfinished assistant message is continued (as vLLM's continue_final_message): the prompt
+    ends inside it, /tokenize agrees, and the reply holds only the continuation."""
+    partial = [*CHAT, {"role": "assistant", "content": "Green leaves"}]
+    body = {"model": MODEL, "messages": partial, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = http.post("/tokenize", json=body).json()["tokens"]
+    text = http.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nGreen leaves")
+    r = client.chat.completions.create(model=MODEL, messages=partial, max_tokens=6, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True,
+                                                   "ignore_eos": True})
+    assert r.usage.prompt_tokens == len(tokens) and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=partial, max_tokens=6,
+                                       extra_body={"continue_final_message": True})
+    assert e.value.body["param"] == "continue_final_message"
+
+
 def test_stop_string(client: openai.OpenAI):
     base = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
                                      extra_body={"ignore_eos": True})

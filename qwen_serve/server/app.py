@@ -171,7 +171,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         if req.messages is not None:
             try:
                 text = tok.apply_chat_template(message_dicts(req.messages),
-                                               add_generation_prompt=req.add_generation_prompt)
+                                               add_generation_prompt=req.add_generation_prompt,
+                                               continue_final_message=req.continue_final_message)
             except ValueError as err:
                 raise APIError(400, str(err), param="messages") from None
         else:

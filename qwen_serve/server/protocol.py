@@ -168,6 +168,11 @@ def _json_schema_spec(name: str, schema: dict[str, Any] | str | None) -> dict[st
     return {"type": "json_schema", "schema": schema}
 
 
+def _check_continuation(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("continue_final_message: set add_generation_prompt to false to continue the last message")
+
+
 # ---------------------------------------------------------------- chat
 
 class TextPart(_Request):
@@ -231,9 +236,11 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extras for the template.
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the prompt ends inside the last (assistant) message
 
     def validate_fields(self) -> None:
         self.check_common()
+        _check_continuation(self.add_generation_prompt, self.continue_final_message)
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs set to true")
         if self.tool_choice not in (None, "none") and not self.tools:
@@ -301,10 +308,12 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def validate_fields(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("prompt: give exactly one of prompt or messages")
+        _check_continuation(self.add_generation_prompt, self.continue_final_message)
 
 
 class TokenizeResponse(BaseModel):

@@ -90,6 +90,7 @@ def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
     return tokenizer.apply_chat_template(
         message_dicts(req.messages), tools=tools, add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
         **(req.chat_template_kwargs or {}),
     )
 

@@ -140,14 +140,37 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
-        """The prompt text for a conversation, rendered by the model's own template."""
+        """The prompt text for a conversation, rendered by the model's own template.
+
+        continue_final_message: end the text inside the last message (its end-of-turn left out), so the
+        model continues it, as transformers does: the message is rendered with a marker after its
+        content and the text is cut at the marker."""
         if self._template is None:
             raise ChatTemplateError(f"{self.name} has no chat template; send plain prompts to /v1/completions instead")
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true")
+            final = messages[-1].get("content") if messages else None
+            if not isinstance(final, str):
+                raise ChatTemplateError("continue_final_message: the final message has no text content to continue")
+            messages = [*messages[:-1], {**messages[-1], "content": final + _CONTINUE_TAG}]
         # transformers passes the special-token strings (bos_token, eos_token, ...) to every template.
-        return self._template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        text = self._template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      **{**self.special_tokens, **extra})
+        if not continue_final_message:
+            return text
+        tag = _CONTINUE_TAG.strip()
+        if tag not in text or final.strip() not in text:
+            raise ChatTemplateError("continue_final_message: the template does not show the final message's content")
+        at = text.rindex(tag)
+        # A template that strips the content's trailing spaces also stripped the marker's space.
+        return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker, so both cut at the same place
 
 
 def _clean_up(text: str) -> str:
