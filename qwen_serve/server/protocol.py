@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
 
@@ -93,6 +93,15 @@ class SamplingFields(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM request fields this server does not implement: refused when set (`check_common`), because
+    # ignoring them would answer a different request than the one sent.
+    use_beam_search: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    return_tokens_as_token_ids: bool = False
+    refused: ClassVar[tuple[str, ...]] = (
+        "use_beam_search", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "return_tokens_as_token_ids")
 
     @field_validator("stop")
     @classmethod
@@ -150,6 +159,9 @@ class SamplingFields(_Request):
         return (given[0][1], given[0][0]) if given else None
 
     def check_common(self) -> None:
+        for name in self.refused:
+            if getattr(self, name) not in (None, False):
+                raise ValueError(f"{name}: not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
 
@@ -237,6 +249,12 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the prompt ends inside the last (assistant) message
+    # vLLM chat extras this server does not implement (refused when set, see SamplingFields).
+    echo: bool = False
+    chat_template: str | None = None
+    documents: list[dict[str, Any]] | None = None
+    prompt_logprobs: int | None = None
+    refused: ClassVar[tuple[str, ...]] = SamplingFields.refused + ("echo", "chat_template", "documents", "prompt_logprobs")
 
     def validate_fields(self) -> None:
         self.check_common()
