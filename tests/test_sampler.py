@@ -153,6 +153,18 @@ def test_logit_bias_shifts_the_distribution_not_the_logprobs():
     assert one.sampled_logprob.item() == pytest.approx(torch.log_softmax(base, -1)[4].item(), abs=1e-5)
 
 
+def test_penalties_apply_while_tokens_are_banned():
+    """A min_tokens ban and a penalty in the same step: both change the logits."""
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 5] = 2.0, 1.0
+    counts = torch.zeros(1, V)
+    counts[0, 5] = 1.0
+    st = _tensors(1, temperature=0.0, banned=(torch.tensor([0]), torch.tensor([7])), presence=torch.tensor([0.5]),
+                  output_counts=counts)
+    sample(logits, st)
+    assert logits[0, 7] == float("-inf") and logits[0, 5].item() == pytest.approx(0.5)
+
+
 def test_banned_tokens_are_never_sampled():
     logits = torch.zeros(200, V)
     rows = torch.arange(200).repeat_interleave(V - 2)

@@ -64,7 +64,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, argmax: torch.Tensor | Non
         logits[rows, ids] = logits[rows, ids] + values
     if st.banned is not None:
         logits[st.banned] = float("-inf")
-    if st.bias is not None or st.banned is not None or _apply_penalties(logits, st):
+    if _apply_penalties(logits, st) or st.bias is not None or st.banned is not None:
         argmax = None
 
     # [n] greedy choice for every row (cheap next to the forward pass)
