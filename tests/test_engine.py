@@ -270,6 +270,17 @@ def test_logit_bias_matches_reference_loop(tiny, reference):
     plain = _generate(engine, [prompt], _greedy())[0].outputs[0].token_ids
     banned = _generate(engine, [prompt], _greedy(logit_bias={t: -100.0 for t in set(plain)}))[0].outputs[0].token_ids
     assert not set(banned) & set(plain)
+    # allowed_token_ids: the greedy choice among them, step by step; here alongside another request.
+    allowed = sorted({5, 17, 40, 99} | set(plain[:2]))
+    outs = _generate(engine, [prompt, _prompts()[4]], [_greedy(allowed_token_ids=allowed), _greedy()])
+    tokens, restricted = list(prompt), []
+    for _ in range(NEW):
+        with torch.no_grad():
+            logits = reference(torch.tensor([tokens])).logits[0, -1].float()
+        restricted.append(allowed[int(logits[allowed].argmax())])
+        tokens.append(restricted[-1])
+    assert outs[0].outputs[0].token_ids == restricted
+    assert outs[1].outputs[0].token_ids == _generate(engine, [_prompts()[4]], _greedy())[0].outputs[0].token_ids
 
 
 def test_stop_strings_span_tokens_and_are_never_emitted(tiny):
@@ -365,6 +376,10 @@ def test_bad_requests_raise_value_error(tiny):
         engine.add_request("b", [1, 2], _greedy(logit_bias={VOCAB: 1.0}))
     with pytest.raises(ValueError, match="logit_bias"):
         engine.add_request("b", [1, 2], _greedy(logit_bias={3: float("nan")}))
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        engine.add_request("a", [1, 2], _greedy(allowed_token_ids=[VOCAB]))
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        engine.add_request("a", [1, 2], _greedy(allowed_token_ids=[]))
 
 
 def test_generation_config_defaults_fill_unset_fields(tiny):

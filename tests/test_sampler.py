@@ -165,6 +165,24 @@ def test_penalties_apply_while_tokens_are_banned():
     assert logits[0, 7] == float("-inf") and logits[0, 5].item() == pytest.approx(0.5)
 
 
+def test_allowed_token_ids_restrict_the_draw_not_the_logprobs():
+    base = torch.randn(V, generator=torch.Generator().manual_seed(4))
+    allowed = [2, 9, 30]
+    draws = 300
+    st = _tensors(draws, 1.0, allowed=(torch.arange(draws), torch.arange(draws).repeat_interleave(3),
+                                       torch.tensor(allowed).repeat(draws)))
+    out = sample(base.repeat(draws, 1), st)
+    assert set(out.token_ids.tolist()) == set(allowed)
+    # Row 1 of 2 is restricted; row 0 is free; logprobs stay the raw model's.
+    two = base.repeat(2, 1)
+    st = _tensors(2, 0.0, allowed=(torch.tensor([1]), torch.tensor([0, 0]), torch.tensor([9, 30])),
+                  logprob_rows=torch.tensor([0, 1]), max_logprobs=0)
+    out = sample(two.clone(), st)
+    assert out.token_ids[0] == base.argmax() and out.token_ids[1] == (9 if base[9] > base[30] else 30)
+    raw = torch.log_softmax(base, -1)
+    assert out.sampled_logprob[1].item() == pytest.approx(raw[out.token_ids[1]].item(), abs=1e-5)
+
+
 def test_banned_tokens_are_never_sampled():
     logits = torch.zeros(200, V)
     rows = torch.arange(200).repeat_interleave(V - 2)

@@ -133,9 +133,9 @@ def test_n_and_seed(client: openai.OpenAI):
     assert streamed == texts(a) and finishes == {0: "length", 1: "length"}
 
 
-def test_logit_bias(client: openai.OpenAI, http: httpx.Client):
+def test_logit_bias_and_allowed_token_ids(client: openai.OpenAI, http: httpx.Client):
     """+100 on one token makes greedy decoding pick it at every step, and the sampled token's logprob
-    stays the model's (below the unbiased greedy token's), as in vLLM."""
+    stays the model's (below the unbiased greedy token's), as in vLLM; allowing only that token does too."""
     kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=4, temperature=0, logprobs=0,
               extra_body={"ignore_eos": True})
     plain = client.completions.create(**kw)
@@ -144,6 +144,8 @@ def test_logit_bias(client: openai.OpenAI, http: httpx.Client):
     forced = client.completions.create(logit_bias={str(token_id): 100}, **kw)
     assert forced.choices[0].text == expected != plain.choices[0].text
     assert forced.choices[0].logprobs.token_logprobs[0] < plain.choices[0].logprobs.token_logprobs[0]
+    only = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "allowed_token_ids": [token_id]}})
+    assert only.choices[0].text == expected
 
 
 def test_continue_final_message(client: openai.OpenAI, http: httpx.Client):
@@ -310,7 +312,8 @@ BAD_REQUESTS = [
     ("logit_bias key not a token id", "POST", CHATP, _chat(logit_bias={"ten": 5}), None, 400, "logit_bias"),
     ("logit_bias token past vocab", "POST", CHATP, _chat(logit_bias={"999999999": 5}), None, 400, "logit_bias"),
     ("vLLM beam search", "POST", CHATP, _chat(use_beam_search=True), None, 400, "use_beam_search"),
-    ("vLLM allowed_token_ids", "POST", CMPLP, _cmpl(allowed_token_ids=[1, 2]), None, 400, "allowed_token_ids"),
+    ("allowed_token_ids past vocab", "POST", CMPLP, _cmpl(allowed_token_ids=[999_999_999]), None, 400, "allowed_token_ids"),
+    ("allowed_token_ids empty", "POST", CMPLP, _cmpl(allowed_token_ids=[]), None, 400, "allowed_token_ids"),
     ("vLLM truncate_prompt_tokens", "POST", CMPLP, _cmpl(truncate_prompt_tokens=5), None, 400, "truncate_prompt_tokens"),
     ("vLLM chat echo", "POST", CHATP, _chat(echo=True), None, 400, "echo"),
     ("vLLM chat prompt_logprobs", "POST", CHATP, _chat(prompt_logprobs=1), None, 400, "prompt_logprobs"),

@@ -48,6 +48,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     structured_output: dict[str, Any] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (not to logprobs)
+    allowed_token_ids: list[int] | None = None  # sample only among these (logprobs stay the model's)
     # Names of the fields the caller set; generation_config defaults never override these.
     _explicit: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
@@ -118,6 +119,9 @@ class SamplingParams:
         _check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
                isinstance(t, int) and t >= 0 and _is_num(b) and math.isfinite(b) for t, b in self.logit_bias.items())),
                "logit_bias", "must map non-negative token ids to finite numbers")
+        _check(self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
+               and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+               "allowed_token_ids", "must be a non-empty list of non-negative token ids")
         spec = self.structured_output
         _check(spec is None or (isinstance(spec, dict)
                                 and spec.get("type") in ("json_object", "json_schema", "lark", "regex", "choice")),

@@ -2,7 +2,7 @@
 
 Per-request settings arrive as tensors built once per step (`SamplingTensors`, by the runner),
 so nothing here loops over the vocabulary in Python. Order, as in vLLM: logprobs of the raw
-model distribution, then logit_bias, disallowed-token masks, penalties, greedy argmax or
+model distribution, then allowed_token_ids, logit_bias, disallowed-token masks, penalties, greedy argmax or
 temperature -> top_k -> top_p -> min_p -> a draw.
 
 The draw is an exponential race (argmax of p / q with q ~ Exp(1), as in gpt-fast): it needs no
@@ -38,6 +38,7 @@ class SamplingTensors:
     seen_mask: torch.Tensor | None = None  # [n, V] bool: token in prompt or output
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [b], token ids [b]): not allowed this step
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows [k], token ids [k], float32 [k]): logit_bias
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows [r], entries' rows [a], token ids [a])
     logprob_rows: torch.Tensor | None = None  # [m] int64 rows that want logprobs
     max_logprobs: int = 0
 
@@ -54,17 +55,25 @@ class SamplerOutput:
 
 def sample(logits: torch.Tensor, st: SamplingTensors, argmax: torch.Tensor | None = None) -> SamplerOutput:
     """logits: [n, V] float32 (modified in place); argmax: [n] their rows' argmax when the caller
-    already has it (the decode CUDA graph computes it), used unless biases, bans or penalties change
-    the logits; the drawn rows are written into it."""
+    already has it (the decode CUDA graph computes it), used unless allowed ids, biases, bans or
+    penalties change the logits; the drawn rows are written into it."""
     raw_logprobs = None
     if st.logprob_rows is not None:
         raw_logprobs = torch.log_softmax(logits[st.logprob_rows], dim=-1)  # [m, V]
+    if st.allowed is not None:
+        # Everything but the allowed ids of the restricted rows goes to -inf: entry j of the lists is
+        # (row in the restricted subset, allowed id).
+        rows, entry_rows, ids = st.allowed
+        blocked = torch.ones(rows.shape[0], logits.shape[1], dtype=torch.bool, device=logits.device)
+        blocked[entry_rows, ids] = False
+        logits[rows] = logits[rows].masked_fill_(blocked, float("-inf"))
     if st.bias is not None:
         rows, ids, values = st.bias  # one entry per (row, token): a gather and a scatter, no accumulation
         logits[rows, ids] = logits[rows, ids] + values
     if st.banned is not None:
         logits[st.banned] = float("-inf")
-    if _apply_penalties(logits, st) or st.bias is not None or st.banned is not None:
+    changed = st.allowed is not None or st.bias is not None or st.banned is not None
+    if _apply_penalties(logits, st) or changed:
         argmax = None
 
     # [n] greedy choice for every row (cheap next to the forward pass)

@@ -84,6 +84,7 @@ class SamplingFields(_Request):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[StrictInt] | None = None
+    allowed_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Structured output: OpenAI's response_format, vLLM's guided_* fields and its newer structured_outputs.
@@ -96,12 +97,11 @@ class SamplingFields(_Request):
     # vLLM request fields this server does not implement: refused when set (`check_common`), because
     # ignoring them would answer a different request than the one sent.
     use_beam_search: bool = False
-    allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     truncate_prompt_tokens: int | None = None
     return_tokens_as_token_ids: bool = False
     refused: ClassVar[tuple[str, ...]] = (
-        "use_beam_search", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "return_tokens_as_token_ids")
+        "use_beam_search", "bad_words", "truncate_prompt_tokens", "return_tokens_as_token_ids")
 
     @field_validator("stop")
     @classmethod
@@ -110,7 +110,7 @@ class SamplingFields(_Request):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return v
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
     def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 for t in v):

@@ -176,6 +176,7 @@ class Serving:
             "min_p": req.min_p, "presence_penalty": req.presence_penalty,
             "frequency_penalty": req.frequency_penalty, "repetition_penalty": req.repetition_penalty,
             "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids, "logit_bias": req.token_bias(),
+            "allowed_token_ids": req.allowed_token_ids,
         }
         fields.update({k: v for k, v in given.items() if v is not None})
         fields.update(

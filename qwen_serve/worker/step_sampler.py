@@ -104,6 +104,7 @@ class StepSampler:
         self._penalties(st, seqs, params, vocab)
         self._banned(st, seqs, params, vocab)
         self._bias(st, params)
+        self._allowed(st, params)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             st.logprob_rows = self._to_device(want, torch.long)
@@ -168,6 +169,18 @@ class StepSampler:
         if rows:
             st.bias = (self._to_device(rows, torch.long), self._to_device(tokens, torch.long),
                        self._to_device(values, torch.float32))
+
+    def _allowed(self, st: SamplingTensors, params) -> None:
+        """The rows restricted to allowed_token_ids, with their (row in that subset, allowed id) pairs."""
+        rows, entry_rows, tokens = [], [], []
+        for i, p in enumerate(params):
+            if p.allowed_token_ids:
+                entry_rows += [len(rows)] * len(p.allowed_token_ids)
+                tokens += p.allowed_token_ids
+                rows.append(i)
+        if rows:
+            st.allowed = (self._to_device(rows, torch.long), self._to_device(entry_rows, torch.long),
+                          self._to_device(tokens, torch.long))
 
     def _apply_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> bool:
         """Masks what each structured-output row's grammar forbids (before sampling, as vLLM does,
