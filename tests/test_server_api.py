@@ -148,6 +148,19 @@ def test_logit_bias_and_allowed_token_ids(client: openai.OpenAI, http: httpx.Cli
     assert only.choices[0].text == expected
 
 
+def test_suffix_fills_in_the_middle(client: openai.OpenAI, http: httpx.Client):
+    """`suffix` asks for the middle, in Qwen2.5-Coder's prompt format (this model has the demo's tokenizer)."""
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    fim = "<|fim_prefix|>" + prefix + "<|fim_suffix|>" + suffix + "<|fim_middle|>"
+    expected = http.post("/tokenize", json={"model": MODEL, "prompt": fim}).json()["count"]
+    r = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == expected and r.usage.completion_tokens == 4
+    plain = client.completions.create(model=MODEL, prompt=prefix, max_tokens=4, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert plain.usage.prompt_tokens < expected
+
+
 def test_continue_final_message(client: openai.OpenAI, http: httpx.Client):
     """An unfinished assistant message is continued (as vLLM's continue_final_message): the prompt
     ends inside it, /tokenize agrees, and the reply holds only the continuation."""
@@ -342,7 +355,8 @@ BAD_REQUESTS = [
     ("prompt_logprobs 21", "POST", CMPLP, _cmpl(prompt_logprobs=21), None, 400, "prompt_logprobs"),
     ("prompt_logprobs streamed", "POST", CMPLP, _cmpl(prompt_logprobs=1, stream=True), None, 400, "prompt_logprobs"),
     ("logprobs 21", "POST", CMPLP, _cmpl(logprobs=21), None, 400, "logprobs"),
-    ("suffix", "POST", CMPLP, _cmpl(suffix="end"), None, 400, "suffix"),
+    ("suffix with echo", "POST", CMPLP, _cmpl(suffix="end", echo=True), None, 400, "suffix"),
+    ("suffix with token ids", "POST", CMPLP, _cmpl(prompt=[1, 2], suffix="end"), None, 400, "suffix"),
     ("best_of != n", "POST", CMPLP, _cmpl(best_of=3), None, 400, "best_of"),
     ("tokenize nothing", "POST", "/tokenize", {"model": MODEL}, None, 400, "prompt"),
     ("detokenize strings", "POST", "/detokenize", {"tokens": ["a"]}, None, 400, "tokens.0"),

@@ -287,8 +287,8 @@ class CompletionRequest(SamplingFields):
 
     def validate_fields(self) -> None:
         self.check_common()
-        if self.suffix:
-            raise ValueError("suffix: not supported by this server")
+        if self.suffix is not None and self.echo:
+            raise ValueError("suffix: cannot be used with echo")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of: only best_of == n is supported")
         if self.max_tokens == 0 and not self.echo:

@@ -6,6 +6,9 @@ completion (in the choice's first chunk when streaming); `logprobs` gives OpenAI
 shape, with `echo` covering the prompt's tokens first (the first one's logprob null: nothing predicts
 it). `echo` with `max_tokens: 0` returns the prompt and its logprobs alone, which is how evaluation
 harnesses score text; vLLM's `prompt_logprobs` field adds its own per-token shape beside them.
+`suffix` asks for the text between the prompt and the suffix (fill in the middle), written in the
+prompt format of the models trained for it (Qwen2.5-Coder's <|fim_prefix|>, <|fim_suffix|>,
+<|fim_middle|> tokens); a model without those tokens answers 400.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from qwen_serve.server.serving import (
     top_entries,
     until_disconnected,
 )
+
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's fill-in-the-middle format
 
 
 def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], k: int, text_start: int,
@@ -99,6 +104,8 @@ class CompletionServing(Serving):
         model = self.check_model(req.model)
         self.check_ready()
         structured = await self.compile_structured(asked)
+        if req.suffix is not None:
+            raw_prompts = [self._fill_in_the_middle(p, req.suffix) for p in raw_prompts]
         prompts = [await self._prompt(p, i, len(raw_prompts), req.echo) for i, p in enumerate(raw_prompts)]
         limit = req.max_tokens if "max_tokens" in req.model_fields_set else (self.max_tokens_default() or req.max_tokens)
         requests = []
@@ -147,6 +154,17 @@ class CompletionServing(Serving):
         prompt = completion_logprobs(out.prompt_token_ids, out.prompt_logprobs or [], req.logprobs, 0,
                                      self._decode_token)
         return joined(prompt, generated)
+
+    def _fill_in_the_middle(self, prompt: str | list[int], suffix: str) -> str:
+        """The prompt for the text between `prompt` and `suffix`, in Qwen2.5-Coder's format."""
+        tok = self.tokenizer
+        if not isinstance(prompt, str):
+            raise APIError.bad_request("suffix: needs text prompts, not token ids", "suffix")
+        if any(tok.token_to_id(t) is None for t in FIM_TOKENS):
+            raise APIError.bad_request(f"suffix: this model has no fill-in-the-middle tokens ({', '.join(FIM_TOKENS)})",
+                                       "suffix")
+        prefix_token, suffix_token, middle_token = FIM_TOKENS
+        return f"{prefix_token}{prompt}{suffix_token}{suffix}{middle_token}"
 
     async def _prompt(self, p: str | list[int], i: int, count: int, echo: bool) -> _Prompt:
         param = "prompt" if count == 1 else f"prompt.{i}"
