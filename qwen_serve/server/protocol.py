@@ -112,7 +112,7 @@ class SamplingFields(_Request):
 
     @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+    def _token_ids(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and any(t < 0 for t in v):
             raise ValueError("token ids must be non-negative")
         return v
@@ -137,19 +137,11 @@ class SamplingFields(_Request):
         asked (for error messages); None for free text. ValueError when two fields ask, or for a grammar
         (vLLM's guided_grammar is EBNF or Lark depending on its backend: refused rather than guessed)."""
         so = self.structured_outputs
-        asked: list[tuple[str, dict[str, Any] | None]] = [
-            ("guided_json", _json_schema_spec("guided_json", self.guided_json)),
-            ("guided_regex", None if self.guided_regex is None else {"type": "regex", "pattern": self.guided_regex}),
-            ("guided_choice", None if self.guided_choice is None else {"type": "choice", "choices": self.guided_choice}),
-            ("response_format", self.response_format.structured_output() if self.response_format else None),
-        ]
+        asked = _vllm_specs("guided_", self.guided_json, self.guided_regex, self.guided_choice)
+        asked.append(("response_format", self.response_format.structured_output() if self.response_format else None))
         if so is not None:
-            asked += [
-                ("structured_outputs.json", _json_schema_spec("structured_outputs.json", so.json_)),
-                ("structured_outputs.regex", None if so.regex is None else {"type": "regex", "pattern": so.regex}),
-                ("structured_outputs.choice", None if so.choice is None else {"type": "choice", "choices": so.choice}),
-                ("structured_outputs.json_object", {"type": "json_object"} if so.json_object else None),
-            ]
+            asked += _vllm_specs("structured_outputs.", so.json_, so.regex, so.choice)
+            asked.append(("structured_outputs.json_object", {"type": "json_object"} if so.json_object else None))
         for name, grammar in (("guided_grammar", self.guided_grammar), ("structured_outputs.grammar", so and so.grammar)):
             if grammar is not None:
                 raise ValueError(f"{name}: grammars are not supported; use a JSON schema, a regex or a choice")
@@ -164,6 +156,17 @@ class SamplingFields(_Request):
                 raise ValueError(f"{name}: not supported by this server")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed when stream is true")
+
+
+def _vllm_specs(prefix: str, schema: dict[str, Any] | str | None, regex: str | None,
+                choices: list[str] | None) -> list[tuple[str, dict[str, Any] | None]]:
+    """(field, spec or None) for one family of vLLM's fields: guided_json/_regex/_choice, or
+    structured_outputs.json/.regex/.choice."""
+    return [
+        (f"{prefix}json", _json_schema_spec(f"{prefix}json", schema)),
+        (f"{prefix}regex", None if regex is None else {"type": "regex", "pattern": regex}),
+        (f"{prefix}choice", None if choices is None else {"type": "choice", "choices": choices}),
+    ]
 
 
 def _json_schema_spec(name: str, schema: dict[str, Any] | str | None) -> dict[str, Any] | None:
