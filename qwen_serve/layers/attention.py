@@ -62,6 +62,42 @@ class AttentionMetadata:
         return cls(starts, list(seq_lens), None, None, longest, longest)
 
 
+@dataclass(frozen=True, slots=True)
+class OutputRows:
+    """The rows of a step whose outputs the caller reads (the last token of each chunk that samples).
+
+    The model's last layer computes its attention output, MLP and final norm for these rows only, after
+    writing every token's keys and values to the cache: nothing else reads that layer's other rows.
+    `meta` describes a batch of just these rows, one query each over its sequence's whole context.
+    """
+
+    index: torch.Tensor  # [count] int64 rows of the step's flat batch
+    meta: AttentionMetadata
+
+    @property
+    def count(self) -> int:
+        return self.meta.num_seqs
+
+    @classmethod
+    def last_rows(cls, meta: AttentionMetadata, seqs: list[int], to_device) -> "OutputRows":
+        """The last query row of each of meta's sequences `seqs` (increasing indices); `to_device` makes a
+        device tensor from a host list without waiting for the device (the runner's)."""
+        lens = [meta.seq_lens[i] for i in seqs]
+        picked = to_device(seqs, torch.long)
+        on_device = meta.query_start_loc_t is not None
+        rows_meta = AttentionMetadata(
+            query_start_loc=list(range(len(seqs) + 1)),
+            seq_lens=lens,
+            slot_mapping=None,  # their keys and values are already in the cache
+            block_tables=meta.block_tables[picked],
+            max_query_len=1,
+            max_seq_len=max(lens, default=0),
+            query_start_loc_t=to_device(list(range(len(seqs) + 1)), torch.int32) if on_device else None,
+            seq_lens_t=meta.seq_lens_t[picked] if on_device else None,
+        )
+        return cls(to_device([meta.query_start_loc[i + 1] - 1 for i in seqs], torch.long), rows_meta)
+
+
 _current: AttentionMetadata | None = None
 
 
@@ -270,9 +306,11 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False,
+                rows: OutputRows | None = None) -> torch.Tensor:
         # q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]
         # kv_written: a fused kernel already put this step's k and v into the cache (GPU path).
+        # rows: only these query rows' outputs are wanted ([rows.count, num_heads * head_dim] returned).
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
@@ -281,6 +319,15 @@ class Attention(nn.Module):
         use_cache = self.k_cache is not None and meta.slot_mapping is not None
         if use_cache and not kv_written:
             write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if rows is not None:
+            if not use_cache:
+                raise ValueError("attention for selected rows reads their keys from the KV cache; none is bound")
+            if rows.count == 0:
+                return q.new_empty(0, self.num_heads * self.head_dim)
+            # Each row attends to its whole context, all of it in the cache by now: a decode-shaped batch.
+            with forward_context(rows.meta):
+                out = self.backend.forward(q[rows.index], k, v, self.k_cache, self.v_cache, rows.meta, self.scale)
+            return out.reshape(rows.count, self.num_heads * self.head_dim)
         out = self.backend.forward(
             q, k, v, self.k_cache if use_cache else None, self.v_cache if use_cache else None, meta, self.scale
         )

@@ -1,9 +1,10 @@
 """The only owner of device memory: model weights, the KV cache, per-step input tensors, sampling.
 
 `launch(SchedulerOutput) -> StepHandle` queues one step: block copies (copy-on-write of forked
-samples), one forward pass over the flat batch of every scheduled chunk, logits only for the rows
-that sample, batched sampling, and a single device->host copy of the results; `collect(handle)`
-waits for that copy and returns the sampled tokens.
+samples), one forward pass over the flat batch of every scheduled chunk (whose last layer computes only
+the rows that sample, unless prompt logprobs need them all), logits only for those rows, batched
+sampling, and a single device->host copy of the results; `collect(handle)` waits for that copy and
+returns the sampled tokens.
 
 The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: on the
 CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memory_utilization`
@@ -26,10 +27,11 @@ import torch
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.request import Sequence
 from qwen_serve.engine.scheduler import SchedulerOutput
-from qwen_serve.layers.attention import AttentionMetadata, bind_kv_cache, forward_context
+from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.host_arrays import host_tensor
-from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs
+from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
+                                                wants_prompt_logprobs)
 from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
 
 if TYPE_CHECKING:
@@ -190,6 +192,8 @@ class ModelRunner:
         pending_from: list[int] = []  # ... and its row in the previous launch's samples
         sample_rows: list[int] = []  # hidden-state row each sampling sequence reads
         sample_seqs: list[Sequence] = []
+        out_chunks: list[int] = []  # the chunks that sample, in order
+        sample_outs: list[int] = []  # each sampling sequence's index in out_chunks
         bs = self.block_size
         for chunk in sched.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
@@ -208,8 +212,11 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
+            if chunk.sample_seqs:
+                out_chunks.append(len(tables) - 1)
             for s in chunk.sample_seqs:
                 sample_rows.append(query_start[-1] - 1)
+                sample_outs.append(len(out_chunks) - 1)
                 sample_seqs.append(s)
         input_ids = self._input_ids(ids, pending_at, pending_from)
 
@@ -224,11 +231,15 @@ class ModelRunner:
             if sample_rows != list(range(len(ids))):
                 logits, greedy = logits[self._to_device(sample_rows, torch.long)], None
         else:
+            # Unless prompt logprobs need every row, the model returns only the rows that sample
+            # (the last layer skips the others), one per chunk in out_chunks.
+            only_outputs = len(out_chunks) < len(ids) and not wants_prompt_logprobs(sched.chunks)
             hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
-                                         max(c.num_tokens for c in sched.chunks))
+                                         max(c.num_tokens for c in sched.chunks), out_chunks if only_outputs else None)
             prompt_logprobs = launch_prompt_logprobs(self.model, hidden, sched.chunks, query_start, self._to_device)
             # Logits only for the rows that sample: [num_samples, vocab] float32.
-            logits = self.model.compute_logits(hidden[self._to_device(sample_rows, torch.long)]) if sample_seqs else None
+            rows = sample_outs if only_outputs else sample_rows
+            logits = self.model.compute_logits(hidden[self._to_device(rows, torch.long)]) if sample_seqs else None
         if not sample_seqs:
             return StepHandle(None, prompt_logprobs)
         pending = self.sampler.launch(logits, sample_seqs, greedy)
@@ -252,7 +263,9 @@ class ModelRunner:
         return input_ids
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slots: list[int], query_start: list[int],
-                       seq_lens: list[int], tables: list[list[int]], max_query_len: int) -> torch.Tensor:
+                       seq_lens: list[int], tables: list[list[int]], max_query_len: int,
+                       out_chunks: list[int] | None) -> torch.Tensor:
+        """Hidden states of every row, or (out_chunks) of the last row of each of those chunks only."""
         on_gpu = self.device.type == "cuda"
         meta = AttentionMetadata(
             query_start_loc=query_start,
@@ -265,8 +278,9 @@ class ModelRunner:
             seq_lens_t=self._to_device(seq_lens, torch.int32) if on_gpu else None,
         )
         pos = self._to_device(positions, torch.long)  # [num_tokens]
+        rows = None if out_chunks is None else OutputRows.last_rows(meta, out_chunks, self._to_device)
         with forward_context(meta):
-            return self.model(input_ids, pos)  # [num_tokens, hidden]
+            return self.model(input_ids, pos, rows)  # [num_tokens or len(out_chunks), hidden]
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor; on a GPU through pinned memory, without waiting for the copy."""

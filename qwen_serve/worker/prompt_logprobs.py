@@ -43,6 +43,11 @@ def _prompt_rows(chunk: ScheduledChunk) -> int:
     return max(0, min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1) - chunk.start)
 
 
+def wants_prompt_logprobs(chunks: list[ScheduledChunk]) -> bool:
+    """Whether any chunk of the step needs its rows' logits for prompt logprobs."""
+    return any(_prompt_rows(c) > 0 for c in chunks)
+
+
 @dataclass(slots=True)
 class PendingPromptLogprobs:
     """One step's prompt logprobs, queued on the device: `host` fills once `ready` (a CUDA event; None
