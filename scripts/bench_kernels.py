@@ -3,6 +3,8 @@
 Sections (--sections, comma separated; default all):
   attn     decode attention, batch 1 and 64, contexts 4K..131K: Triton (split-KV auto, no split,
            variants) vs the torch reference, against the KV-read floor (bytes / read bandwidth).
+  attnmix  decode attention at batch 64-256 over contexts drawn uniformly from 100-2048 (the throughput
+           workload's shape): split counts, key-tile widths and pipeline stages, against the KV-read floor.
   prefill  one prefill chunk of 4K..32K tokens (with and without a cached prefix): Triton tile
            variants vs torch's flash SDPA on contiguous tensors, against the matmul-rate floor.
   chunked  a prefill chunk after a cached prefix: the backend's two cuDNN calls + merge vs single calls
@@ -128,6 +130,40 @@ def section_attn(rows: list[dict]) -> None:
             print(f"attn b={batch} ctx={ctx}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def section_attnmix(rows: list[dict]) -> None:
+    """Large decode batches of mixed lengths: with one program per (sequence, KV head) and no splits, the
+    longest sequences finish last while other SMs idle; splits balance that at the cost of a merge."""
+    import random
+
+    variants = {  # "auto": the defaults (128-wide key tiles at these batches, no splits from batch 128)
+        "auto": TritonAttentionBackend(),
+        "64-wide": TritonAttentionBackend(wide_decode_block_n=64),
+        "32-wide": TritonAttentionBackend(wide_decode_block_n=32),
+        "splits2": TritonAttentionBackend(num_splits=2),
+        "splits4": TritonAttentionBackend(num_splits=4),
+        "stages2": TritonAttentionBackend(decode_num_stages=2),
+        "stages4": TritonAttentionBackend(decode_num_stages=4),
+        "64-wide stages2": TritonAttentionBackend(wide_decode_block_n=64, decode_num_stages=2),
+    }
+    for batch in (64, 128, 256):
+        rng = random.Random(batch)
+        specs = [(rng.randint(100, 2047), 1) for _ in range(batch)]
+        batches = [random_paged_batch(specs, H, KVH, D, 16, BF16, "cuda", seed=r) for r in range(4)]
+        size = batches[0].kv_bytes_read
+        floor_ms = size / READ_BW * 1e3
+        row = {"batch": batch, "mean_context": sum(c for c, _ in specs) / batch + 1, "kv_MB": size / 1e6,
+               "floor_ms": floor_ms}
+        for name, backend in variants.items():
+            ms = graph_ms([attention_call(backend, b) for b in batches])
+            row[name] = ms
+            row[name + " %floor"] = 100 * floor_ms / ms
+        rows.append(row)
+        del batches
+        torch.cuda.empty_cache()
+        print("attnmix " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+
+
 # ------------------------------------------------------------------------------------------ prefill
 def section_prefill(rows: list[dict]) -> None:
     variants = {
@@ -165,8 +201,9 @@ def section_prefill(rows: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ chunked
 def section_chunked(rows: list[dict]) -> None:
     """A prefill chunk after a cached prefix, the long-prompt case: the backend's path (prefix gathered,
-    KV heads expanded, one cuDNN call over the prefix and one causal over the chunk, merged by
-    log-sum-exp) against single calls that would need neither the expansion nor the merge."""
+    one cuDNN call over the prefix and one causal over the chunk, merged by log-sum-exp) against single
+    calls that would need no merge; and, for the rate of one long call, the whole prompt as one causal
+    cuDNN call (its own FLOPs: the prefix's causal half too)."""
     from torch.nn.attention.bias import causal_lower_right
 
     scale = D**-0.5
@@ -196,6 +233,15 @@ def section_chunked(rows: list[dict]) -> None:
                 row[name + " TFLOP/s"] = flops / ms / 1e9
             except Exception as e:  # an unsupported combination is a result too
                 row[name] = f"fail: {type(e).__name__}: {str(e)[:80]}"
+        whole = 4 * H * D * (ctx + new) * (ctx + new + 1) / 2
+        try:
+            q_all = torch.randn(1, H, ctx + new, D, device="cuda", dtype=BF16)
+            ms = bench_ms(lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q_all, k, v, None, True, 0.0, True, False, scale=scale))
+            row["cudnn whole prompt causal"], row["cudnn whole prompt causal TFLOP/s"] = ms, whole / ms / 1e9
+            del q_all
+        except Exception as e:
+            row["cudnn whole prompt causal"] = f"fail: {type(e).__name__}: {str(e)[:80]}"
         try:  # a GQA call that runs must also be right: against the expanded heads
             got = variants["cudnn prefix call, GQA (no expand)"]()[0]
             want = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -500,7 +546,7 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--sections", default="attn,prefill,chunked,fused,gemv,model,pdl")
+    parser.add_argument("--sections", default="attn,attnmix,prefill,chunked,fused,gemv,model,pdl")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -510,8 +556,9 @@ def main() -> None:
     results["copy_GBps"] = 2 * x.numel() / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
     del x, y
     print(results, flush=True)
-    sections = {"attn": section_attn, "prefill": section_prefill, "chunked": section_chunked, "fused": section_fused,
-                "gemv": section_gemv, "model": section_model, "pdl": section_pdl}
+    sections = {"attn": section_attn, "attnmix": section_attnmix, "prefill": section_prefill,
+                "chunked": section_chunked, "fused": section_fused, "gemv": section_gemv, "model": section_model,
+                "pdl": section_pdl}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()

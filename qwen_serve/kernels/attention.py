@@ -1,6 +1,6 @@
 """Triton attention over the paged KV cache: the GPU implementation of `AttentionBackend`.
 
-Three kernels, each checked against the torch reference (`layers.attention.TorchAttentionBackend`,
+Four kernels, each checked against the torch reference (`layers.attention.TorchAttentionBackend`,
 `layers.attention.write_kv_cache`) in tests/gpu/test_kernels.py:
 
 - `_write_kv_kernel` (reshape_and_cache): one program per token scatters its keys and values into
@@ -17,9 +17,13 @@ Three kernels, each checked against the torch reference (`layers.attention.Torch
   seq_lens (at least min_split_tiles tiles each; surplus splits exit at once), so one captured graph
   serves any context length.
 
+- `_merge_two_kernel`: two attention results over disjoint keys, combined by their log-sum-exps
+  (reference `merge_two_reference`), for the long chunks below.
+
 Long prefill chunks (>= dense_prefill_min_len tokens) skip the kernel and go to torch's cuDNN attention
-on contiguous tensors, which the benchmark measured at 1.65x this kernel's rate; a chunk after a cached
-prefix is two cuDNN calls (over the gathered prefix, and causal over itself) merged by log-sum-exp.
+(on the chunk's tokens and the gathered prefix as they lie, token-major), which the benchmark measured
+at 1.65x this kernel's rate; a chunk after a cached prefix is two cuDNN calls (over the gathered
+prefix, and causal over itself) that `_merge_two_kernel` combines by their log-sum-exps.
 
 Everything reads the metadata's device tensors (query_start_loc_t, seq_lens_t, block_tables,
 slot_mapping) and nothing calls .item(): decode is CUDA-graph capturable. The host values that pick
@@ -221,8 +225,8 @@ def _merge_splits_kernel(
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """[n, heads, D] -> [1, heads, n, D], contiguous."""
-    return x.transpose(0, 1).contiguous()[None]
+    """[n, heads, D] -> [1, heads, n, D] as a view: cuDNN takes the token-major strides as they are."""
+    return x.transpose(0, 1)[None]
 
 
 def _cudnn_attention(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,27 +237,72 @@ def _cudnn_attention(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor,
     return out, lse.reshape(out.shape[:3])
 
 
+@triton.jit
+def _merge_two_kernel(
+    o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n,
+    stride_o1h, stride_o1t, stride_l1h, stride_o2h, stride_o2t, stride_l2h, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    wait_for_previous(USE_PDL)
+    ok = rows < n
+    offs_d = tl.arange(0, HEAD_DIM)
+    l1 = tl.load(l1_ptr + head * stride_l1h + rows, mask=ok, other=0.0)
+    l2 = tl.load(l2_ptr + head * stride_l2h + rows, mask=ok, other=0.0)
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    o1 = tl.load(o1_ptr + head * stride_o1h + rows[:, None] * stride_o1t + offs_d[None, :], mask=ok[:, None], other=0.0)
+    o2 = tl.load(o2_ptr + head * stride_o2h + rows[:, None] * stride_o2t + offs_d[None, :], mask=ok[:, None], other=0.0)
+    out = (o1.to(tl.float32) * w1[:, None] + o2.to(tl.float32) * w2[:, None]) / (w1 + w2)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def merge_two_reference(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
+    """Two attention results over disjoint keys -> the result over all of them: outputs [1, H, n, D] with their
+    natural-log log-sum-exps [1, H, n], weighted by exp(lse); returns [n, H, D] in o1's dtype."""
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]  # [1, H, n, 1]
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out[0].transpose(0, 1).to(o1.dtype)
+
+
+def merge_two(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor, out: torch.Tensor) -> None:
+    """`merge_two_reference` in one pass, written into out [n, H, D] (any strides but a contiguous last
+    dimension): the torch version makes six float32 passes over [H, n, D] and a copy."""
+    _, num_heads, n, head_dim = o1.shape
+    if min(o1.stride(-1), o2.stride(-1), out.stride(-1), l1.stride(-1), l2.stride(-1)) != 1:
+        raise ValueError("merge_two needs contiguous last dimensions")
+    block_t = 32
+    _merge_two_kernel[(triton.cdiv(n, block_t), num_heads)](
+        o1, l1, o2, l2, out, n,
+        o1.stride(1), o1.stride(2), l1.stride(1), o2.stride(1), o2.stride(2), l2.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=4, **launch_options(out.device),
+    )
+
+
 def _dense_attention(
     q: torch.Tensor,  # [n, H, D] this chunk's queries
     k: torch.Tensor,  # [n, KVH, D] this chunk's keys and values
     v: torch.Tensor,
     prefix: tuple[torch.Tensor, torch.Tensor] | None,  # cached keys, values before the chunk: [ctx, KVH, D]
     scale: float,
-) -> torch.Tensor:
-    """One long chunk on contiguous tensors through torch's cuDNN attention, KV heads as they are
+    out: torch.Tensor,  # [n, H, D], written
+) -> None:
+    """One long chunk through torch's cuDNN attention, KV heads as they are
     (bit-identical to expanded heads in scripts/bench_kernels.py section chunked; without the
     expansion's copies a 32K prompt in 8K chunks went from 1,152 to 1,116 ms). After a cached prefix,
     the chunk attends to the prefix (all visible) and to itself (causal) in two calls, merged by their
-    log-sum-exps."""
+    log-sum-exps (`merge_two`)."""
     qt = _heads_first(q)  # [1, H, n, D]
     o2, l2 = _cudnn_attention(qt, _heads_first(k), _heads_first(v), True, scale)
     if prefix is None:
-        return o2[0].transpose(0, 1)
+        out.copy_(o2[0].transpose(0, 1))
+        return
     o1, l1 = _cudnn_attention(qt, _heads_first(prefix[0]), _heads_first(prefix[1]), False, scale)
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m)[..., None], torch.exp(l2 - m)[..., None]  # [1, H, n, 1]
-    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
-    return out[0].transpose(0, 1).to(q.dtype)
+    merge_two(o1, l1, o2, l2, out)
 
 
 def write_kv_cache(
@@ -285,6 +334,9 @@ class TritonAttentionBackend:
     num_splits: None picks the split count from the batch (flash-decoding only when the
     (sequence, kv head) pairs do not fill the GPU); an int forces it for decode batches (1 = off).
     The tile sizes are the measured defaults (docs/gpu-notes.md); they are arguments for benchmarks.
+    Decode batches whose (sequence, kv head) pairs alone cover every SM read keys in tiles of
+    wide_decode_block_n (fewer, larger loads per program), smaller ones in tiles of decode_block_n
+    (more, shorter splits).
 
     CUDA graphs: the split count is chosen on the host from meta.max_seq_len when the graph is
     captured, so capture decode graphs with max_seq_len set to the longest context the graph will
@@ -297,6 +349,7 @@ class TritonAttentionBackend:
         self,
         num_splits: int | None = None,
         decode_block_n: int = 64,
+        wide_decode_block_n: int = 128,
         prefill_block_m: int = 128,
         prefill_block_n: int = 128,
         prefill_num_warps: int = 8,
@@ -308,7 +361,10 @@ class TritonAttentionBackend:
         if num_splits is not None and not 1 <= num_splits <= 256:
             raise ValueError(f"num_splits must be in 1..256, got {num_splits}")
         self.num_splits = num_splits
-        self.decode_block_n, self.prefill_block_m, self.prefill_block_n = decode_block_n, prefill_block_m, prefill_block_n
+        # 128-wide at batches 64-256 of 100-2048-token contexts: 70-89% of the KV-read floor against
+        # 64-82% for 64-wide tiles (scripts/bench_kernels.py --sections attnmix, docs/gpu-notes.md v10).
+        self.decode_block_n, self.wide_decode_block_n = decode_block_n, wide_decode_block_n
+        self.prefill_block_m, self.prefill_block_n = prefill_block_m, prefill_block_n
         self.prefill_num_warps, self.prefill_num_stages = prefill_num_warps, prefill_num_stages
         self.decode_num_stages = decode_num_stages
         # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
@@ -318,19 +374,26 @@ class TritonAttentionBackend:
         self.dense_prefill_min_len = dense_prefill_min_len
         self._num_sms: dict[torch.device, int] = {}
 
+    def _sms(self, device: torch.device) -> int:
+        if device not in self._num_sms:
+            # Off CUDA only Triton's interpreter runs this: assume an H100's 132 SMs.
+            cuda = device.type == "cuda"
+            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 132
+        return self._num_sms[device]
+
     def splits_for(self, device: torch.device, num_tokens: int, num_kv_heads: int, max_seq_len: int) -> int:
         """Split count for a decode batch: enough programs for ~2 waves of the GPU, never more
         splits than the longest context has min_split_tiles-tile ranges."""
         if self.num_splits is not None:
             return self.num_splits
-        if device not in self._num_sms:
-            # Off CUDA only Triton's interpreter runs this: assume an H100's 132 SMs.
-            cuda = device.type == "cuda"
-            self._num_sms[device] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 132
         programs = num_tokens * num_kv_heads
-        wanted = triton.cdiv(2 * self._num_sms[device], programs)
+        wanted = triton.cdiv(2 * self._sms(device), programs)
         useful = triton.cdiv(max_seq_len, self.min_split_tiles * self.decode_block_n)
         return max(1, min(wanted, useful, self.MAX_SPLITS))
+
+    def decode_tile_for(self, device: torch.device, num_tokens: int, num_kv_heads: int) -> int:
+        """Key-tile width of a decode batch: wide once its (sequence, kv head) pairs cover every SM."""
+        return self.wide_decode_block_n if num_tokens * num_kv_heads >= self._sms(device) else self.decode_block_n
 
     def _dense_prefill_seqs(self, meta: AttentionMetadata) -> list[int]:
         """Sequences whose chunk in this step is long enough for the cuDNN path."""
@@ -365,7 +428,8 @@ class TritonAttentionBackend:
 
         if meta.max_query_len == 1:
             # Decode: one query token per program, the GQA group's heads as the tile rows.
-            block_m, block_q, block_n, pad = max(16, triton.next_power_of_2(qpk)), 1, self.decode_block_n, 0
+            block_m, block_q, pad = max(16, triton.next_power_of_2(qpk)), 1, 0
+            block_n = self.decode_tile_for(device, num_tokens, num_kv_heads)
             dense = []
             splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len)
             grid0, warps, stages = num_tokens, 4, self.decode_num_stages
@@ -396,7 +460,7 @@ class TritonAttentionBackend:
             ctx = meta.seq_lens[i] - (e - s)
             table = meta.block_tables[i]
             prefix = (gather_kv(k_cache, table, ctx), gather_kv(v_cache, table, ctx)) if ctx > 0 else None
-            out[s:e] = _dense_attention(q[s:e], k[s:e], v[s:e], prefix, scale)
+            _dense_attention(q[s:e], k[s:e], v[s:e], prefix, scale, out[s:e])
         if splits > 1:
             _merge_splits_kernel[(num_tokens, num_heads)](
                 part_out, part_lse, out, out.stride(0), out.stride(1),

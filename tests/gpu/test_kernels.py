@@ -22,7 +22,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from qwen_serve.kernels import fused  # noqa: E402
-from qwen_serve.kernels.attention import TritonAttentionBackend, write_kv_cache  # noqa: E402
+from qwen_serve.kernels.attention import (  # noqa: E402
+    TritonAttentionBackend, merge_two, merge_two_reference, write_kv_cache,
+)
 from qwen_serve.kernels.random_batch import random_paged_batch  # noqa: E402
 from qwen_serve.layers import attention as ref_attention  # noqa: E402
 from qwen_serve.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -103,6 +105,22 @@ def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype):
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 45, 100])
+def test_merge_two_matches_reference(n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    heads, head_dim = 6, 128
+    o1 = torch.randn(1, heads, n, head_dim, generator=gen).to(dtype)
+    o2 = torch.randn(1, n, heads, head_dim, generator=gen).to(dtype).transpose(1, 2)  # tokens outer, as cuDNN's
+    l1, l2 = torch.randn(1, heads, n, generator=gen) * 4, torch.randn(1, heads, n, generator=gen) * 4
+    expected = merge_two_reference(o1.float(), l1, o2.float(), l2)
+    poison_allocator()
+    # Written into a strided view, as the backend writes one sequence's rows of its [tokens, heads, D] output.
+    out = torch.full((n, heads + 2, head_dim), float("nan"), dtype=dtype, device=DEVICE)[:, 1 : heads + 1]
+    merge_two(o1.to(DEVICE), l1.to(DEVICE), o2.to(DEVICE), l2.to(DEVICE), out)
+    assert rel_err(out, expected) < TOL[dtype]
+
+
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("min_split_tiles", [1, 4])
@@ -117,6 +135,21 @@ def test_split_kv_decode_matches_reference(num_splits, head_dim, min_split_tiles
     backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=32, min_split_tiles=min_split_tiles)
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
+
+
+def test_wide_decode_tiles_match_reference():
+    # 70 sequences x 2 KV heads cover an H100's 132 SMs (the count assumed off CUDA): 128-wide key tiles.
+    specs = [((i * 37) % 300, 1) for i in range(70)]
+    batch = random_paged_batch(specs, 14, 2, 128, 16, DTYPES[0], DEVICE, seed=70)
+    ref_out, _, _ = reference_attention(batch)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    poison_allocator()
+    backend = TritonAttentionBackend()
+    if DEVICE == "cuda" and torch.cuda.get_device_properties(0).multi_processor_count > 140:
+        pytest.skip("this GPU has more SMs than the batch has (sequence, kv head) pairs")
+    assert backend.decode_tile_for(torch.device(DEVICE), len(specs), 2) == 128
+    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[DTYPES[0]]
 
 
 def test_write_kv_cache_skips_negative_slots():
