@@ -11,6 +11,12 @@ With --kernels N it also runs torch's profiler (CUDA activity) over the measured
 N kernels that took the most GPU time (the profiler slows the host; the per-kernel times stand).
 
     python scripts/profile_steps.py --random-config 7b --num-prompts 256 --max-num-seqs 256 [--kernels 30]
+
+One long prompt (the suite's long section, YaRN on the random 7B shape):
+
+    python scripts/profile_steps.py --random-config 7b --rope-scaling yarn --max-model-len 131072 \
+        --max-num-seqs 1 --max-num-batched-tokens 16384 --num-prompts 1 --min-len 131008 --max-len 131008 \
+        --output-len 2 2 --kernels 30
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="output lengths, uniform (default: --min-len to --max-len, as the prompts)")
     parser.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time")
     args = parser.parse_args()
 
@@ -61,7 +69,11 @@ def main() -> None:
     timers.wrap(engine.runner.sampler, "collect", "collect: wait + tokens to host")
     timers.wrap(engine, "_collect", "collect: all")
     lengths = [args.min_len, args.max_len]
-    work = mixed_work(random.Random(0), engine.model_config.vocab_size, args.num_prompts, lengths, lengths)
+    out_lengths = args.output_len or lengths
+    vocab = engine.model_config.vocab_size
+    work = mixed_work(random.Random(0), vocab, args.num_prompts, lengths, out_lengths)
+    # Warm-up on other prompts of the same lengths, so the prefix cache serves none of the measured ones.
+    warm_up = mixed_work(random.Random("warm-up"), vocab, min(4, args.num_prompts), lengths, out_lengths)
 
     def run(batch) -> tuple[float, int, int]:
         start = time.perf_counter()
@@ -89,7 +101,7 @@ def main() -> None:
         engine.runner.launch = marked_launch
         engine.runner.sampler.launch = _timed_sampler_launch(engine.runner.sampler.launch)
 
-    run(work[:4])  # warm-up
+    run(warm_up)
     timers.total.clear()
     starts.clear()
     if args.kernels:

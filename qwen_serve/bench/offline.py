@@ -60,14 +60,24 @@ def random_model_config(spec: str) -> Qwen2Config:
     return Qwen2Config.from_file(Path(spec))
 
 
+def with_rope_scaling(cfg: Qwen2Config, rope_scaling: str) -> Qwen2Config:
+    """A random shape with YaRN: 'yarn' stretches the shape's own window 4x (the 7B's: 32,768 -> 131,072)."""
+    block = {} if rope_scaling == "yarn" else json.loads(rope_scaling)
+    return cfg.with_yarn(block.get("factor", 4.0), block.get("original_max_position_embeddings"))
+
+
 def build_engine(args: argparse.Namespace):
-    """The engine `qwen-serve bench` measures: a model from the flags, or random weights of --random-config."""
+    """The engine `qwen-serve bench` measures: a model from the flags, or random weights of --random-config
+    (with --rope-scaling applied to that shape, as a checkpoint's config gets it)."""
     from qwen_serve.config import EngineConfig
     from qwen_serve.engine.llm_engine import LLMEngine
 
     config = EngineConfig.from_cli_args(args)
     if args.random_config:
-        return LLMEngine(config, folder=None, model_config=random_model_config(args.random_config))
+        model_config = random_model_config(args.random_config)
+        if config.rope_scaling:
+            model_config = with_rope_scaling(model_config, config.rope_scaling)
+        return LLMEngine(config, folder=None, model_config=model_config)
     return LLMEngine.from_config(config)
 
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from qwen_serve.bench.offline import FirstTokenClock, load_transformers, random_model_config
+from qwen_serve.bench.offline import FirstTokenClock, load_transformers, random_model_config, with_rope_scaling
 from qwen_serve.config import EngineConfig
 from qwen_serve.models.config import Qwen2Config
 
@@ -173,13 +173,7 @@ def _model_spec(args: argparse.Namespace) -> ModelSpec:
         return ModelSpec(args.model, folder, load_model_config(folder), load_model_config(folder, args.rope_scaling))
     name = args.random_config or "7b"
     base = random_model_config(name)
-    return ModelSpec(f"random:{name}", None, base, _with_rope_scaling(base, args.rope_scaling))
-
-
-def _with_rope_scaling(cfg: Qwen2Config, rope_scaling: str) -> Qwen2Config:
-    """A random shape with YaRN: 'yarn' stretches the shape's own window 4x (the 7B's: 32,768 -> 131,072)."""
-    block = {} if rope_scaling == "yarn" else json.loads(rope_scaling)
-    return cfg.with_yarn(block.get("factor", 4.0), block.get("original_max_position_embeddings"))
+    return ModelSpec(f"random:{name}", None, base, with_rope_scaling(base, args.rope_scaling))
 
 
 @dataclass(frozen=True, slots=True)
