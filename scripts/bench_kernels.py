@@ -9,6 +9,9 @@ Sections (--sections, comma separated; default all):
            variants vs torch's flash SDPA on contiguous tensors, against the matmul-rate floor.
   chunked  a prefill chunk after a cached prefix: the backend's two cuDNN calls + merge vs single calls
            (GQA without expanding KV heads, lower-right causal mask).
+  plans    the first call of torch's cuDNN attention at each new shape against its steady time: the
+           one-time cost (graph build, kernel compile) a prompt of a new length pays, after the engine's
+           start-up warm-up (`warm_up_dense`, timed too); --no-plan-warm-up leaves it out.
   fused    RMSNorm+residual, SwiGLU, RoPE kernels vs their torch references (CUDA-graph timed).
   model    the whole Qwen2.5-7B shape with random bf16 weights: prefill time (TTFT) at 4K..32K and
            131K (YaRN), and decode tok/s from a CUDA graph of one decode step (model + greedy argmax)
@@ -59,6 +62,7 @@ QWEN7B = {
     "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
 H, KVH, D = 28, 4, 128
+PLAN_WARM_UP = True  # section plans: run the engine's start-up warm-up first (--no-plan-warm-up)
 BF16 = torch.bfloat16
 
 
@@ -255,6 +259,40 @@ def section_chunked(rows: list[dict]) -> None:
         torch.cuda.empty_cache()
         print("chunked " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
+
+
+def section_plans(rows: list[dict]) -> None:
+    """Each row is a shape not called before in this process: the first call's wall time (host included,
+    synchronized) and the steady per-call time. Causal calls stand for a fresh chunk, the others for a
+    chunk over a cached prefix."""
+    from qwen_serve.kernels.attention import _cudnn_attention, warm_up_dense
+
+    scale = D**-0.5
+    if PLAN_WARM_UP:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        warm_up_dense(H, KVH, D, BF16, torch.device("cuda"))
+        torch.cuda.synchronize()
+        rows.append({"warm_up_dense_ms": (time.perf_counter() - start) * 1e3})
+        print(f"plans warm-up {rows[-1]['warm_up_dense_ms']:.1f} ms", flush=True)
+    shapes = [(True, 4096, 4096), (True, 4100, 4100), (True, 4200, 4200), (True, 6000, 6000), (True, 8192, 8192),
+              (False, 8192, 8192), (False, 8192, 8208), (False, 8192, 16384), (False, 4100, 16384),
+              (False, 6000, 24576)]
+    for causal, n, ctx in shapes:
+        q = torch.randn(1, H, n, D, device="cuda", dtype=BF16)
+        k = torch.randn(1, KVH, ctx, D, device="cuda", dtype=BF16)
+        v = torch.randn_like(k)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        _cudnn_attention(q, k, v, causal, scale)
+        torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - start) * 1e3
+        steady_ms = bench_ms(lambda: _cudnn_attention(q, k, v, causal, scale))
+        rows.append({"causal": causal, "queries": n, "keys": ctx, "first_call_ms": first_ms, "steady_ms": steady_ms,
+                     "one_time_ms": first_ms - steady_ms})
+        print("plans " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+              flush=True)
+        del q, k, v
 
 
 # ------------------------------------------------------------------------------------------ fused
@@ -546,8 +584,11 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--no-plan-warm-up", action="store_true", help="plans: measure without the warm-up")
     parser.add_argument("--sections", default="attn,attnmix,prefill,chunked,fused,gemv,model,pdl")
     args = parser.parse_args()
+    global PLAN_WARM_UP
+    PLAN_WARM_UP = not args.no_plan_warm_up
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     results: dict = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__, "triton": triton.__version__}
@@ -557,7 +598,7 @@ def main() -> None:
     del x, y
     print(results, flush=True)
     sections = {"attn": section_attn, "attnmix": section_attnmix, "prefill": section_prefill,
-                "chunked": section_chunked, "fused": section_fused, "gemv": section_gemv, "model": section_model,
+                "chunked": section_chunked, "plans": section_plans, "fused": section_fused, "gemv": section_gemv, "model": section_model,
                 "pdl": section_pdl}
     for name in args.sections.split(","):
         rows: list[dict] = []

@@ -33,6 +33,7 @@ the launch shape (max_query_len == 1, num_tokens, num_seqs) are fixed per batch-
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -283,6 +284,20 @@ def merge_two(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Te
     )
 
 
+def padded_rows(n: int) -> int:
+    """The row count a long chunk's cuDNN calls use: n rounded up to one of 8-16 buckets per octave, each a
+    multiple of 128. cuDNN builds a graph for every new shape (~50-70 ms each on the H100, bench_kernels.py
+    --sections plans), which every prompt of a new length would pay; with buckets, at most ~1/8 of the
+    chunk's attention is spent on padding rows."""
+    step = max(128, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _pad_rows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """[n, heads, D] -> [m, heads, D] with zero rows after the real ones (x itself when m == n)."""
+    return x if x.shape[0] == m else F.pad(x, (0, 0, 0, 0, 0, m - x.shape[0]))
+
+
 def _dense_attention(
     q: torch.Tensor,  # [n, H, D] this chunk's queries
     k: torch.Tensor,  # [n, KVH, D] this chunk's keys and values
@@ -295,14 +310,28 @@ def _dense_attention(
     (bit-identical to expanded heads in scripts/bench_kernels.py section chunked; without the
     expansion's copies a 32K prompt in 8K chunks went from 1,152 to 1,116 ms). After a cached prefix,
     the chunk attends to the prefix (all visible) and to itself (causal) in two calls, merged by their
-    log-sum-exps (`merge_two`)."""
-    qt = _heads_first(q)  # [1, H, n, D]
-    o2, l2 = _cudnn_attention(qt, _heads_first(k), _heads_first(v), True, scale)
+    log-sum-exps (`merge_two`). Rows are padded to `padded_rows`: a padding query's output is dropped,
+    and padding keys come after every real query, so causality hides them."""
+    n = q.shape[0]
+    m = padded_rows(n)
+    qt = _heads_first(_pad_rows(q, m))  # [1, H, m, D]
+    o2, l2 = _cudnn_attention(qt, _heads_first(_pad_rows(k, m)), _heads_first(_pad_rows(v, m)), True, scale)
+    o2, l2 = o2[:, :, :n], l2[:, :, :n]
     if prefix is None:
         out.copy_(o2[0].transpose(0, 1))
         return
     o1, l1 = _cudnn_attention(qt, _heads_first(prefix[0]), _heads_first(prefix[1]), False, scale)
-    merge_two(o1, l1, o2, l2, out)
+    merge_two(o1[:, :, :n], l1[:, :, :n], o2, l2, out)
+
+
+def warm_up_dense(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Runs each kind of cuDNN call the long chunks make once, on small tensors: the first call of a kind
+    (causal or not; keys a multiple of 128 or not) compiled for 0.6-1.2 s on the H100 (bench_kernels.py
+    --sections plans), which would otherwise land on the first long prompt a server gets."""
+    q = torch.zeros(1, num_heads, 1024, head_dim, dtype=dtype, device=device)
+    for causal, keys in ((True, 1024), (False, 1024), (False, 1040)):
+        kv = torch.zeros(1, num_kv_heads, keys, head_dim, dtype=dtype, device=device)
+        _cudnn_attention(q, kv, kv, causal, 1.0)
 
 
 def write_kv_cache(
@@ -394,6 +423,12 @@ class TritonAttentionBackend:
     def decode_tile_for(self, device: torch.device, num_tokens: int, num_kv_heads: int) -> int:
         """Key-tile width of a decode batch: wide once its (sequence, kv head) pairs cover every SM."""
         return self.wide_decode_block_n if num_tokens * num_kv_heads >= self._sms(device) else self.decode_block_n
+
+    def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device) -> None:
+        """One-time work before serving: the cuDNN kernels of the long-chunk path (`warm_up_dense`)."""
+        if self.dense_prefill_min_len is not None:
+            warm_up_dense(num_heads, num_kv_heads, head_dim, dtype, device)
 
     def _dense_prefill_seqs(self, meta: AttentionMetadata) -> list[int]:
         """Sequences whose chunk in this step is long enough for the cuDNN path."""

@@ -80,6 +80,9 @@ class ModelRunner:
                                     model_config.num_key_value_heads, model_config.head_dim, dtype=dtype, device=device)
         backend = self._attention_backend()
         bind_kv_cache(model, self.kv_cache, backend)
+        if backend is not None:
+            backend.warm_up(model_config.num_attention_heads, model_config.num_key_value_heads, model_config.head_dim,
+                            dtype, device)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         self.graphs = None if backend is None or config.enforce_eager else self._capture_graphs()

@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 
 from qwen_serve.kernels import fused  # noqa: E402
 from qwen_serve.kernels.attention import (  # noqa: E402
-    TritonAttentionBackend, merge_two, merge_two_reference, write_kv_cache,
+    TritonAttentionBackend, merge_two, merge_two_reference, padded_rows, write_kv_cache,
 )
 from qwen_serve.kernels.random_batch import random_paged_batch  # noqa: E402
 from qwen_serve.layers import attention as ref_attention  # noqa: E402
@@ -103,6 +103,14 @@ def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype):
     assert backend._dense_prefill_seqs(batch.meta) == [0, 1, 4, 5]
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
+
+
+def test_padded_rows_are_few_buckets_of_little_waste():
+    got = [padded_rows(n) for n in (64, 1024, 1025, 2047, 2049, 8192, 8193, 16320, 32704, 131008)]
+    assert got == [128, 1024, 1152, 2048, 2304, 8192, 9216, 16384, 32768, 131072]
+    lengths = range(1024, 140000, 7)
+    assert all(0 <= padded_rows(n) - n < n / 8 and padded_rows(n) % 128 == 0 for n in lengths)
+    assert len({padded_rows(n) for n in lengths}) < 100  # 1K..131K: ~8 shapes an octave
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
