@@ -119,7 +119,10 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs", "dense_min_len"])
+# Triton compiles a variant per specialization of its int arguments (== 1, a multiple of 16); these vary
+# from step to step (stride_bt is the step's block-table width), so specializing would compile variants
+# while serving, seconds each.
+@triton.jit(do_not_specialize=["num_seqs", "dense_min_len", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -466,7 +469,7 @@ class TritonAttentionBackend:
             block_m, block_q, pad = max(16, triton.next_power_of_2(qpk)), 1, 0
             block_n = self.decode_tile_for(device, num_tokens, num_kv_heads)
             dense = []
-            splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len)
+            splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len) if meta.split_kv else 1
             grid0, warps, stages = num_tokens, 4, self.decode_num_stages
         else:
             block_m = max(self.prefill_block_m, triton.next_power_of_2(qpk))

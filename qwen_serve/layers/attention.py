@@ -40,6 +40,10 @@ class AttentionMetadata:
     # Device copies for kernels that need them; filled by the runner (None on the torch path).
     query_start_loc_t: torch.Tensor | None = None  # [num_seqs + 1] int32
     seq_lens_t: torch.Tensor | None = None  # [num_seqs] int32
+    # Decode batches may split each sequence's keys over several programs (flash-decoding). False keeps one
+    # program per (sequence, KV head): the split count is a kernel constant, so eager calls with varying
+    # batches would compile a kernel variant for each count they meet.
+    split_kv: bool = True
     # Tensors the torch backend derives from the above, computed by the first layer that needs them
     # and reused by the others in the same forward pass (CPU only; see `_derived`).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
@@ -94,6 +98,9 @@ class OutputRows:
             max_seq_len=max(lens, default=0),
             query_start_loc_t=to_device(list(range(len(seqs) + 1)), torch.int32) if on_device else None,
             seq_lens_t=meta.seq_lens_t[picked] if on_device else None,
+            # Every prefill and mixed step makes one such batch of its own size: one kernel variant serves
+            # them all (a single row over 131K tokens takes ~3 ms unsplit on the H100, once per prompt).
+            split_kv=False,
         )
         return cls(to_device([meta.query_start_loc[i + 1] - 1 for i in seqs], torch.long), rows_meta)
 
