@@ -3,7 +3,7 @@
 `forward(input_ids, positions)` returns hidden states [num_tokens, hidden]; `compute_logits`
 turns the rows the caller wants (usually the last token of each sequence) into vocabulary logits.
 Given `output_rows`, forward returns only those rows, and the last layer computes nothing else past
-writing the keys and values of every token (1/28 of a 7B prefill's work saved).
+writing the keys and values of every token (most of one of a 7B's 28 layers saved on a prefill).
 Which tokens belong to which sequence is told to attention by `layers.attention.forward_context`.
 Parameter names follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused;
 `packed_modules_mapping` says how checkpoint tensors map onto the fused ones.
