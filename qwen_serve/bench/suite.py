@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from qwen_serve.bench.compiles import triton_compiles
 from qwen_serve.bench.offline import FirstTokenClock, load_transformers, random_model_config, with_rope_scaling
 from qwen_serve.config import EngineConfig
 from qwen_serve.models.config import Qwen2Config
@@ -403,8 +404,12 @@ class _Session:
         """Measures one section with a fresh peak-memory counter, keeps and saves its figures."""
         self.say(f"{side}: {name}")
         _reset_peak(self.device)
-        figures = measure()
+        with triton_compiles() as compiles:
+            figures = measure()
         figures["peak_gpu_gb"] = _peak_gb(self.device)
+        # Our engines compile every kernel variant at build time: any compile here, warm-ups included, is a
+        # compile that a server's requests would wait for.
+        figures["triton_compiles"] = compiles.as_json()
         self.results[side][name] = figures
         self.save()
 
@@ -427,15 +432,17 @@ def _build_engine(session: _Session, config: EngineConfig, model_config: Qwen2Co
 
     session.say(f"qwen_serve: building the {key} (max_model_len {config.max_model_len})")
     start = time.perf_counter()
-    if session.spec.folder is not None:
-        engine = LLMEngine(config, session.spec.folder)  # applies config.rope_scaling to the checkpoint's config
-    else:
-        engine = LLMEngine(config, None, model_config=model_config)
+    with triton_compiles() as compiles:
+        if session.spec.folder is not None:
+            engine = LLMEngine(config, session.spec.folder)  # applies config.rope_scaling to the checkpoint's config
+        else:
+            engine = LLMEngine(config, None, model_config=model_config)
     kv_tokens = engine.stats().num_kv_blocks_total * config.block_size
     session.results["qwen_serve"][key] = {
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens, "build_s": time.perf_counter() - start,
         "kv_cache_tokens": kv_tokens, "contexts_32k": kv_tokens // CONTEXT_32K,
+        "triton_compiles": compiles.as_json(),
     }
     return engine
 
@@ -621,6 +628,10 @@ def _rows(results: dict[str, Any]) -> list[Row]:
             e = ours[key]
             rows += [Row(f"KV cache, {key.replace('_', ' ')}", "tokens", float(e["kv_cache_tokens"]), None),
                      Row(f"32K-token contexts at once, {key.replace('_', ' ')}", "", float(e["contexts_32k"]), None)]
+    compiles = [ours[name].get("triton_compiles") for name in SECTIONS if name in ours]
+    if compiles and all(c is not None for c in compiles):
+        rows.append(Row("Triton compiles inside our sections (after engine build)", "",
+                        float(sum(c["count"] for c in compiles)), None))
     return rows
 
 

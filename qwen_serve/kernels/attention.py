@@ -241,7 +241,8 @@ def _cudnn_attention(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor,
     return out, lse.reshape(out.shape[:3])
 
 
-@triton.jit
+# n is the chunk's length, which varies from prompt to prompt (the strides are multiples of the padded row count).
+@triton.jit(do_not_specialize=["n"])
 def _merge_two_kernel(
     o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, n,
     stride_o1h, stride_o1t, stride_l1h, stride_o2h, stride_o2t, stride_l2h, stride_ot, stride_oh,
@@ -289,7 +290,7 @@ def merge_two(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Te
 
 def padded_rows(n: int) -> int:
     """The row count a long chunk's cuDNN calls use: n rounded up to one of 8-16 buckets per octave, each a
-    multiple of 128. cuDNN builds a graph for every new shape (~50-70 ms each on the H100, bench_kernels.py
+    multiple of 128. cuDNN builds a graph for every new shape (45-90 ms each on the H100, bench_kernels.py
     --sections plans), which every prompt of a new length would pay; with buckets, at most ~1/8 of the
     chunk's attention is spent on padding rows."""
     step = max(128, 1 << max(0, n.bit_length() - 4))
@@ -329,8 +330,9 @@ def _dense_attention(
 
 def warm_up_dense(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
     """Runs each kind of cuDNN call the long chunks make once, on small tensors: the first call of a kind
-    (causal or not; keys a multiple of 128 or not) compiled for 0.6-1.2 s on the H100 (bench_kernels.py
-    --sections plans), which would otherwise land on the first long prompt a server gets."""
+    (causal or not; key count aligned or not) compiled for 0.6-1.2 s on the H100 (bench_kernels.py
+    --sections plans), which would otherwise land on the first long prompt a server gets. Padded chunks
+    make only aligned causal calls; prefixes (cached prompt lengths) may be unaligned."""
     q = torch.zeros(1, num_heads, 1024, head_dim, dtype=dtype, device=device)
     for causal, keys in ((True, 1024), (False, 1024), (False, 1040)):
         kv = torch.zeros(1, num_kv_heads, keys, head_dim, dtype=dtype, device=device)

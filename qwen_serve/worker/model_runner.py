@@ -12,12 +12,16 @@ leaves after a profiling forward pass at the largest step the scheduler can make
 
 On CUDA with the Triton attention backend, decode-only steps replay CUDA graphs captured once the KV
 cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; the graph also computes every row's
-logits and argmax, which the sampler takes as the greedy choice. Prefill and mixed steps run eagerly.
+logits and argmax, which the sampler takes as the greedy choice. Prefill and mixed steps run eagerly;
+one of each kind runs at start-up (worker/warm_up.py), so no Triton compile is left for the requests.
+With `enforce_eager` decode steps run eagerly too, and their kernel variants (one per split count)
+compile on first use.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +37,7 @@ from qwen_serve.worker.host_arrays import host_tensor
 from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
                                                 wants_prompt_logprobs)
 from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
+from qwen_serve.worker.warm_up import eager_warm_up_steps
 
 if TYPE_CHECKING:
     from qwen_serve.worker.cuda_graphs import DecodeGraphs
@@ -83,6 +88,7 @@ class ModelRunner:
         if backend is not None:
             backend.warm_up(model_config.num_attention_heads, model_config.num_key_value_heads, model_config.head_dim,
                             dtype, device)
+            self._warm_up_eager(backend.dense_prefill_min_len)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         self.graphs = None if backend is None or config.enforce_eager else self._capture_graphs()
@@ -132,6 +138,31 @@ class ModelRunner:
                               self.block_size, self.cfg.vocab_size)
         graphs.capture()
         return graphs
+
+    @torch.inference_mode()
+    def _warm_up_eager(self, dense_min_len: int | None) -> None:
+        """Runs each kind of eager step once (`eager_warm_up_steps`), so that Triton compiles their kernel
+        variants now rather than inside the first requests that need them (seconds each; decode graphs
+        compile theirs at capture). Nothing is written to the cache (every slot is -1) and every block
+        table points at block 0, which the steps only read."""
+        start = time.perf_counter()
+        steps = eager_warm_up_steps(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.max_model_len,
+                                    self.block_size, dense_min_len)
+        for step in steps:
+            positions, query_start, seq_lens = [], [0], []
+            for n, ctx in zip(step.query_lens, step.context_lens):
+                positions.extend(range(ctx, ctx + n))
+                query_start.append(query_start[-1] + n)
+                seq_lens.append(ctx + n)
+            width = -(-max(seq_lens) // self.block_size)
+            input_ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
+            hidden = self._forward_eager(input_ids, positions, [-1] * len(positions), query_start, seq_lens,
+                                         [[0] * width for _ in seq_lens], max(step.query_lens),
+                                         list(range(len(seq_lens))))
+            self.model.compute_logits(hidden)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the host waits: compiles and first launches end here
+        log.info("ran %d eager warm-up steps in %.1f s", len(steps), time.perf_counter() - start)
 
     # ---- KV cache sizing -----------------------------------------------------------------------
 

@@ -104,3 +104,36 @@ def test_overlapped_steps_match_and_launch_without_a_sync(tiny, monkeypatch):
         assert all(abs(got[t].logprob - want[t].logprob) < 1e-5 for t in want)
     stats = engine.stats()
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
+
+
+def test_no_triton_compile_after_start_up(tmp_path, monkeypatch):
+    """Every kernel variant that a mix of served steps needs compiles while the engine starts: a long
+    prompt in two dense chunks (the second after a cached prefix), and mixed steps whose sampling rows
+    reach past the point where the decode-shaped attention widens its tiles (rows x KV heads >= SMs)."""
+    from qwen_serve.bench.compiles import triton_compiles
+    from qwen_serve.layers.attention import OutputRows
+
+    folder = make_tiny_checkpoint(tmp_path / "m", vocab=VOCAB, max_pos=4096)
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="bfloat16", device="cuda", block_size=16,
+                                    num_kv_blocks=1024, max_model_len=3072, max_num_seqs=96,
+                                    max_num_batched_tokens=1536), folder)
+    rows_seen: list[int] = []
+    last_rows = OutputRows.last_rows.__func__
+
+    def counting(cls, meta, seqs, to_device):
+        rows_seen.append(len(seqs))
+        return last_rows(cls, meta, seqs, to_device)
+
+    monkeypatch.setattr(OutputRows, "last_rows", classmethod(counting))
+    gen = torch.Generator().manual_seed(1)
+    lens = [2600] + torch.randint(3, 40, (90,), generator=gen).tolist()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lens]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, top_p=0.9, seed=i, max_tokens=2 + i % 7,
+                             ignore_eos=True) for i in range(len(prompts))]
+    with triton_compiles() as compiles:
+        outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert max(rows_seen) * 2 >= sms  # the tiny model has 2 KV heads
+    assert compiles.available and compiles.as_json()["kernels"] == {}
+
