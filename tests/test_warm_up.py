@@ -108,3 +108,19 @@ def test_runner_warm_up_writes_nothing_and_changes_no_output(tmp_path):
     after = [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)]
     assert after == before
 
+
+def test_float32_on_gpu_is_refused_where_the_kernel_tiles_do_not_fit(monkeypatch):
+    import torch
+
+    from qwen_serve.layers import kernel_dispatch
+    from qwen_serve.worker.model_runner import check_kernel_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(kernel_dispatch, "kernels_available", lambda: True)
+    with pytest.raises(ValueError, match="head_dim <= 64 .* has 128.*bfloat16"):
+        check_kernel_dtype(cuda, torch.float32, 128)
+    for device, dtype, head_dim in [(cuda, torch.bfloat16, 128), (cuda, torch.float16, 128), (cuda, torch.float32, 64),
+                                    (cpu, torch.float32, 128)]:
+        check_kernel_dtype(device, dtype, head_dim)
+    monkeypatch.setattr(kernel_dispatch, "kernels_available", lambda: False)  # QWEN_SERVE_FUSED_KERNELS=0: torch's path
+    check_kernel_dtype(cuda, torch.float32, 128)

@@ -288,6 +288,11 @@ def merge_two(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Te
     )
 
 
+# torch's cuDNN attention op returned NaN for every float32 input on the H200 (run 17): float32 chunks stay in
+# the kernel, whatever their length.
+DENSE_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def padded_rows(n: int) -> int:
     """The row count a long chunk's cuDNN calls use: n rounded up to one of 8-16 buckets per octave, each a
     multiple of 128. cuDNN builds a graph for every new shape (45-90 ms each on the H100, bench_kernels.py
@@ -432,12 +437,12 @@ class TritonAttentionBackend:
     def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                 device: torch.device) -> None:
         """One-time work before serving: the cuDNN kernels of the long-chunk path (`warm_up_dense`)."""
-        if self.dense_prefill_min_len is not None:
+        if self.dense_prefill_min_len is not None and dtype in DENSE_DTYPES:
             warm_up_dense(num_heads, num_kv_heads, head_dim, dtype, device)
 
-    def _dense_prefill_seqs(self, meta: AttentionMetadata) -> list[int]:
-        """Sequences whose chunk in this step is long enough for the cuDNN path."""
-        if self.dense_prefill_min_len is None:
+    def _dense_prefill_seqs(self, meta: AttentionMetadata, dtype: torch.dtype) -> list[int]:
+        """Sequences whose chunk in this step is long enough for the cuDNN path (half-precision inputs only)."""
+        if self.dense_prefill_min_len is None or dtype not in DENSE_DTYPES:
             return []
         starts = meta.query_start_loc
         return [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] >= self.dense_prefill_min_len]
@@ -476,7 +481,7 @@ class TritonAttentionBackend:
         else:
             block_m = max(self.prefill_block_m, triton.next_power_of_2(qpk))
             block_q, block_n, pad, splits = block_m // qpk, self.prefill_block_n, 1, 1
-            dense = self._dense_prefill_seqs(meta)
+            dense = self._dense_prefill_seqs(meta, q.dtype)
             grid0 = num_tokens // block_q + num_seqs
             warps, stages = self.prefill_num_warps, self.prefill_num_stages
         if splits > 1:

@@ -21,14 +21,15 @@ from qwen_serve.worker import cpu_linear
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels_available() -> bool:
+def kernels_available() -> bool:
+    """Whether CUDA tensors go to the Triton kernels (Triton importable, not turned off)."""
     if os.environ.get("QWEN_SERVE_FUSED_KERNELS", "1") == "0":
         return False
     return importlib.util.find_spec("triton") is not None
 
 
 def use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda and _kernels_available()
+    return x.is_cuda and kernels_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

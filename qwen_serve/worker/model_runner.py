@@ -65,6 +65,22 @@ class StepHandle:
         return self.sample.seqs if self.sample is not None else []
 
 
+# The largest head size whose float32 prefill tiles fit the paged-attention kernel's shared memory: at 128 the
+# kernel asked for 329 KB against the H200's 227 KB (OutOfResources); 64 ran (BENCHMARKS.md, H200, run 17).
+MAX_FLOAT32_HEAD_DIM = 64
+
+
+def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """Refuses, before any weight is loaded, a dtype the GPU kernels cannot run for this model."""
+    from qwen_serve.layers import kernel_dispatch
+
+    uses_kernels = device.type == "cuda" and kernel_dispatch.kernels_available()
+    if uses_kernels and dtype == torch.float32 and head_dim > MAX_FLOAT32_HEAD_DIM:
+        raise ValueError(f"--dtype float32 on a GPU needs head_dim <= {MAX_FLOAT32_HEAD_DIM} (this model has "
+                         f"{head_dim}): the attention kernel's float32 tiles do not fit in shared memory; "
+                         "use --dtype bfloat16 or float16")
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: Qwen2Config, config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
@@ -97,6 +113,7 @@ class ModelRunner:
     def load(cls, folder: Path | None, model_config: Qwen2Config, config: EngineConfig, device: torch.device,
              dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> "ModelRunner":
         """Loads the folder's weights, or random ones (benchmarks of a shape) when `folder` is None."""
+        check_kernel_dtype(device, dtype, model_config.head_dim)
         if folder is None:
             from qwen_serve.loader.weights import build_model, random_weights
 

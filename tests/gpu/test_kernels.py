@@ -100,9 +100,25 @@ def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype):
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     poison_allocator()
     backend = TritonAttentionBackend(dense_prefill_min_len=64)
-    assert backend._dense_prefill_seqs(batch.meta) == [0, 1, 4, 5]
+    assert backend._dense_prefill_seqs(batch.meta, dtype) == [0, 1, 4, 5]
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch's cuDNN attention needs the GPU")
+def test_float32_long_chunks_stay_in_the_kernel():
+    """cuDNN's attention op gave NaN for float32 inputs: float32 chunks of any length take the kernel (whose
+    prefill tiles fit shared memory in float32 at small head sizes, as the tiny test models have)."""
+    specs = [(0, 300), (40, 100), (77, 1)]
+    batch = random_paged_batch(specs, 8, 2, 32, 16, torch.float32, DEVICE, seed=3)
+    ref_out, _, _ = reference_attention(batch)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    poison_allocator()
+    backend = TritonAttentionBackend(dense_prefill_min_len=64)
+    assert backend._dense_prefill_seqs(batch.meta, torch.float32) == []
+    backend.warm_up(8, 2, 32, torch.float32, torch.device(DEVICE))  # no cuDNN call for float32
+    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    assert rel_err(out, ref_out) < 3e-3  # the kernel's float32 dots run on the tensor cores in tf32
 
 
 def test_padded_rows_are_few_buckets_of_little_waste():
