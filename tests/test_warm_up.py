@@ -6,9 +6,18 @@ import sys
 import types
 
 import pytest
+import torch
 
 from qwen_serve.bench.compiles import triton_compiles
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.llm import LLM
+from qwen_serve.engine.llm_engine import LLMEngine
+from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.layers import kernel_dispatch
+from qwen_serve.worker.model_runner import check_kernel_dtype
 from qwen_serve.worker.warm_up import WarmUpStep, eager_warm_up_steps
+
+from conftest import make_tiny_checkpoint
 
 
 def test_warm_up_steps_cover_each_kind_within_the_limits():
@@ -88,14 +97,6 @@ def test_compile_log_without_triton(monkeypatch):
 def test_runner_warm_up_writes_nothing_and_changes_no_output(tmp_path):
     """The warm-up steps run through the eager forward (here on the CPU's torch path, as the GPU runs them
     through its kernels): the KV cache stays as it was and a greedy generation is unchanged."""
-    import torch
-
-    from conftest import make_tiny_checkpoint
-    from qwen_serve.config import EngineConfig
-    from qwen_serve.engine.llm import LLM
-    from qwen_serve.engine.llm_engine import LLMEngine
-    from qwen_serve.engine.sampling_params import SamplingParams
-
     folder = make_tiny_checkpoint(tmp_path / "m", max_pos=512)
     engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
                                     max_model_len=256, max_num_seqs=8, max_num_batched_tokens=96), folder)
@@ -110,11 +111,6 @@ def test_runner_warm_up_writes_nothing_and_changes_no_output(tmp_path):
 
 
 def test_float32_on_gpu_is_refused_where_the_kernel_tiles_do_not_fit(monkeypatch):
-    import torch
-
-    from qwen_serve.layers import kernel_dispatch
-    from qwen_serve.worker.model_runner import check_kernel_dtype
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(kernel_dispatch, "kernels_available", lambda: True)
     with pytest.raises(ValueError, match="head_dim <= 64 .* has 128.*bfloat16"):
