@@ -136,4 +136,3 @@ def test_no_triton_compile_after_start_up(tmp_path, monkeypatch):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert max(rows_seen) * 2 >= sms  # the tiny model has 2 KV heads
     assert compiles.available and compiles.as_json()["kernels"] == {}
-
