@@ -3,9 +3,14 @@
 Wraps the engine's pieces with host timers and prints the time spent in scheduling, launching
 (input preparation and kernel launches; a launch also blocks while the GPU's queue is full),
 waiting for the GPU (the sampled tokens' event), and the rest of collecting (appending tokens, stop
-checks, detokenizing, building outputs). On CUDA it also records an event when each step's first
-work is queued: the gaps between one step's sampled tokens and the next step's first work, on the
-GPU's own clock, are the time the GPU sat idle waiting for the host.
+checks, detokenizing, building outputs). On CUDA it also records an event just before each step's
+forward pass is queued (after the host has built the step's inputs): the gaps between one step's
+sampled tokens and the next step's forward pass, on the GPU's own clock, are the time the GPU sat
+idle waiting for the host. (An event at the start of `launch` would miss the input building: with
+the GPU already idle it fires at once, before the host has queued any of the step's work.)
+
+With --host-profile N it also runs cProfile over the measured run and prints the N functions with
+the most cumulative host time (cProfile slows the host about twofold; the shares stand).
 
 With --kernels N it also runs torch's profiler (CUDA activity) over the measured run and prints the
 N kernels that took the most GPU time (the profiler slows the host; the per-kernel times stand).
@@ -22,6 +27,8 @@ One long prompt (the suite's long section, YaRN on the random 7B shape):
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import random
 import time
 from collections import defaultdict
@@ -60,6 +67,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="output lengths, uniform (default: --min-len to --max-len, as the prompts)")
     parser.add_argument("--kernels", type=int, default=0, help="print the N kernels with the most GPU time")
+    parser.add_argument("--host-profile", type=int, default=0,
+                        help="print the N functions with the most cumulative host time (cProfile)")
     args = parser.parse_args()
 
     engine = build_engine(args)
@@ -85,21 +94,24 @@ def main() -> None:
             steps += 1
         return time.perf_counter() - start, generated, steps
 
-    starts: list[Any] = []  # (CUDA event at the start of a launch, the step's handle)
+    starts: list[Any] = []  # (CUDA event before the step's forward pass, the step's handle)
     if engine.device.type == "cuda":
-        import torch
-
-        launch = engine.runner.launch
+        runner = engine.runner
+        forward_events: list[Any] = []  # the event of the launch in progress, if it ran a forward pass
+        for owner, name in ((runner, "_forward_eager"), (runner.graphs, "run")):
+            if owner is not None:
+                setattr(owner, name, _marked(getattr(owner, name), forward_events))
+        launch = runner.launch
 
         def marked_launch(sched: Any) -> Any:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
+            forward_events.clear()
             handle = launch(sched)
-            starts.append((start, handle))
+            if forward_events:
+                starts.append((forward_events[0], handle))
             return handle
 
-        engine.runner.launch = marked_launch
-        engine.runner.sampler.launch = _timed_sampler_launch(engine.runner.sampler.launch)
+        runner.launch = marked_launch
+        runner.sampler.launch = _timed_sampler_launch(runner.sampler.launch)
 
     run(warm_up)
     timers.total.clear()
@@ -110,6 +122,10 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             seconds, generated, steps = run(work)
         _print_kernels(prof, args.kernels)
+    elif args.host_profile:
+        host = cProfile.Profile()
+        seconds, generated, steps = host.runcall(run, work)
+        pstats.Stats(host).sort_stats("cumulative").print_stats(args.host_profile)
     else:
         seconds, generated, steps = run(work)
     t = timers.total
@@ -135,6 +151,19 @@ def _print_kernels(prof: Any, top: int) -> None:
     for e in events[:top]:
         t = e.self_device_time_total
         print(f"  {t / 1e6:7.3f} s {100 * t / total:5.1f}%  {e.count:8d}x  {t / e.count:9.1f} us  {e.key[:110]}")
+
+
+def _marked(forward: Callable[..., Any], events: list[Any]) -> Callable[..., Any]:
+    """`forward` that first records a timing event on the current stream into `events`."""
+    import torch
+
+    def marked(*args: Any, **kwargs: Any) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        events.append(event)
+        return forward(*args, **kwargs)
+
+    return marked
 
 
 def _timed_sampler_launch(launch: Callable[..., Any]) -> Callable[..., Any]:
