@@ -37,7 +37,7 @@ from typing import Any, Callable
 from qwen_serve.bench.offline import build_engine
 from qwen_serve.bench.suite import mixed_work
 from qwen_serve.config import EngineConfig
-from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class Timers:
@@ -87,7 +87,8 @@ def main() -> None:
     def run(batch) -> tuple[float, int, int]:
         start = time.perf_counter()
         for i, (prompt, out_len) in enumerate(batch):
-            engine.add_request(f"p-{start}-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True))
+            engine.add_request(f"p-{start}-{i}", prompt, SamplingParams(
+                temperature=0.0, max_tokens=out_len, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
         generated = steps = 0
         while engine.has_unfinished_requests():
             generated += sum(len(o.outputs[0].delta_token_ids) for o in engine.step())

@@ -10,7 +10,7 @@ import torch
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm import LLM
 from qwen_serve.engine.llm_engine import LLMEngine
-from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 from conftest import make_tiny_checkpoint
 
@@ -360,6 +360,49 @@ def test_streaming_deltas_add_up(tiny):
         assert texts[c.index] == c.text and ids[c.index] == c.token_ids and lps[c.index] == len(c.token_ids) == NEW
 
 
+def test_final_only_outputs_come_once_with_everything(tiny):
+    """A final-only request yields one output, at its finish, whose deltas hold all that the cumulative
+    run of the same request streamed; the two runs generate the same."""
+    runs = {}
+    for kind in RequestOutputKind:
+        engine = _engine(tiny, tokenizer=CharTokenizer())
+        for i, prompt in enumerate(_prompts()[:6]):
+            engine.add_request(f"r{i}", prompt, _greedy(n=2 if i % 2 else 1, logprobs=1, output_kind=kind,
+                                                       max_tokens=NEW + i))
+        outputs: dict[str, list] = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outputs.setdefault(o.request_id, []).append(o)
+        runs[kind] = outputs
+    final_only, cumulative = runs[RequestOutputKind.FINAL_ONLY], runs[RequestOutputKind.CUMULATIVE]
+    assert final_only.keys() == cumulative.keys()
+    for rid, (only,) in final_only.items():
+        last = cumulative[rid][-1]
+        assert only.finished and len(cumulative[rid]) > 1
+        for got, want in zip(only.outputs, last.outputs, strict=True):
+            assert got.delta_token_ids == got.token_ids == want.token_ids
+            assert got.delta_text == got.text == want.text
+            assert got.delta_logprobs == got.logprobs == want.logprobs
+            assert got.finish_reason == want.finish_reason == "length"
+
+
+def test_llm_asks_for_final_outputs_without_changing_the_callers_params(tiny, expected):
+    engine = _engine(tiny)
+    params = _greedy()
+    seen = []
+    add = engine.add_request
+
+    def spy(request_id, prompt, p, **kw):
+        seen.append(p.output_kind)
+        return add(request_id, prompt, p, **kw)
+
+    engine.add_request = spy
+    outs = _generate(engine, _prompts(), params)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert seen == [RequestOutputKind.FINAL_ONLY] * len(expected)
+    assert params.output_kind is RequestOutputKind.CUMULATIVE
+
+
 def test_bad_requests_raise_value_error(tiny):
     engine = _engine(tiny, max_model_len=32)
     with pytest.raises(ValueError, match="max_model_len"):
@@ -380,6 +423,8 @@ def test_bad_requests_raise_value_error(tiny):
         engine.add_request("a", [1, 2], _greedy(allowed_token_ids=[VOCAB]))
     with pytest.raises(ValueError, match="allowed_token_ids"):
         engine.add_request("a", [1, 2], _greedy(allowed_token_ids=[]))
+    with pytest.raises(ValueError, match="output_kind"):
+        engine.add_request("k", [1, 2], _greedy(output_kind="final_only"))
 
 
 def test_generation_config_defaults_fill_unset_fields(tiny):

@@ -5,8 +5,8 @@ Sections (`--sections`, all by default; `--transformers-sections` picks transfor
   decode      batch 1: a 128-token prompt + 256 new tokens: TTFT and decode tok/s
   contexts    batch 1 at each `--contexts` length (4K..32K): TTFT of that prompt, then decode tok/s over
               64 new tokens at that context; our engine prefills in chunks of --max-num-batched-tokens
-  throughput  256 requests, input and output lengths uniform in 100-1024 (seeded), all submitted at once:
-              output and total tok/s, wall time, preemptions
+  throughput  256 requests, input and output lengths uniform in 100-1024 (seeded), all submitted at once,
+              final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions
   long        one 131,072-token context with --rope-scaling (default yarn), its own engine with
               max_model_len = --long-context-len, one sequence, chunks of --long-context-chunk
 All generation is greedy with ignore_eos, so every request produces exactly what it asked for; the JSON
@@ -278,10 +278,11 @@ class _Ours:
         self.engine = engine
         self.submitted = 0
 
-    def _add(self, prompt: list[int], new_tokens: int) -> None:
-        from qwen_serve.engine.sampling_params import SamplingParams
+    def _add(self, prompt: list[int], new_tokens: int, final_only: bool = False) -> None:
+        from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, output_kind=kind)
         self.engine.add_request(f"suite-{self.submitted}", prompt, params)
         self.submitted += 1
 
@@ -300,11 +301,12 @@ class _Ours:
                 **_rates(start, first, end, generated)}
 
     def batch(self, work: list[tuple[list[int], int]]) -> dict[str, Any]:
-        """Every request submitted at once: output and total tok/s, wall time, preemptions."""
+        """Every request submitted at once: output and total tok/s, wall time, preemptions. Offline work,
+        so final outputs only, as vLLM's `LLM` (and its throughput benchmark) asks for."""
         preempted = self.engine.stats().num_preemptions
         start = time.perf_counter()
         for prompt, new_tokens in work:
-            self._add(prompt, new_tokens)
+            self._add(prompt, new_tokens, final_only=True)
         generated = 0
         while self.engine.has_unfinished_requests():
             generated += sum(len(out.outputs[0].delta_token_ids) for out in self.engine.step())

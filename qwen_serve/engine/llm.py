@@ -1,6 +1,8 @@
 """`LLM`: the offline API users know from vLLM - `generate` over many prompts, `chat` through the template.
 
 A thin loop over `LLMEngine`: add every prompt, step until all finish, return outputs in prompt order.
+As vLLM's does, it asks the engine for final outputs only (RequestOutputKind.FINAL_ONLY): nobody reads
+the outputs of the steps in between.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.outputs import RequestOutput
-from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 Messages = list[dict[str, Any]]
@@ -50,10 +52,11 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        final_only = {id(p): _final_only(p) for p in params}  # one copy per distinct object, not per prompt
         ids = []
         for prompt, p in zip(prompts, params):
             request_id = f"llm-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, p)
+            self.engine.add_request(request_id, prompt, final_only[id(p)])
             ids.append(request_id)
         return self._run(ids, use_tqdm and len(ids) > 1)
 
@@ -77,7 +80,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Generating", unit="req")
         wanted = set(ids)
         try:
-            while wanted - done.keys():
+            while len(done) < len(wanted):
                 if not self.engine.has_unfinished_requests():
                     raise RuntimeError("the engine finished without answering every prompt")
                 for out in self.engine.step():
@@ -93,3 +96,10 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[i] for i in ids]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """A copy of the caller's params (left as they are) that asks for the final output only."""
+    out = params.clone()
+    out.output_kind = RequestOutputKind.FINAL_ONLY
+    return out

@@ -2,7 +2,8 @@
 
 `step()` = `scheduler.schedule()` -> `runner.launch()` -> collect the sampled tokens, append them,
 decide stops, free finished sequences -> one `RequestOutput` per request that produced something
-(with deltas for streaming). Single-threaded; the async front end (engine/async_engine.py) runs it
+(with deltas for streaming; a request whose params ask for RequestOutputKind.FINAL_ONLY only when it
+finishes). Single-threaded; the async front end (engine/async_engine.py) runs it
 in a thread.
 
 Overlapped steps (on with CUDA): a step is collected by the *next* call, after that call has
@@ -28,7 +29,7 @@ from qwen_serve.engine.block_manager import BlockManager
 from qwen_serve.engine.output_processor import OutputProcessor
 from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
-from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_generation_config
+from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.model_runner import ModelRunner, StepHandle
@@ -203,6 +204,8 @@ class LLMEngine:
             if finished:
                 request.finished_time = now
                 del self.requests[request.request_id]
+            elif request.params.output_kind is RequestOutputKind.FINAL_ONLY:
+                continue
             outputs.append(self.outputs.make_output(request, finished))
         return outputs
 

@@ -8,6 +8,7 @@ params remember which fields were set explicitly (at construction or by assignme
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,16 @@ GENERATION_CONFIG_KEYS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+
+
+class RequestOutputKind(enum.Enum):
+    """Which steps hand back a request's output. CUMULATIVE: every step that gave it tokens, each output
+    with the text and tokens so far and that step's deltas. FINAL_ONLY: only the step it finishes, whose
+    deltas then hold everything (vLLM's offline `LLM` asks for this): a batch of requests nobody streams
+    skips building an output per request per step."""
+
+    CUMULATIVE = "cumulative"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass
@@ -49,6 +60,7 @@ class SamplingParams:
     structured_output: dict[str, Any] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (not to logprobs)
     allowed_token_ids: list[int] | None = None  # sample only among these (logprobs stay the model's)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Names of the fields the caller set; generation_config defaults never override these.
     _explicit: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
@@ -122,6 +134,8 @@ class SamplingParams:
         _check(self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, list) and self.allowed_token_ids
                and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
                "allowed_token_ids", "must be a non-empty list of non-negative token ids")
+        _check(isinstance(self.output_kind, RequestOutputKind), "output_kind",
+               f"must be a RequestOutputKind, got {self.output_kind!r}")
         spec = self.structured_output
         _check(spec is None or (isinstance(spec, dict)
                                 and spec.get("type") in ("json_object", "json_schema", "lark", "regex", "choice")),

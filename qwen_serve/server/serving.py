@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from qwen_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReady, EngineOverloaded
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
-from qwen_serve.engine.sampling_params import SamplingParams, defaults_from_generation_config
+from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.server.errors import APIError, error_body
 from qwen_serve.server.metrics import ServerMetrics
 from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, SamplingFields
@@ -166,9 +166,11 @@ class Serving:
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         structured_output: dict[str, Any] | None = None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, stream: bool = True) -> SamplingParams:
         """Request fields over --generation-config defaults; every field is set explicitly, so the
-        engine applies no defaults of its own on top."""
+        engine applies no defaults of its own on top. A request that is not streamed asks the engine
+        for its final output only: under load, an output per request per step (built, then passed to
+        the event loop) is host work the engine thread and the server share."""
         fields: dict[str, Any] = dict(self.defaults())
         fields.pop("max_tokens", None)  # already resolved by the caller against the context length
         given = {
@@ -183,6 +185,7 @@ class Serving:
             max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
             structured_output=structured_output, prompt_logprobs=prompt_logprobs,
+            output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
         )
         try:
             return SamplingParams(**fields).validate()
@@ -203,8 +206,9 @@ class Serving:
         refused = False
         try:
             async for out in self.engine.generate(prompt, params, request_id):
-                if ttft is None and any(o.delta_token_ids for o in out.outputs):
-                    ttft = time.perf_counter() - start
+                if ttft is None and out.metrics.first_token_time is not None and any(o.token_ids for o in out.outputs):
+                    # The engine's clock, from the request's arrival: a final-only output comes at the end.
+                    ttft = out.metrics.first_token_time - out.metrics.arrival_time
                 last = out
                 yield out
         except ValueError as err:

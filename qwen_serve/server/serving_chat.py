@@ -201,7 +201,7 @@ class ChatServing(Serving):
         max_tokens = self.check_context(len(prompt_ids), limit)
         top_k = req.top_logprobs or 0
         params = self.sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None,
-                                      structured_output=structured)
+                                      structured_output=structured, stream=bool(req.stream))
         request_id = random_id("chatcmpl")
         merged = merge_streams([self.generate(prompt_ids, params, request_id)])
         try:

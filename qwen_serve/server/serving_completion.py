@@ -113,7 +113,8 @@ class CompletionServing(Serving):
         for i, p in enumerate(prompts):
             max_tokens = self._output_limit(len(p.ids), limit)
             params = self.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                          structured_output=structured, prompt_logprobs=req.engine_prompt_logprobs)
+                                          structured_output=structured, prompt_logprobs=req.engine_prompt_logprobs,
+                                          stream=bool(req.stream))
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             requests.append(self.generate(p.ids, params, rid))
         merged = merge_streams(requests)
