@@ -189,3 +189,35 @@ def test_banned_tokens_are_never_sampled():
     tokens = torch.arange(V - 2).repeat(200)
     out = sample(logits, _tensors(200, temperature=1.0, banned=(rows, tokens)))
     assert set(out.token_ids.tolist()) == {V - 2, V - 1}
+
+
+def _step_sampler():
+    from qwen_serve.worker.step_sampler import StepSampler
+
+    return StepSampler(torch.device("cpu"), seed=0, eos_token_ids=[3], max_num_seqs=8,
+                       to_device=lambda values, dtype: torch.tensor(values, dtype=dtype))
+
+
+def _seqs(*params):
+    from qwen_serve.engine.request import Request
+
+    return [Request(f"r{i}", [1, 2, 3], p, 0.0).sequences[0] for i, p in enumerate(params)]
+
+
+def test_step_sampler_reuses_tensors_only_for_the_same_rows_and_static_settings():
+    from qwen_serve.engine.sampling_params import SamplingParams
+
+    sampler = _step_sampler()
+    a, b = _seqs(SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9))
+    first = sampler._sampling_tensors([a, b], V)
+    assert sampler._sampling_tensors([a, b], V) is first  # the same sequences, in order
+    swapped = sampler._sampling_tensors([b, a], V)
+    assert swapped is not first and swapped.random_rows == [0]
+    # Settings that change from step to step are built every step: the ban lifts once min_tokens are out.
+    (c,) = _seqs(SamplingParams(temperature=0.0, min_tokens=1))
+    banned = sampler._sampling_tensors([c], V)
+    assert banned.banned is not None
+    c.token_ids.append(7)
+    assert sampler._sampling_tensors([c], V).banned is None
+    (d,) = _seqs(SamplingParams(temperature=0.0, presence_penalty=0.5))
+    assert sampler._sampling_tensors([d], V) is not sampler._sampling_tensors([d], V)

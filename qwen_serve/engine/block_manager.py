@@ -94,40 +94,52 @@ class BlockManager:
         the start of its block table and count as computed. Returns the (src, dst) block copies
         that copy-on-write needs, or None (and changes nothing) when there are not enough blocks.
         """
+        if not cached_blocks:
+            return self._extend(seq, seq.num_computed_tokens + num_new_tokens)
+        if seq.block_ids:
+            raise RuntimeError("cached blocks can only start an empty block table")
         bs = self.block_size
-        if cached_blocks:
-            if seq.block_ids:
-                raise RuntimeError("cached blocks can only start an empty block table")
-            computed = len(cached_blocks) * bs
-        else:
-            computed = seq.num_computed_tokens
+        computed = len(cached_blocks) * bs
         end = computed + num_new_tokens
-        held = len(seq.block_ids) + len(cached_blocks)
-        # Shared blocks this write would land in (only ever the partial block of forked samples).
-        shared = [i for i in range(computed // bs, min(held, self.blocks_needed(end)))
-                  if self.blocks[seq.block_ids[i]].ref_count > 1] if not cached_blocks else []
+        held = len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)  # leave the free pool
-        need = max(0, self.blocks_needed(end) - held) + len(shared)
-        if need > len(self.free) - revived:
+        # The check _extend makes below, counted before the cached blocks leave the free pool: once
+        # this passes, that one does too, so nothing is taken for a call that fails.
+        if max(0, self.blocks_needed(end) - held) > len(self.free) - revived:
             return None
         for b in cached_blocks:
             self._take(b)
         seq.block_ids.extend(cached_blocks)
-        if cached_blocks:
-            seq.num_computed_tokens = computed
-            seq.block_hashes = [self.blocks[b].hash for b in cached_blocks]
+        seq.num_computed_tokens = computed
+        seq.block_hashes = [self.blocks[b].hash for b in cached_blocks]
+        return self._extend(seq, end)
+
+    def _extend(self, seq: Sequence, end: int) -> list[tuple[int, int]] | None:
+        """Makes `seq`'s blocks cover `end` tokens, past its computed ones (which its blocks hold).
+        Called once a step for every running sequence, so the usual case - the write lands in the
+        sequence's own last block, or needs one new block - does no more than it must."""
+        bs = self.block_size
+        table = seq.block_ids
+        held = len(table)
+        needed = -(-end // bs)
+        # Shared blocks this write would land in (only ever the partial block of forked samples).
+        shared = [i for i in range(seq.num_computed_tokens // bs, min(held, needed))
+                  if self.blocks[table[i]].ref_count > 1]
+        if max(0, needed - held) + len(shared) > len(self.free):
+            return None
         copies = []
         for i in shared:
-            src = seq.block_ids[i]
+            src = table[i]
             dst = self._pop_free()
             self.blocks[src].ref_count -= 1
-            seq.block_ids[i] = dst
+            table[i] = dst
             copies.append((src, dst))
-        while len(seq.block_ids) < self.blocks_needed(end):
-            seq.block_ids.append(self._pop_free())
-        if self.enable_prefix_caching:
-            # A token still on the device (overlapped steps) is hashed on a later call, once it is known.
-            self._cache_full_blocks(seq, min(end, seq.num_tokens))
+        for _ in range(needed - held):
+            table.append(self._pop_free())
+        # A token still on the device (overlapped steps) is hashed on a later call, once it is known.
+        known = min(end, len(seq.token_ids))
+        if self.enable_prefix_caching and known // bs > len(seq.block_hashes):
+            self._cache_full_blocks(seq, known)
         return copies
 
     def fork(self, parent: Sequence, child: Sequence) -> None:

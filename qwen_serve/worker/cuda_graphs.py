@@ -21,6 +21,7 @@ import logging
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,10 +102,10 @@ class DecodeGraphs:
         return num_seqs <= self.buckets[-1] and width <= self.max_blocks
 
     def run(self, ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> DecodeOutput:
-        """One decode step of n sequences (ids [n] on the device, one token each; tables padded to
-        one width) -> their logits and greedy tokens (views of the static outputs: queue their
-        use before the next replay)."""
+            tables: np.ndarray) -> DecodeOutput:
+        """One decode step of n sequences (ids [n] on the device, one token each; tables int32 [n, width])
+        -> their logits and greedy tokens (views of the static outputs: queue their use before the
+        next replay)."""
         n = len(positions)
         bucket = next(b for b in self.buckets if b >= n)
         pad = bucket - n
@@ -115,10 +116,10 @@ class DecodeGraphs:
         self._fill(self.positions[:bucket], positions + [0] * pad, torch.long)
         self._fill(self.slot_mapping[:bucket], slots + [-1] * pad, torch.long)
         self._fill(self.seq_lens[:bucket], seq_lens + [1] * pad, torch.int32)
-        self._fill(self.block_tables[:n, : len(tables[0])], tables, torch.int32)
+        self._fill(self.block_tables[:n, : tables.shape[1]], tables, torch.int32)
         self.graphs[bucket].replay()
         return DecodeOutput(self.logits[:n], self.greedy[:n])
 
     @staticmethod
-    def _fill(dst: torch.Tensor, values: list, dtype: torch.dtype) -> None:
+    def _fill(dst: torch.Tensor, values: list | np.ndarray, dtype: torch.dtype) -> None:
         dst.copy_(host_tensor(values, dtype).pin_memory(), non_blocking=True)

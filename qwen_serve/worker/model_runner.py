@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from qwen_serve.config import EngineConfig
@@ -33,7 +34,7 @@ from qwen_serve.engine.request import Sequence
 from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.models.config import Qwen2Config
-from qwen_serve.worker.host_arrays import host_tensor
+from qwen_serve.worker.host_arrays import block_table_array, host_tensor
 from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
                                                 wants_prompt_logprobs)
 from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
@@ -174,7 +175,7 @@ class ModelRunner:
             width = -(-max(seq_lens) // self.block_size)
             input_ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
             hidden = self._forward_eager(input_ids, positions, [-1] * len(positions), query_start, seq_lens,
-                                         [[0] * width for _ in seq_lens], max(step.query_lens),
+                                         np.zeros((len(seq_lens), width), dtype=np.int32), max(step.query_lens),
                                          list(range(len(seq_lens))))
             self.model.compute_logits(hidden)
         if self.device.type == "cuda":
@@ -272,7 +273,7 @@ class ModelRunner:
         input_ids = self._input_ids(ids, pending_at, pending_from)
 
         width = max(len(t) for t in tables)
-        padded_tables = [t + [0] * (width - len(t)) for t in tables]
+        padded_tables = block_table_array(tables, width)
         greedy = None  # each sampling row's argmax, when the decode graph computed it
         if self.graphs is not None and len(ids) == len(sched.chunks) and self.graphs.fits(len(ids), width):
             # Decode only (one token per sequence, so no prompt logprobs): replay the captured graph,
@@ -314,7 +315,7 @@ class ModelRunner:
         return input_ids
 
     def _forward_eager(self, input_ids: torch.Tensor, positions: list[int], slots: list[int], query_start: list[int],
-                       seq_lens: list[int], tables: list[list[int]], max_query_len: int,
+                       seq_lens: list[int], tables: np.ndarray, max_query_len: int,
                        out_chunks: list[int] | None) -> torch.Tensor:
         """Hidden states of every row, or (out_chunks) of the last row of each of those chunks only."""
         on_gpu = self.device.type == "cuda"
@@ -333,8 +334,8 @@ class ModelRunner:
         with forward_context(meta):
             return self.model(input_ids, pos, rows)  # [num_tokens or len(out_chunks), hidden]
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """Host list -> device tensor; on a GPU through pinned memory, without waiting for the copy."""
+    def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """Host list or array -> device tensor; on a GPU through pinned memory, without waiting for the copy."""
         if self.device.type != "cuda":
             return torch.tensor(values, dtype=dtype)
         return host_tensor(values, dtype).pin_memory().to(self.device, non_blocking=True)
