@@ -17,6 +17,8 @@ Sections (--sections, comma separated; default all):
            131K (YaRN), and decode tok/s from a CUDA graph of one decode step (model + greedy argmax)
            at batch 1 (prompt 128 + 256 new, fused kernels on and off) and at long contexts and batch 64.
   pdl      the batch-1 decode graph with programmatic dependent launch off and on, alternated.
+  gemm     the prefill's four GEMMs of one layer (qkv, o, gate_up, down) at 8K-32K rows, TFLOP/s: F.linear as
+           the model calls it against other layouts and torch's cuBLAS / cuBLASLt preference.
 Prints a table per section and writes every figure to OUT/bench_kernels.json.
 
 Timing: small kernels are captured in one CUDA graph that runs R different inputs back to back
@@ -294,6 +296,41 @@ def section_plans(rows: list[dict]) -> None:
         print("plans " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
               flush=True)
         del q, k, v
+
+
+# ------------------------------------------------------------------------------------------ gemm
+def section_gemm(rows: list[dict]) -> None:
+    """Whether another cuBLAS choice runs the prefill's GEMMs faster than F.linear on the [out, in] weights."""
+    hidden, inter = QWEN7B["hidden_size"], QWEN7B["intermediate_size"]
+    shapes = {"qkv": (hidden, (H + 2 * KVH) * D), "o": (hidden, H * D), "gate_up": (hidden, 2 * inter),
+              "down": (inter, hidden)}
+    blas = torch.backends.cuda
+    for m in (8192, 16384, 32768):
+        for name, (k, n) in shapes.items():
+            x = torch.randn(m, k, device="cuda", dtype=BF16)
+            w = torch.randn(n, k, device="cuda", dtype=BF16) * 0.02  # [out, in], as the model stores it
+            wt = w.t().contiguous()  # [in, out]
+            flops = 2 * m * k * n
+            row = {"rows": m, "gemm": name}
+
+            def rate(fn: Callable[[], object]) -> float:
+                return flops / bench_ms(fn) / 1e9
+
+            row["F.linear"] = rate(lambda: F.linear(x, w))
+            row["x @ w.T"] = rate(lambda: x @ w.t())
+            row["x @ [in,out] copy"] = rate(lambda: x @ wt)
+            for lib in ("cublas", "cublaslt"):
+                blas.preferred_blas_library(lib)
+                row[f"F.linear, {lib}"] = rate(lambda: F.linear(x, w))
+            blas.preferred_blas_library("default")
+            blas.matmul.allow_bf16_reduced_precision_reduction = False
+            row["F.linear, full-precision reduction"] = rate(lambda: F.linear(x, w))
+            blas.matmul.allow_bf16_reduced_precision_reduction = True
+            rows.append(row)
+            print("gemm " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+            del x, w, wt
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ fused
@@ -600,7 +637,7 @@ def main() -> None:
     print(results, flush=True)
     sections = {"attn": section_attn, "attnmix": section_attnmix, "prefill": section_prefill,
                 "chunked": section_chunked, "plans": section_plans, "fused": section_fused, "gemv": section_gemv, "model": section_model,
-                "pdl": section_pdl}
+                "pdl": section_pdl, "gemm": section_gemm}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()
