@@ -150,6 +150,11 @@ def section_attnmix(rows: list[dict]) -> None:
         "stages2": TritonAttentionBackend(decode_num_stages=2),
         "stages4": TritonAttentionBackend(decode_num_stages=4),
         "64-wide stages2": TritonAttentionBackend(wide_decode_block_n=64, decode_num_stages=2),
+        "warps8": TritonAttentionBackend(decode_num_warps=8),
+        "warps2": TritonAttentionBackend(decode_num_warps=2),
+        "warps8 stages2": TritonAttentionBackend(decode_num_warps=8, decode_num_stages=2),
+        "64-wide warps2 stages2": TritonAttentionBackend(wide_decode_block_n=64, decode_num_warps=2,
+                                                         decode_num_stages=2),
     }
     for batch in (64, 128, 256):
         rng = random.Random(batch)

@@ -394,6 +394,7 @@ class TritonAttentionBackend:
         prefill_num_warps: int = 8,
         prefill_num_stages: int = 3,
         decode_num_stages: int = 3,
+        decode_num_warps: int = 4,
         min_split_tiles: int = 1,
         dense_prefill_min_len: int | None = 1024,
     ) -> None:
@@ -405,7 +406,8 @@ class TritonAttentionBackend:
         self.decode_block_n, self.wide_decode_block_n = decode_block_n, wide_decode_block_n
         self.prefill_block_m, self.prefill_block_n = prefill_block_m, prefill_block_n
         self.prefill_num_warps, self.prefill_num_stages = prefill_num_warps, prefill_num_stages
-        self.decode_num_stages = decode_num_stages
+        # 4 warps: 2 and 8 were slower at batches 64-256 on the H200 (bench_kernels.py --sections attnmix, run 22).
+        self.decode_num_stages, self.decode_num_warps = decode_num_stages, decode_num_warps
         # At least this many key tiles per split, so short contexts use few splits (the rest exit early).
         self.min_split_tiles = min_split_tiles
         # A prefill chunk this long goes to torch's cuDNN attention on contiguous tensors, measured
@@ -477,7 +479,7 @@ class TritonAttentionBackend:
             block_n = self.decode_tile_for(device, num_tokens, num_kv_heads)
             dense = []
             splits = self.splits_for(device, num_tokens, num_kv_heads, meta.max_seq_len) if meta.split_kv else 1
-            grid0, warps, stages = num_tokens, 4, self.decode_num_stages
+            grid0, warps, stages = num_tokens, self.decode_num_warps, self.decode_num_stages
         else:
             block_m = max(self.prefill_block_m, triton.next_power_of_2(qpk))
             block_q, block_n, pad, splits = block_m // qpk, self.prefill_block_n, 1, 1
