@@ -121,7 +121,7 @@ class BlockManager:
         bs = self.block_size
         table = seq.block_ids
         held = len(table)
-        needed = -(-end // bs)
+        needed = self.blocks_needed(end)
         # Shared blocks this write would land in (only ever the partial block of forked samples).
         shared = [i for i in range(seq.num_computed_tokens // bs, min(held, needed))
                   if self.blocks[table[i]].ref_count > 1]

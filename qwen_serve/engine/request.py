@@ -116,7 +116,7 @@ class Request:
     @property
     def is_finished(self) -> bool:
         # Asked for every request the engine touches each step: a loop, not all() over a generator.
-        if len(self.sequences) < self.n:
+        if self.needs_fork:
             return False
         for s in self.sequences:
             if s.status is not SequenceStatus.FINISHED:
