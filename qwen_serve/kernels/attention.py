@@ -439,12 +439,16 @@ class TritonAttentionBackend:
     def warm_up(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                 device: torch.device) -> None:
         """One-time work before serving: the cuDNN kernels of the long-chunk path (`warm_up_dense`)."""
-        if self.dense_prefill_min_len is not None and dtype in DENSE_DTYPES:
+        if self._dense_enabled(dtype):
             warm_up_dense(num_heads, num_kv_heads, head_dim, dtype, device)
+
+    def _dense_enabled(self, dtype: torch.dtype) -> bool:
+        """Whether long chunks of this dtype take the cuDNN path at all (half precision only, and not turned off)."""
+        return self.dense_prefill_min_len is not None and dtype in DENSE_DTYPES
 
     def _dense_prefill_seqs(self, meta: AttentionMetadata, dtype: torch.dtype) -> list[int]:
         """Sequences whose chunk in this step is long enough for the cuDNN path (half-precision inputs only)."""
-        if self.dense_prefill_min_len is None or dtype not in DENSE_DTYPES:
+        if not self._dense_enabled(dtype):
             return []
         starts = meta.query_start_loc
         return [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] >= self.dense_prefill_min_len]
