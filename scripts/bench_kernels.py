@@ -19,6 +19,8 @@ Sections (--sections, comma separated; default all):
   pdl      the batch-1 decode graph with programmatic dependent launch off and on, alternated.
   gemm     the prefill's four GEMMs of one layer (qkv, o, gate_up, down) at 8K-32K rows, TFLOP/s: F.linear as
            the model calls it against other layouts and torch's cuBLAS / cuBLASLt preference.
+  layouts  the long-chunk cuDNN calls in the engine's tensor layouts against contiguous heads-first copies,
+           timed by do_bench and back to back, beside the gate_up GEMM and both alternating as in a layer.
 Prints a table per section and writes every figure to OUT/bench_kernels.json.
 
 Timing: small kernels are captured in one CUDA graph that runs R different inputs back to back
@@ -267,6 +269,81 @@ def section_chunked(rows: list[dict]) -> None:
         torch.cuda.empty_cache()
         print("chunked " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
+
+
+# ------------------------------------------------------------------------------------------ layouts
+def sustained_ms(fn: Callable[[], object], calls: int = 20) -> float:
+    """Mean time of `calls` back-to-back calls, no L2 flush and no gaps: how the engine's prefill runs them
+    (do_bench spaces its calls and flushes the L2 between them, which lets the clocks recover)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def section_layouts(rows: list[dict]) -> None:
+    """The long-chunk cuDNN calls in the engine's layouts (q, k, v as views of the qkv projection's output,
+    token stride (H + 2 KVH) D; the gathered prefix token-major) against heads-first contiguous copies, each
+    timed by do_bench and back to back; beside them the gate_up GEMM of the same rows, alone and
+    alternating with the chunk's attention as a layer does. Wall-clock stamps let a clock log line up."""
+    from qwen_serve.kernels.attention import _cudnn_attention, _heads_first
+
+    scale = D**-0.5
+    hidden, inter = QWEN7B["hidden_size"], QWEN7B["intermediate_size"]
+    for ctx, new in ((0, 8192), (8192, 8192), (24576, 8192), (0, 16384), (98304, 16384)):
+        qkv = torch.randn(new, (H + 2 * KVH) * D, device="cuda", dtype=BF16)
+        q = qkv[:, : H * D].view(new, H, D)
+        k = qkv[:, H * D : (H + KVH) * D].view(new, KVH, D)
+        v = qkv[:, (H + KVH) * D :].view(new, KVH, D)
+        causal_flops = 4 * H * D * new * new / 2
+        row = {"context": ctx, "new": new, "t_start": time.time()}
+        qc, kc, vc = (_heads_first(t).contiguous() for t in (q, k, v))
+        calls = {
+            "causal, engine layout": (lambda: _cudnn_attention(_heads_first(q), _heads_first(k), _heads_first(v), True, scale),
+                                      causal_flops),
+            "causal, contiguous": (lambda: _cudnn_attention(qc, kc, vc, True, scale), causal_flops),
+        }
+        if ctx:
+            pk = torch.randn(ctx, KVH, D, device="cuda", dtype=BF16)  # as gather_kv returns it
+            pv = torch.randn_like(pk)
+            pkc, pvc = _heads_first(pk).contiguous(), _heads_first(pv).contiguous()
+            prefix_flops = 4 * H * D * new * ctx
+            calls["prefix, engine layout"] = (
+                lambda: _cudnn_attention(_heads_first(q), _heads_first(pk), _heads_first(pv), False, scale), prefix_flops)
+            calls["prefix, q contiguous"] = (
+                lambda: _cudnn_attention(qc, _heads_first(pk), _heads_first(pv), False, scale), prefix_flops)
+            calls["prefix, contiguous"] = (lambda: _cudnn_attention(qc, pkc, pvc, False, scale), prefix_flops)
+        x = torch.randn(new, hidden, device="cuda", dtype=BF16)
+        w = torch.randn(2 * inter, hidden, device="cuda", dtype=BF16) * 0.02
+        gemm_flops = 2 * new * hidden * 2 * inter
+        calls["gate_up GEMM"] = (lambda: F.linear(x, w), gemm_flops)
+        for name, (fn, flops) in calls.items():
+            ms = bench_ms(fn)
+            ms_b2b = sustained_ms(fn)
+            row[f"{name} ms"], row[f"{name} TFLOP/s"] = ms, flops / ms / 1e9
+            row[f"{name} b2b ms"], row[f"{name} b2b TFLOP/s"] = ms_b2b, flops / ms_b2b / 1e9
+        attn = [fn for name, (fn, _) in calls.items() if name.endswith("engine layout")]
+
+        def layer_like() -> None:
+            F.linear(x, w)
+            for fn in attn:
+                fn()
+
+        alone = sum(row[f"{n} b2b ms"] for n in calls if n.endswith("engine layout") or n == "gate_up GEMM")
+        row["GEMM + attention alternating b2b ms"] = sustained_ms(layer_like)
+        row["same, sum of b2b alone ms"] = alone
+        row["heads-first copy of q ms"] = bench_ms(lambda: _heads_first(q).contiguous())
+        row["t_end"] = time.time()
+        rows.append(row)
+        print("layouts " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+        del qkv, q, k, v, qc, kc, vc, x, w, calls, attn
+        torch.cuda.empty_cache()
 
 
 def section_plans(rows: list[dict]) -> None:
@@ -642,7 +719,7 @@ def main() -> None:
     print(results, flush=True)
     sections = {"attn": section_attn, "attnmix": section_attnmix, "prefill": section_prefill,
                 "chunked": section_chunked, "plans": section_plans, "fused": section_fused, "gemv": section_gemv, "model": section_model,
-                "pdl": section_pdl, "gemm": section_gemm}
+                "pdl": section_pdl, "gemm": section_gemm, "layouts": section_layouts}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()
