@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from bench_kernels import bench_ms, sustained_ms  # this script's directory is first on sys.path
 from qwen_serve.kernels import fused
 
 
@@ -135,22 +135,6 @@ CONFIGS = [
 ]
 
 
-def back_to_back_ms(fn, calls: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 def main() -> None:
     out_dir = os.environ.get("OUT", ".")
     torch.manual_seed(0)
@@ -166,8 +150,8 @@ def main() -> None:
 
         got = two_calls().float()
         row = {"M": m, "cublas+silu rel err": ((got - ref).norm() / ref.norm()).item(),
-               "cublas alone ms": median_ms(lambda: F.linear(x, w)), "cublas+silu ms": median_ms(two_calls),
-               "cublas+silu b2b ms": back_to_back_ms(two_calls)}
+               "cublas alone ms": bench_ms(lambda: F.linear(x, w)), "cublas+silu ms": bench_ms(two_calls),
+               "cublas+silu b2b ms": sustained_ms(two_calls)}
         print(row, flush=True)
         for kind, bm, bn, bk, warps, group, stages in CONFIGS:
             name = f"{kind} {bm}x{bn}x{bk} w{warps} g{group} s{stages}"
@@ -176,8 +160,8 @@ def main() -> None:
                     return swiglu_gemm(x, w, kind, bm, bn, bk, group, warps, stages)
 
                 err = ((fn().float() - ref).norm() / ref.norm()).item()
-                ms = median_ms(fn)
-                row[name] = {"ms": ms, "b2b_ms": back_to_back_ms(fn), "TFLOPs": flops / ms / 1e9, "rel_err": err}
+                ms = bench_ms(fn)
+                row[name] = {"ms": ms, "b2b_ms": sustained_ms(fn), "TFLOPs": flops / ms / 1e9, "rel_err": err}
             except Exception as e:  # a configuration that does not compile is a result too
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             print(m, name, row[name], flush=True)
