@@ -98,6 +98,8 @@ def swiglu_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_gemm(x, w, kind="ptr", block_m=128, block_n=128, block_k=64, group_m=8, warps=8, stages=4, programs=None):
+    """silu(x @ gate.T) * (x @ up.T) for x [M, K] and the merged w [2N, K], by one of the three kernels ("ptr",
+    "tma", "persistent"). `programs` sets the persistent grid (default: the SM count; the interpreter has none)."""
     M, K = x.shape
     N = w.shape[0] // 2
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
