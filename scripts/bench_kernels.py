@@ -21,6 +21,9 @@ Sections (--sections, comma separated; default all):
            the model calls it against other layouts and torch's cuBLAS / cuBLASLt preference.
   layouts  the long-chunk cuDNN calls in the engine's tensor layouts against contiguous heads-first copies,
            timed by do_bench and back to back, beside the gate_up GEMM and both alternating as in a layer.
+  fa3      the backend's long-chunk path on cuDNN (causal call, prefix call, merge) against FlashAttention-3's
+           forward (the fa3-fwd wheel; one call over the gathered prefix and chunk, causal aligned bottom-right):
+           agreement with each other and a float32 reference, time by do_bench and back to back.
 Prints a table per section and writes every figure to OUT/bench_kernels.json.
 
 Timing: small kernels are captured in one CUDA graph that runs R different inputs back to back
@@ -346,6 +349,53 @@ def section_layouts(rows: list[dict]) -> None:
         rows.append(row)
         print_row("layouts", row)
         del qkv, q, k, v, qc, kc, vc, x, w, calls, attn
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ fa3
+def section_fa3(rows: list[dict]) -> None:
+    """The backend's long-chunk path on cuDNN (causal call, prefix call, merge) against the same backend on
+    FlashAttention-3 (one call over the sequence gathered from the cache, causal aligned bottom-right), on one
+    paged chunk whose keys are already in the cache, as the engine calls them; beside them FA3 alone on keys
+    gathered beforehand, so the gather's share shows. Agreement with each other and, where small enough, with a
+    float32 reference. Short chunks also time the Triton kernel, which serves chunks below the threshold."""
+    from fa3_fwd_interface import flash_attn_func
+
+    from qwen_serve.layers.attention import gather_kv
+
+    # Every chunk here takes the long-chunk path (threshold 64), so short ones compare it with the kernel.
+    cudnn = TritonAttentionBackend(dense_prefill_min_len=64, long_chunk_kernel="cudnn")
+    fa3 = TritonAttentionBackend(dense_prefill_min_len=64, long_chunk_kernel="fa3")
+    kernel = TritonAttentionBackend(dense_prefill_min_len=None)
+    for ctx, new in ((0, 256), (0, 512), (500, 500), (0, 1024), (1000, 1500), (0, 4096), (0, 8192), (0, 16384),
+                     (0, 32768), (8192, 8192), (24576, 8192), (98304, 16384), (114688, 16384)):
+        b = random_paged_batch([(ctx, new)], H, KVH, D, 16, BF16, "cuda", seed=2)
+        write_kv_cache(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping)
+        total = ctx + new
+        kf, vf = gather_kv(b.k_cache, b.meta.block_tables[0], total), gather_kv(b.v_cache, b.meta.block_tables[0], total)
+        calls = {"cudnn": attention_call(cudnn, b), "fa3": attention_call(fa3, b),
+                 "fa3 pre-gathered": lambda: flash_attn_func(b.q[None], kf[None], vf[None], softmax_scale=b.scale,
+                                                             causal=True)[0]}
+        if total <= 8192:
+            calls["triton"] = attention_call(kernel, b)
+        row = {"context": ctx, "new": new}
+        ours, theirs = calls["cudnn"](), calls["fa3"]()
+        row["fa3 vs cudnn max abs"] = (ours.float() - theirs.float()).abs().max().item()
+        if total <= 4096:  # float32 reference: SDPA's math path, bottom-right causal mask
+            mask = torch.ones(new, total, dtype=torch.bool, device="cuda").tril(ctx)
+            ref = F.scaled_dot_product_attention(
+                b.q.float().transpose(0, 1), kf.float().transpose(0, 1), vf.float().transpose(0, 1),
+                attn_mask=mask, scale=b.scale, enable_gqa=True).transpose(0, 1)
+            row["cudnn vs f32 max abs"] = (ours.float() - ref).abs().max().item()
+            row["fa3 vs f32 max abs"] = (theirs.float() - ref).abs().max().item()
+        flops = 4 * H * D * (new * ctx + new * new / 2)
+        for name, fn in calls.items():
+            ms, ms_b2b = bench_ms(fn), sustained_ms(fn)
+            row[f"{name} ms"], row[f"{name} b2b ms"] = ms, ms_b2b
+            row[f"{name} b2b TFLOP/s"] = flops / ms_b2b / 1e9
+        rows.append(row)
+        print_row("fa3", row)
+        del b, kf, vf, calls, ours, theirs
         torch.cuda.empty_cache()
 
 
@@ -720,7 +770,7 @@ def main() -> None:
     print(results, flush=True)
     sections = {"attn": section_attn, "attnmix": section_attnmix, "prefill": section_prefill,
                 "chunked": section_chunked, "plans": section_plans, "fused": section_fused, "gemv": section_gemv, "model": section_model,
-                "pdl": section_pdl, "gemm": section_gemm, "layouts": section_layouts}
+                "pdl": section_pdl, "gemm": section_gemm, "layouts": section_layouts, "fa3": section_fa3}
     for name in args.sections.split(","):
         rows: list[dict] = []
         t = time.perf_counter()

@@ -21,6 +21,7 @@ compile on first use.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,14 +132,19 @@ class ModelRunner:
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids)
 
     def _attention_backend(self):
-        """The Triton paged-attention kernels on CUDA (when available); else the torch reference."""
+        """The Triton paged-attention kernels on CUDA (when available); else the torch reference.
+        QWEN_SERVE_FA3=0 keeps long prefill chunks on cuDNN where FlashAttention-3 would take them (A/B runs)."""
         from qwen_serve.layers import kernel_dispatch
 
         if not kernel_dispatch.use_kernels(self.kv_cache):
             return None
         from qwen_serve.kernels.attention import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        long_chunks = "cudnn" if os.environ.get("QWEN_SERVE_FA3", "1") == "0" else "auto"
+        backend = TritonAttentionBackend(long_chunk_kernel=long_chunks)
+        if backend.uses_fa3(self.kv_cache.dtype, self.kv_cache.device):
+            log.info("Long prefill chunks: FlashAttention-3 (fa3-fwd)")
+        return backend
 
     def close(self) -> None:
         """Frees the device memory this runner holds (weights, KV cache, CUDA graphs) even while

@@ -23,7 +23,7 @@ triton = pytest.importorskip("triton")
 
 from qwen_serve.kernels import fused  # noqa: E402
 from qwen_serve.kernels.attention import (  # noqa: E402
-    TritonAttentionBackend, merge_two, merge_two_reference, padded_rows, write_kv_cache,
+    TritonAttentionBackend, fa3_forward, fa3_supported, merge_two, merge_two_reference, padded_rows, write_kv_cache,
 )
 from qwen_serve.kernels.random_batch import random_paged_batch  # noqa: E402
 from qwen_serve.layers import attention as ref_attention  # noqa: E402
@@ -88,18 +88,27 @@ def test_paged_attention_matches_reference(specs, heads, kv_heads, block_size, d
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+def long_chunk_kernels() -> list:
+    """cuDNN always; FlashAttention-3 as a case skipped where it cannot run (no fa3-fwd, not Hopper)."""
+    fa3_ok = DEVICE == "cuda" and fa3_supported(torch.bfloat16, torch.device(DEVICE))
+    return ["cudnn", pytest.param("fa3", marks=pytest.mark.skipif(not fa3_ok, reason="needs fa3-fwd on Hopper"))]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch's cuDNN attention needs the GPU")
+@pytest.mark.parametrize("kernel", long_chunk_kernels())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads", [(28, 4), (8, 8)])
-def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype):
-    # Chunks >= 64 tokens take the cuDNN path (fresh, or after a cached prefix: two calls merged by
-    # log-sum-exp); the short chunk, the short prompt and the decode stay in the kernel.
+def test_dense_prefill_path_matches_reference(heads, kv_heads, dtype, kernel):
+    # Chunks >= 64 tokens take the long-chunk path (cuDNN: fresh, or after a cached prefix two calls merged by
+    # log-sum-exp; FlashAttention-3 for bfloat16: one call over the gathered sequence); the short chunk, the
+    # short prompt and the decode stay in the kernel.
     specs = [(0, 300), (40, 100), (0, 20), (77, 1), (0, 64), (500, 200), (33, 63)]
     batch = random_paged_batch(specs, heads, kv_heads, 128, 16, dtype, DEVICE, seed=heads)
     ref_out, _, _ = reference_attention(batch)
     write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
     poison_allocator()
-    backend = TritonAttentionBackend(dense_prefill_min_len=64)
+    backend = TritonAttentionBackend(dense_prefill_min_len=64, long_chunk_kernel=kernel)
+    assert backend.uses_fa3(dtype, torch.device(DEVICE)) == (kernel == "fa3" and dtype == torch.bfloat16)
     assert backend._dense_prefill_seqs(batch.meta, dtype) == [0, 1, 4, 5]
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < TOL[dtype]
@@ -119,6 +128,35 @@ def test_float32_long_chunks_stay_in_the_kernel():
     backend.warm_up(8, 2, 32, torch.float32, torch.device(DEVICE))  # no cuDNN call for float32
     out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
     assert rel_err(out, ref_out) < 3e-3  # the kernel's float32 dots run on the tensor cores in tf32
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not fa3_supported(torch.bfloat16, torch.device(DEVICE)),
+                    reason="needs fa3-fwd on Hopper")
+@pytest.mark.parametrize("specs", [[(0, 1500)], [(0, 700), (900, 1100), (5, 1)], [(2000, 3000)]])
+def test_fa3_long_chunks_from_the_projection_views(specs):
+    """As the model calls it: q, k and v are strided views of one qkv projection output (token stride
+    (H + 2 KVH) D), prefixes not block-aligned, at the 7B head shape."""
+    heads, kv_heads, d = 28, 4, 128
+    batch = random_paged_batch(specs, heads, kv_heads, d, 16, torch.bfloat16, DEVICE, seed=7)
+    ref_out, _, _ = reference_attention(batch)
+    qkv = torch.cat([batch.q.flatten(1), batch.k.flatten(1), batch.v.flatten(1)], dim=1)
+    n = qkv.shape[0]
+    q = qkv[:, : heads * d].view(n, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(n, kv_heads, d)
+    write_kv_cache(k, v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    poison_allocator()
+    backend = TritonAttentionBackend(long_chunk_kernel="fa3")
+    out = backend.forward(q, k, v, batch.k_cache, batch.v_cache, batch.meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[torch.bfloat16]
+
+
+def test_long_chunk_kernel_is_checked():
+    with pytest.raises(ValueError, match="long_chunk_kernel must be one of"):
+        TritonAttentionBackend(long_chunk_kernel="flash")
+    if fa3_forward() is None:
+        with pytest.raises(ValueError, match="fa3-fwd"):
+            TritonAttentionBackend(long_chunk_kernel="fa3")
 
 
 def test_padded_rows_are_few_buckets_of_little_waste():
