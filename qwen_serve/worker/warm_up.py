@@ -5,7 +5,7 @@ one: ~1.3 s each on the H200's host, which a server's first requests of each kin
 for (the first 32K prompt took 2,286 ms against 1,026 for the next ones on the H100 before this; 1,042
 against 1,010 on the H200 after, BENCHMARKS.md runs 13 and 15). Which variant an eager step needs
 depends only on a few of its traits, so one step of each kind covers every step a scheduler can make:
-- a long chunk after a cached prefix: the dense (cuDNN) path, its two calls and their merge kernel;
+- a long chunk after a cached prefix: the long-chunk path (FA3's call, or cuDNN's two calls and their merge);
 - the most sampling rows a step can hold: the last layer attends for those rows as a decode-shaped
   batch, whose key tiles widen once the batch covers every multiprocessor;
 - one sampling row after a short chunk: the same decode-shaped batch at its narrowest, and the
