@@ -22,6 +22,9 @@ class EngineConfig:
     model: str = _opt("demo", "model to serve: a HF folder, a .gguf file, a hub id, or 'demo' (Qwen2.5-Coder-0.5B-Instruct)")
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id, when it differs from the model's")
     dtype: str = _opt("auto", "weights and activations: auto, float32, bfloat16, float16")
+    quantization: str | None = _opt(
+        None, "weight quantization method (default: the checkpoint's quantization_config, if any)"
+    )
     device: str = _opt("auto", "auto (cuda when available), cuda, cuda:N or cpu")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context length)")
     max_num_seqs: int = _opt(128, "most requests in one step")
@@ -32,6 +35,7 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "force this many KV-cache blocks (tests, debugging)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
+    fused_kernels: bool = _opt(True, "Triton kernels for the layers on CUDA (--no-fused-kernels: the torch code, for A/B runs)")
     overlap_steps: str = _opt(
         "auto", "schedule step N+1 while the device runs step N: auto (on with CUDA), on, off"
     )
@@ -54,6 +58,12 @@ class EngineConfig:
             raise ValueError(f"--kv-cache-gb must be positive, got {self.kv_cache_gb}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"--num-kv-blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.quantization is not None:
+            from qwen_serve.layers.quantization import QUANTIZATION_METHODS
+
+            if self.quantization not in QUANTIZATION_METHODS:
+                raise ValueError(f"--quantization {self.quantization!r} is not supported; supported: "
+                                 f"{', '.join(QUANTIZATION_METHODS)}")
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError(f"--overlap-steps must be auto, on or off, got {self.overlap_steps!r}")
         if self.rope_scaling not in (None, "yarn"):

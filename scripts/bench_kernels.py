@@ -43,7 +43,6 @@ import statistics
 import time
 import traceback
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -55,7 +54,10 @@ from triton.testing import do_bench
 from qwen_serve.kernels import fused
 from qwen_serve.kernels.attention import TritonAttentionBackend, write_kv_cache
 from qwen_serve.kernels.random_batch import random_paged_batch
-from qwen_serve.layers import kernel_dispatch
+from qwen_serve.layers.activation import SiluAndMul, silu_and_mul_reference
+from qwen_serve.layers.linear import LinearBase
+from qwen_serve.layers.norm import RMSNorm, rms_norm_reference
+from qwen_serve.layers.vocab import VocabEmbedding
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, bind_kv_cache, forward_context
 from qwen_serve.loader.weights import build_model, random_weights
 from qwen_serve.models.config import Qwen2Config
@@ -481,11 +483,11 @@ def section_fused(rows: list[dict]) -> None:
         cases = {
             "rms_norm+residual": (
                 [lambda x=x, r=r: fused.rms_norm(x, r, w, 1e-6) for x, r in zip(xs, rs)],
-                [lambda x=x, r=r: fused.rms_norm_reference(x, r, w, 1e-6) for x, r in zip(xs, rs)],
+                [lambda x=x, r=r: rms_norm_reference(x, r, w, 1e-6) for x, r in zip(xs, rs)],
             ),
             "silu_and_mul": (
                 [lambda x=x: fused.silu_and_mul(x) for x in gu],
-                [lambda x=x: fused.silu_and_mul_reference(x) for x in gu],
+                [lambda x=x: silu_and_mul_reference(x) for x in gu],
             ),
             "rotary": (
                 [lambda t=t: fused.rotary(pos, t[:, : H * D], t[:, H * D : (H + KVH) * D], table, D) for t in qkv],
@@ -622,20 +624,14 @@ def timed(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def set_fused(model: torch.nn.Module, kinds: tuple[type, ...], on: bool) -> None:
+    """Turns the fused kernels of the layers of these kinds on or off (each layer's own choice)."""
+    for m in model.modules():
+        if isinstance(m, kinds):
+            m.fused = on
+
+
 def section_model(rows: list[dict]) -> None:
-    def rotary_then_write(positions, q, k, v, table, head_dim, k_cache, v_cache, slots):
-        # torch RoPE, then the Triton cache write (the torch write syncs the host: not capturable)
-        q, k = fused.rotary_reference(positions, q, k, table, head_dim)
-        n, kvh = k.shape[0], k_cache.shape[2]
-        write_kv_cache(k.view(n, kvh, head_dim), v.reshape(n, kvh, head_dim), k_cache, v_cache, slots)
-        return q, k
-
-    reference_ops = SimpleNamespace(
-        rms_norm=fused.rms_norm_reference, silu_and_mul=fused.silu_and_mul_reference, rotary=fused.rotary_reference,
-        rotary_and_write_kv=rotary_then_write,
-    )
-    fused_ops = kernel_dispatch.ops
-
     cfg = Qwen2Config.from_dict(QWEN7B)
     model = build_model(cfg, BF16, "cuda")
     random_weights(model, seed=0)
@@ -644,16 +640,14 @@ def section_model(rows: list[dict]) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     # Batch-1 decode, prompt 128 + 256 new: every kernel on, then cuBLAS for the projections, then
-    # torch for the elementwise ops too.
-    triton_linear = kernel_dispatch.linear
-    for label, ops, linear in (
-        ("all kernels", fused_ops, triton_linear),
-        ("cuBLAS projections", fused_ops, F.linear),
-        ("cuBLAS + torch elementwise", lambda: reference_ops, F.linear),
-    ):
+    # torch for RMSNorm and SwiGLU too (RoPE and the cache write stay fused: the torch write syncs the
+    # host, which a CUDA graph cannot capture).
+    linears, elementwise = (LinearBase, VocabEmbedding), (RMSNorm, SiluAndMul)
+    for label, off in (("all kernels", ()), ("cuBLAS projections", linears),
+                       ("cuBLAS + torch elementwise", linears + elementwise)):
         backend = TritonAttentionBackend()
-        kernel_dispatch.linear = linear
-        kernel_dispatch.ops = ops
+        if off:
+            set_fused(model, off, False)
         try:
             torch.cuda.reset_peak_memory_stats()
             runner = DecodeRunner(model, cfg, 1, 128 + 256 + 16, backend)
@@ -665,7 +659,7 @@ def section_model(rows: list[dict]) -> None:
             print(rows[-1], flush=True)
             del runner
         finally:
-            kernel_dispatch.ops, kernel_dispatch.linear = fused_ops, triton_linear
+            set_fused(model, linears + elementwise, True)
         torch.cuda.empty_cache()
 
     # TTFT and decode at long contexts.

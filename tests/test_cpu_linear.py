@@ -13,9 +13,10 @@ from torch import nn
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.sampling_params import SamplingParams
-from qwen_serve.layers import kernel_dispatch
+from qwen_serve.kernels import cpu_linear
+from qwen_serve.layers.linear import RowLinear
+from qwen_serve.layers.options import LayerOptions
 from qwen_serve.loader.model_loader import load_model, load_model_config
-from qwen_serve.worker import cpu_linear
 
 from conftest import make_tiny_checkpoint
 
@@ -71,13 +72,14 @@ def test_linear_routes_by_rows(rows, linear_calls):
     x = torch.randn(rows, 64, generator=gen).bfloat16()
     plain = F.linear(x, weight, bias)
     linear_calls.clear()
-    assert kernel_dispatch.linear(x, weight, bias).dtype == torch.bfloat16 and linear_calls == [torch.bfloat16]
+    assert cpu_linear.linear(x, weight, bias).dtype == torch.bfloat16 and linear_calls == [torch.bfloat16]
 
-    layer = nn.Linear(64, 96)
-    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer = RowLinear(64, 96, True, LayerOptions(), "layer", torch.bfloat16)
+    layer.weight.data.copy_(weight)
+    layer.bias.data.copy_(bias)
     assert cpu_linear.add_float32_copies(nn.Sequential(layer)) == 1
     linear_calls.clear()
-    out = kernel_dispatch.linear(x, layer.weight, bias)
+    out = layer(x)
     float32 = rows >= cpu_linear.FLOAT32_MIN_ROWS
     assert linear_calls == [torch.float32 if float32 else torch.bfloat16] and out.dtype == torch.bfloat16
     if float32:
@@ -109,8 +111,6 @@ def test_float32_copies_share_tied_weights_and_keep_names(tiny, caplog):
     with caplog.at_level(logging.INFO, logger=cpu_linear.__name__):
         assert cpu_linear.add_float32_copies(model) == PREPARED
     assert set(model.state_dict()) == names
-    assert isinstance(model.lm_head, cpu_linear.CpuLinear)
-    assert isinstance(model.model.layers[0].mlp.down_proj, cpu_linear.CpuLinear)
     copies = {id(getattr(p, cpu_linear._FLOAT32_COPY)) for p in model.parameters() if p.dim() == 2
               and hasattr(p, cpu_linear._FLOAT32_COPY)}
     assert len(copies) == PREPARED  # the embedding of a tied model is the lm_head's one copy
@@ -125,7 +125,6 @@ def test_float32_copies_skipped_when_memory_is_short(tiny, monkeypatch, caplog):
         assert cpu_linear.add_float32_copies(model) == 0
     assert "skipped" in caplog.text
     assert not any(hasattr(p, cpu_linear._FLOAT32_COPY) for p in model.parameters())
-    assert type(model.lm_head) is nn.Linear
 
 
 def test_pack_linears_keeps_packing_where_it_works(tiny, monkeypatch):
@@ -136,9 +135,9 @@ def test_pack_linears_keeps_packing_where_it_works(tiny, monkeypatch):
     model = _bf16_model(tiny)
     tied = model.config.tie_word_embeddings
     assert cpu_linear.pack_linears(model) == PREPARED - tied == len(packed)
-    prepared = [m for m in model.modules() if isinstance(m, cpu_linear.CpuLinear)]
-    assert len(prepared) == len(packed) - sum(type(m).__name__ == "MergedLinear" for m in model.modules())
-    assert not any(isinstance(m.weight, nn.Parameter) for m in prepared)  # the packed buffer replaced it
+    prepared = [m for m in model.modules() if hasattr(m, "quant_method") and not isinstance(m.weight, nn.Parameter)]
+    assert len(prepared) == len(packed)  # the packed buffer replaced each parameter
+    assert isinstance(model.model.embed_tokens.weight, nn.Parameter)  # looked up: never packed
     assert not any(hasattr(p, cpu_linear._FLOAT32_COPY) for p in model.parameters())
 
 
@@ -146,7 +145,7 @@ def test_pack_linears_gives_float32_copies_where_packing_fails(tiny, monkeypatch
     monkeypatch.setattr(cpu_linear, "packing_works", lambda: False)
     model = _bf16_model(tiny)
     assert cpu_linear.pack_linears(model) == PREPARED
-    assert isinstance(model.lm_head, cpu_linear.CpuLinear)
+    assert hasattr(model.lm_head.weight, cpu_linear._FLOAT32_COPY)
     float32_model = load_model(tiny, load_model_config(tiny), torch.float32, "cpu")
     assert cpu_linear.pack_linears(float32_model) == 0
 

@@ -526,7 +526,7 @@ def test_cuda_kv_cache_sized_by_profiling(tiny):
 
 def test_cpu_packed_linears_are_exact(tiny):
     from qwen_serve.loader.model_loader import load_model, load_model_config
-    from qwen_serve.worker.cpu_linear import pack_linears, packing_works
+    from qwen_serve.kernels.cpu_linear import pack_linears, packing_works
 
     if not packing_works():
         pytest.skip("no oneDNN bfloat16 on this CPU")

@@ -13,7 +13,8 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm import LLM
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.sampling_params import SamplingParams
-from qwen_serve.layers import kernel_dispatch
+from qwen_serve.layers import options
+from qwen_serve.layers.options import LayerOptions
 from qwen_serve.worker.model_runner import check_kernel_dtype
 from qwen_serve.worker.warm_up import WarmUpStep, eager_warm_up_steps
 
@@ -112,11 +113,13 @@ def test_runner_warm_up_writes_nothing_and_changes_no_output(tmp_path):
 
 def test_float32_on_gpu_is_refused_where_the_kernel_tiles_do_not_fit(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(kernel_dispatch, "kernels_available", lambda: True)
+    monkeypatch.setattr(options, "triton_available", lambda: True)
+    fused = LayerOptions()
     with pytest.raises(ValueError, match="head_dim <= 64 .* has 128.*bfloat16"):
-        check_kernel_dtype(cuda, torch.float32, 128)
+        check_kernel_dtype(cuda, torch.float32, 128, fused)
     for device, dtype, head_dim in [(cuda, torch.bfloat16, 128), (cuda, torch.float16, 128), (cuda, torch.float32, 64),
                                     (cpu, torch.float32, 128)]:
-        check_kernel_dtype(device, dtype, head_dim)
-    monkeypatch.setattr(kernel_dispatch, "kernels_available", lambda: False)  # QWEN_SERVE_FUSED_KERNELS=0: torch's path
-    check_kernel_dtype(cuda, torch.float32, 128)
+        check_kernel_dtype(device, dtype, head_dim, fused)
+    check_kernel_dtype(cuda, torch.float32, 128, LayerOptions(fused_kernels=False))  # --no-fused-kernels: torch's path
+    monkeypatch.setattr(options, "triton_available", lambda: False)
+    check_kernel_dtype(cuda, torch.float32, 128, fused)

@@ -11,14 +11,14 @@ bf16 results match it to within one rounding step.
 small decoder matrices (qkv, o_proj) at ~72% of the bandwidth (docs/gpu-notes.md); this kernel
 reads each weight row block once with many small programs in flight. Other batch sizes use F.linear.
 
-The model reaches these through `qwen_serve.layers.kernel_dispatch` on CUDA only; the references
-here are what the CPU path computes.
+The layers call these for CUDA inputs when their fused kernels are on (layers/options.py); the torch
+code each replaces stays in its layer (`layers.norm.rms_norm_reference`, `layers.activation.
+silu_and_mul_reference`, `layers.rotary`) and is what the CPU path computes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -46,18 +46,6 @@ def _rms_norm_kernel(
     h = (xf * inv_rms).to(x_ptr.dtype.element_ty)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, (h.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def rms_norm_reference(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `models.qwen2.RMSNorm.forward` computes on the CPU: (normed, new residual)."""
-    if residual is not None:
-        x = x + residual
-    residual = x
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype), residual
 
 
 def rms_norm(
@@ -92,12 +80,6 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.c
     up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=ok, other=0.0)
     act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)  # F.silu rounds to the dtype
     tl.store(out_ptr + row * stride_o + cols, (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
-    """[num_tokens, 2 * inter] (gate | up) -> silu(gate) * up [num_tokens, inter], as `Qwen2MLP` does."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -269,10 +251,6 @@ def gemv_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """The measured config of a known shape; otherwise 4 rows x 512 columns per program, within 1%
     of the best config on every 7B shape."""
     return GEMV_CONFIGS.get((n_rows, n_cols), (4, 512, 4))
-
-
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
 
 
 def gemv(

@@ -1,6 +1,6 @@
 """Attention over a paged KV cache, behind a small backend interface.
 
-The model never sees batching: it calls `Attention.forward(q, k, v)` on a flat batch of tokens,
+The model never sees batching: it calls `Attention.forward(positions, qkv)` on a flat batch of tokens,
 and the per-step description of that batch (`AttentionMetadata`) travels beside it through
 `forward_context`, a context manager that always resets, so metadata can never leak into the
 next step. The runner binds each layer's slice of the preallocated KV cache with `bind_kv_cache`.
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_serve.layers import kernel_dispatch
+from qwen_serve.layers.options import LayerOptions
+from qwen_serve.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -146,9 +147,6 @@ def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatters this step's keys and values into their cache slots (torch reference of the fused kernel)."""
-    if kernel_dispatch.use_kernels(k):  # one kernel, and no host sync (CUDA-graph safe)
-        kernel_dispatch.attention_ops().write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
-        return
     num_blocks, block_size = k_cache.shape[:2]
     flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
     flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
@@ -302,43 +300,66 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 
 class Attention(nn.Module):
-    """Writes this step's keys/values into the bound cache, then runs the backend."""
+    """RoPE on q and k, this step's keys/values into the bound cache, then the backend.
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    With fused kernels on a CUDA input, RoPE and the cache write are one kernel (and the cache write
+    alone one more when no RoPE is needed); otherwise the torch code: RoPE in place on the q|k columns
+    with the step's cos/sin looked up once for all layers, and `write_kv_cache`."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
+                 opts: LayerOptions) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.rotary = rotary
+        self.fused = opts.fused
         self.backend: AttentionBackend = TorchAttentionBackend()
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False,
-                rows: OutputRows | None = None) -> torch.Tensor:
-        # q: [num_tokens, num_heads * head_dim]; k, v: [num_tokens, num_kv_heads * head_dim]
-        # kv_written: a fused kernel already put this step's k and v into the cache (GPU path).
-        # rows: only these query rows' outputs are wanted ([rows.count, num_heads * head_dim] returned).
-        n = q.shape[0]
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, rows: OutputRows | None = None) -> torch.Tensor:
+        """positions: [num_tokens]; qkv: [num_tokens, (heads + 2 * kv_heads) * head_dim], the qkv
+        projection's output (RoPE'd in place on the torch path). rows: only these query rows' outputs
+        are wanted. Returns [num_tokens or rows.count, heads * head_dim]."""
+        n = qkv.shape[0]
         meta = current_metadata(n)
         use_cache = self.k_cache is not None and meta.slot_mapping is not None
-        if use_cache and not kv_written:
-            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if self.fused and qkv.is_cuda:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            from qwen_serve.kernels import fused
+
+            table = self.rotary.table(qkv.device)
+            if use_cache:  # RoPE, and k/v into the paged cache, in one kernel
+                q, k = fused.rotary_and_write_kv(positions, q, k, v, table, self.head_dim, self.k_cache,
+                                                 self.v_cache, meta.slot_mapping)
+            else:
+                q, k = fused.rotary(positions, q, k, table, self.head_dim)
+        else:
+            cos_sin = _derived(positions, "rope_cos_sin", lambda: self.rotary.cos_sin(positions, qkv.device))
+            # q and k sit side by side in qkv: rotate both in one call, in place.
+            self.rotary.rotate_(qkv[:, : self.q_size + self.kv_size], cos_sin)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            if use_cache:
+                write_kv_cache(k.view(n, self.num_kv_heads, self.head_dim), v.reshape(n, self.num_kv_heads, self.head_dim),
+                               self.k_cache, self.v_cache, meta.slot_mapping)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if rows is not None:
             if not use_cache:
                 raise ValueError("attention for selected rows reads their keys from the KV cache; none is bound")
             if rows.count == 0:
-                return q.new_empty(0, self.num_heads * self.head_dim)
+                return q.new_empty(0, self.q_size)
             # Each row attends to its whole context, all of it in the cache by now: a decode-shaped batch.
             with forward_context(rows.meta):
                 out = self.backend.forward(q[rows.index], k, v, self.k_cache, self.v_cache, rows.meta, self.scale)
-            return out.reshape(rows.count, self.num_heads * self.head_dim)
+            return out.reshape(rows.count, self.q_size)
         out = self.backend.forward(
             q, k, v, self.k_cache if use_cache else None, self.v_cache if use_cache else None, meta, self.scale
         )
-        return out.reshape(n, self.num_heads * self.head_dim)
+        return out.reshape(n, self.q_size)
 
 
 def bind_kv_cache(model: nn.Module, kv_cache: torch.Tensor | None, backend: AttentionBackend | None = None) -> int:

@@ -14,9 +14,11 @@ from typing import Any, Iterator
 import torch
 
 from qwen_serve.loader.hf import safetensors_files
+from torch import nn
+
+from qwen_serve.layers.options import LayerOptions
 from qwen_serve.loader.weights import build_model, load_weights
 from qwen_serve.models.config import DEFAULT_YARN, Qwen2Config
-from qwen_serve.models.qwen2 import Qwen2ForCausalLM
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -55,7 +57,7 @@ def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | N
 def _cpu_prefers_bf16() -> bool:
     """AVX512-BF16 or AMX (native bfloat16 matmuls), or AVX2: there bfloat16 matmuls are emulated, but a
     batch-1 decode step reads half the bytes (~3x faster than float32 on the demo model, measured) and
-    matmuls of 8 rows or more run on float32 copies of the weights made at load (worker/cpu_linear.py).
+    matmuls of 8 rows or more run on float32 copies of the weights made at load (kernels/cpu_linear.py).
     From Linux's /proc/cpuinfo; float32 where it cannot be read."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -126,10 +128,11 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, buf.view(dtype).reshape(info["shape"])
 
 
-def load_model(folder: str | Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str) -> Qwen2ForCausalLM:
-    """Builds the model in `dtype` on `device` and streams the folder's safetensors into it,
-    one tensor at a time (converted to `dtype` on copy)."""
-    model = build_model(cfg, dtype, device)
+def load_model(folder: str | Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str,
+               opts: LayerOptions | None = None) -> nn.Module:
+    """Builds the model in `dtype` on `device` (quantized as `opts` says) and streams the folder's
+    safetensors into it, one tensor at a time (converted to each parameter's dtype on copy)."""
+    model = build_model(cfg, dtype, device, opts)
     with torch.no_grad():
         load_weights(model, read_safetensors(Path(folder)))
     return model

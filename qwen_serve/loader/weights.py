@@ -1,7 +1,9 @@
 """Builds a model and fills it from one `(checkpoint name, tensor)` stream, whatever the file format.
 
-Every format (HF safetensors folder, GGUF after conversion, hub snapshot) ends here, so the
-name mapping, the shape checks and the "every parameter was loaded" check exist once.
+Every format (HF safetensors folder, GGUF, hub snapshot) ends here, so the name mapping, the shape
+checks and the "every parameter was loaded" check exist once. Each parameter is filled by its own
+`weight_loader` (the layer's, which places q/k/v and gate/up shards; quantized parameters included),
+then each layer's linear method turns what was loaded into what it computes on.
 """
 
 from __future__ import annotations
@@ -11,25 +13,32 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from qwen_serve.layers.options import LayerOptions
 from qwen_serve.models.config import Qwen2Config
-from qwen_serve.models.qwen2 import Qwen2ForCausalLM, default_weight_loader
+from qwen_serve.models.registry import model_class
 
 # Tensors some checkpoints carry that the model derives itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def build_model(cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str) -> Qwen2ForCausalLM:
-    """An uninitialised model in `dtype` on `device`, allocated once (no float32 copy first)."""
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty breaks the tie: restore it
-        model.lm_head.weight = model.model.embed_tokens.weight
+def build_model(cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str,
+                opts: LayerOptions | None = None) -> nn.Module:
+    """An uninitialised model of the config's architecture, its parameters allocated once on `device`
+    (quantized ones in their storage dtype, the rest in `dtype`)."""
+    with torch.device(device):
+        model = model_class(cfg.architecture)(cfg, opts or LayerOptions(), dtype)
     return model.eval()
 
 
-def load_weights(model: Qwen2ForCausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Copies each checkpoint tensor into its (possibly fused) parameter; checks nothing is missing."""
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copies each checkpoint tensor into its (possibly fused) parameter; checks nothing is missing;
+    then lets every layer's method prepare its loaded weights."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     tied = model.config.tie_word_embeddings
@@ -43,12 +52,16 @@ def load_weights(model: Qwen2ForCausalLM, weights: Iterable[tuple[str, torch.Ten
                 break
         param = params.get(target)
         if param is None:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in a Qwen2 model")
+            raise ValueError(f"checkpoint tensor {name!r} has no place in a {model.config.architecture} model "
+                             "with this config and quantization")
+        loader = getattr(param, "weight_loader", None)
         try:
-            if shard is None:
+            if loader is None:
                 default_weight_loader(param, tensor)
+            elif shard is None:
+                loader(param, tensor)
             else:
-                model.get_submodule(target.rsplit(".", 1)[0]).load_shard(param, tensor, shard)
+                loader(param, tensor, shard)
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r} does not fit the config: {e}") from None
         loaded.add(f"{target}#{shard}" if shard is not None else target)
@@ -56,22 +69,26 @@ def load_weights(model: Qwen2ForCausalLM, weights: Iterable[tuple[str, torch.Ten
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing tensors: {shown}")
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
-def _expected_keys(model: Qwen2ForCausalLM) -> list[str]:
+def _expected_keys(model: nn.Module) -> list[str]:
     keys = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         for pname, _ in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if model.config.tie_word_embeddings and full == "lm_head.weight":
+            if model.config.tie_word_embeddings and full.startswith("lm_head."):
                 continue
-            shards = getattr(module, "shard_offsets", None)
+            shards = getattr(module, "shard_names", None)
             keys.extend(f"{full}#{s}" for s in shards) if shards else keys.append(full)
     return keys
 
 
 def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Fills a model with random values in place (benchmarks of a shape without a checkpoint)."""
+    """Fills an unquantized model with random values in place (benchmarks of a shape without a checkpoint)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+from qwen_serve.models.registry import resolve_architecture
 
 # Qwen's own advice for inputs over 32K tokens (model card of Qwen2.5-7B-Instruct).
 DEFAULT_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
@@ -42,6 +42,7 @@ class Qwen2Config:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    architecture: str = "Qwen2ForCausalLM"
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -56,12 +57,7 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, source: str = "config.json") -> "Qwen2Config":
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type")
-        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ValueError(f"{source}: architecture {archs} is not supported; qwen-serve serves {SUPPORTED_ARCHITECTURES}")
-        if not archs and model_type not in (None, "qwen2"):
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported; qwen-serve serves qwen2 models")
+        architecture = resolve_architecture(cfg, source)
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -83,6 +79,7 @@ class Qwen2Config:
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=cfg.get("eos_token_id"),
+                architecture=architecture,
                 raw=dict(cfg),
             )
         except KeyError as e:

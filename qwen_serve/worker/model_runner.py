@@ -34,6 +34,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.request import Sequence
 from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
+from qwen_serve.layers.options import LayerOptions
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
 from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
@@ -72,11 +73,9 @@ class StepHandle:
 MAX_FLOAT32_HEAD_DIM = 64
 
 
-def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int, opts: LayerOptions) -> None:
     """Refuses, before any weight is loaded, a dtype the GPU kernels cannot run for this model."""
-    from qwen_serve.layers import kernel_dispatch
-
-    uses_kernels = device.type == "cuda" and kernel_dispatch.kernels_available()
+    uses_kernels = device.type == "cuda" and opts.fused
     if uses_kernels and dtype == torch.float32 and head_dim > MAX_FLOAT32_HEAD_DIM:
         raise ValueError(f"--dtype float32 on a GPU needs head_dim <= {MAX_FLOAT32_HEAD_DIM} (this model has "
                          f"{head_dim}): the attention kernel's float32 tiles do not fit in shared memory; "
@@ -87,6 +86,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: Qwen2Config, config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
         self.model = model
+        self.fused_kernels = LayerOptions(fused_kernels=config.fused_kernels).fused
         self.cfg = model_config
         self.config = config
         self.device = device
@@ -114,29 +114,34 @@ class ModelRunner:
     @classmethod
     def load(cls, folder: Path | None, model_config: Qwen2Config, config: EngineConfig, device: torch.device,
              dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> "ModelRunner":
-        """Loads the folder's weights, or random ones (benchmarks of a shape) when `folder` is None."""
-        check_kernel_dtype(device, dtype, model_config.head_dim)
+        """Loads the folder's weights, or random ones (benchmarks of a shape) when `folder` is None. The
+        quantization method (`--quantization`, or the checkpoint's) is read and checked before any weight."""
+        from qwen_serve.layers.quantization import quantization_config
+
+        quant = quantization_config(config.quantization, model_config.raw, f"{folder or 'the model'}/config.json")
+        opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels)
+        check_kernel_dtype(device, dtype, model_config.head_dim, opts)
         if folder is None:
             from qwen_serve.loader.weights import build_model, random_weights
 
-            model = build_model(model_config, dtype, device)
+            if quant is not None:
+                raise ValueError("random weights are made for unquantized models only")
+            model = build_model(model_config, dtype, device, opts)
             random_weights(model, config.seed)
         else:
             from qwen_serve.loader.model_loader import load_model
 
-            model = load_model(folder, model_config, dtype, device)
+            model = load_model(folder, model_config, dtype, device, opts)
         if device.type == "cpu":
-            from qwen_serve.worker.cpu_linear import pack_linears
+            from qwen_serve.kernels.cpu_linear import pack_linears
 
             pack_linears(model)
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids)
 
     def _attention_backend(self):
-        """The Triton paged-attention kernels on CUDA (when available); else the torch reference.
+        """The Triton paged-attention kernels on CUDA (with fused kernels on); else the torch reference.
         QWEN_SERVE_FA3=0 keeps long prefill chunks on cuDNN where FlashAttention-3 would take them (A/B runs)."""
-        from qwen_serve.layers import kernel_dispatch
-
-        if not kernel_dispatch.use_kernels(self.kv_cache):
+        if not (self.fused_kernels and self.kv_cache.is_cuda):
             return None
         from qwen_serve.kernels.attention import TritonAttentionBackend
 

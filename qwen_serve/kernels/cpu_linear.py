@@ -4,7 +4,7 @@
 each call reorders it into oneDNN's blocked layout first; for decode (a few rows) that costs more
 than the matmul itself. Packing each weight once at load time (what inductor's CPU freezing and
 IPEX do) roughly halves a batch-1 decode step. The packed tensor replaces the parameter (no second
-copy), and `layers.kernel_dispatch.linear` sends packed weights to oneDNN's linear. Results are
+copy), and `linear` sends packed weights to oneDNN's linear. Results are
 bit-identical to `F.linear` for bfloat16 (checked before packing), so only bfloat16 models are
 packed: float32 packing uses a kernel whose rounding differs slightly.
 
@@ -13,7 +13,7 @@ CPUs) `F.linear` in bfloat16 is emulated at ~25-30 GFLOP/s for any number of row
 GFLOP/s for float32 from a few dozen rows up. There, each linear weight gets a float32 copy at load
 (`add_float32_copies`, when it fits in memory) and `linear` runs calls of many rows (prefill, batched
 decode) in float32 on it; calls of few rows (batch-1 decode, memory-bound) keep the bfloat16 weight,
-which reads half the bytes. `layers.kernel_dispatch.linear` sends every CPU call to `linear`. The
+which reads half the bytes. The unquantized linear method sends every CPU call to `linear`. The
 emulated bfloat16 matmul accumulates in float32 too, so the two routes differ only in the rounding of
 a few outputs in ten thousand (last bfloat16 bit).
 """
@@ -85,51 +85,31 @@ def packing_works() -> bool:
         return False
 
 
-class CpuLinear(nn.Module):
-    """Stands in for an nn.Linear whose weight was prepared here (packed for oneDNN, or given a float32
-    copy), so that calling the module takes the same route through `linear` as
-    `kernel_dispatch.linear(x, module.weight)` does. A packed weight is a buffer: it replaces the
-    parameter (no second copy) and stays out of the state dict."""
+def _unquantized_layers(model: nn.Module, with_lookup_tables: bool) -> list[nn.Module]:
+    """The layers whose weight is a plain tensor (unquantized linear method); the input embedding table
+    (and a tied lm_head, the same module) only when asked: its rows are looked up, so it stays a tensor."""
+    from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
 
-    def __init__(self, layer: nn.Linear, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        if isinstance(weight, nn.Parameter):
-            self.weight = weight
-        else:
-            self.register_buffer("weight", weight, persistent=False)
-        self.bias = layer.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    return [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod)
+            and (with_lookup_tables or not getattr(m, "used_for_lookup", False))]
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Prepares the linear layers of a bfloat16 CPU model: packs their weights for oneDNN (a weight
-    shared with the embedding table stays as it is) or, on CPUs where that does not work, gives them
-    float32 copies (`add_float32_copies`). Returns how many layers were prepared."""
-    first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
+    """Prepares the unquantized linear layers of a bfloat16 CPU model: packs their weights for oneDNN
+    (an embedding table that is also the lm_head stays as it is) or, on CPUs where that does not work,
+    gives them float32 copies (`add_float32_copies`). Returns how many layers were prepared."""
+    layers = _unquantized_layers(model, with_lookup_tables=False)
+    if not layers or layers[0].weight.device.type != "cpu" or layers[0].weight.dtype != torch.bfloat16:
         return 0
     if not packing_works():
         return add_float32_copies(model)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    count = 0
     with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if id(getattr(child, "weight", None)) in embeddings:
-                    continue
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, CpuLinear(child, pack_weight(child.weight)))
-                    count += 1
-                elif type(child).__name__ == "MergedLinear":  # its forward goes through kernel_dispatch.linear
-                    packed = pack_weight(child.weight)
-                    del child.weight  # the packed buffer becomes the only copy
-                    child.register_buffer("weight", packed, persistent=False)
-                    count += 1
-    log.info("packed %d linear layers for oneDNN", count)
-    return count
+        for layer in layers:
+            packed = pack_weight(layer.weight)
+            del layer.weight  # the packed buffer becomes the only copy
+            layer.register_buffer("weight", packed, persistent=False)
+    log.info("packed %d linear layers for oneDNN", len(layers))
+    return len(layers)
 
 
 def physical_memory_bytes() -> int | None:
@@ -140,13 +120,12 @@ def physical_memory_bytes() -> int | None:
 
 
 def add_float32_copies(model: nn.Module, max_memory_fraction: float = 0.25) -> int:
-    """Gives the weight of every linear layer of a bfloat16 model, the lm_head included when it is the
-    embedding table, a float32 copy for `linear`, if the copies (twice the bfloat16 weights) take at
-    most `max_memory_fraction` of physical memory; returns how many layers got one."""
-    layers = [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children()
-              if isinstance(child, nn.Linear) or type(child).__name__ == "MergedLinear"]
-    weights = {id(child.weight): child.weight for _, _, child in layers}  # a tied lm_head shares its weight
-    extra = sum(4 * w.numel() for w in weights.values())
+    """Gives the weight of every unquantized linear layer of a bfloat16 model, the lm_head included when
+    it is the embedding table, a float32 copy for `linear`, if the copies (twice the bfloat16 weights)
+    take at most `max_memory_fraction` of physical memory; returns how many layers got one."""
+    layers = [m for m in _unquantized_layers(model, with_lookup_tables=True)
+              if not getattr(m, "used_for_lookup", False) or m is getattr(model, "lm_head", None)]
+    extra = sum(4 * m.weight.numel() for m in layers)
     memory = physical_memory_bytes() or 0  # unknown: no copies
     if extra > max_memory_fraction * memory:
         log.info("no bfloat16 packing on this CPU; float32 copies of the linear weights (%.2f GiB) skipped: "
@@ -154,11 +133,8 @@ def add_float32_copies(model: nn.Module, max_memory_fraction: float = 0.25) -> i
                  extra / 2**30, round(100 * max_memory_fraction), memory / 2**30)
         return 0
     with torch.no_grad():
-        for weight in weights.values():
-            setattr(weight, _FLOAT32_COPY, weight.detach().float())
-    for parent, name, child in layers:
-        if isinstance(child, nn.Linear):  # its forward calls F.linear directly
-            setattr(parent, name, CpuLinear(child, child.weight))
+        for layer in layers:
+            setattr(layer.weight, _FLOAT32_COPY, layer.weight.detach().float())
     log.info("no bfloat16 packing on this CPU: float32 copies of %d linear weights (%.2f GiB extra memory) "
-             "for matmuls of %d rows or more", len(weights), extra / 2**30, FLOAT32_MIN_ROWS)
+             "for matmuls of %d rows or more", len(layers), extra / 2**30, FLOAT32_MIN_ROWS)
     return len(layers)

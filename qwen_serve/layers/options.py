@@ -1,0 +1,33 @@
+"""What every layer of a model is built with: the quantization config and the fused-kernel choice.
+
+The model passes one `LayerOptions` to each layer it builds; a layer decides its kernels from it and
+from its input's device, never from the environment. With `fused_kernels` (the default) CUDA inputs
+go to the Triton kernels in `qwen_serve.kernels` where Triton imports; the torch code each kernel
+replaces stays in its layer and is the reference the GPU tests compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qwen_serve.layers.quantization.base import QuantizationConfig
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerOptions:
+    quant_config: "QuantizationConfig | None" = None
+    fused_kernels: bool = True
+
+    @property
+    def fused(self) -> bool:
+        """Whether CUDA inputs take the Triton kernels (asked per call together with `x.is_cuda`)."""
+        return self.fused_kernels and triton_available()

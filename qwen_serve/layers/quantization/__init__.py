@@ -1,0 +1,38 @@
+"""Quantization methods, one file each, chosen by `--quantization` or the checkpoint's own config.
+
+`quantization_config(requested, model_config, source)` reads and validates the method's settings
+before any weight is read: an unknown method, bit width or group size is refused with a message
+naming it and what is supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig
+
+_METHODS: dict[str, type] = {}
+QUANTIZATION_METHODS = tuple(_METHODS)
+
+__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "quantization_config"]
+
+
+def quantization_config(requested: str | None, model_config: dict[str, Any],
+                        source: str = "config.json") -> QuantizationConfig | None:
+    """The method `requested` (`--quantization`), or the one the checkpoint's `quantization_config`
+    names when none is; None for an unquantized checkpoint."""
+    qc = model_config.get("quantization_config")
+    found = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else None
+    if requested is not None and requested not in _METHODS:
+        raise ValueError(f"--quantization {requested!r} is not supported; supported: {', '.join(QUANTIZATION_METHODS)}")
+    if found is not None and found not in _METHODS:
+        raise ValueError(f"{source}: quantization method {found!r} is not supported; supported: "
+                         f"{', '.join(QUANTIZATION_METHODS)}")
+    if requested is not None and found is not None and requested != found:
+        raise ValueError(f"--quantization {requested} does not match the checkpoint's method {found!r} ({source})")
+    if requested is not None and found is None:
+        raise ValueError(f"--quantization {requested}: {source} has no quantization_config; the checkpoint is not "
+                         f"{requested}-quantized")
+    if found is None:
+        return None
+    return _METHODS[found].from_config(qc, source)
