@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen_serve.layers.quantization.awq import AWQConfig
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig
+from qwen_serve.layers.quantization.gptq import GPTQConfig
 
-_METHODS: dict[str, type] = {}
+_METHODS: dict[str, type] = {"awq": AWQConfig, "gptq": GPTQConfig}
 QUANTIZATION_METHODS = tuple(_METHODS)
 
 __all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "quantization_config"]

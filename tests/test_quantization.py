@@ -1,0 +1,212 @@
+"""AWQ and GPTQ checkpoints: the formats' packing against references nobody here wrote, tiny models in
+each format against transformers running the dequantized weights, and bad input refused early.
+
+Tolerance of the logit comparisons: both sides compute in float32 with the very same weights (a 4- or
+8-bit code difference times a float16 scale is exact in float32), so only the order of the sums differs:
+1e-4 on logits of magnitude ~1 (measured ~1e-6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.llm_engine import LLMEngine
+from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.layers.attention import AttentionMetadata, forward_context
+from qwen_serve.layers.quantization import awq, gptq, quantization_config
+from qwen_serve.layers.options import LayerOptions
+from qwen_serve.loader.model_loader import load_model, load_model_config
+
+from quant_checkpoints import make_quantized_checkpoint, quantize_awq, quantize_gptq
+
+LOGIT_TOL = 1e-4
+
+
+def _autoawq_packing_utils():
+    """AutoAWQ's own unpacking (awq/utils/packing_utils.py, which needs only torch), loaded by path so
+    that the rest of the deprecated package is not imported."""
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("AutoAWQ is not installed: it comes with the test extra (pip install -e '.[test]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "packing_utils.py"
+    module_spec = importlib.util.spec_from_file_location("autoawq_packing_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_awq_dequantize_matches_autoawq(group_size):
+    ref = _autoawq_packing_utils()
+    assert tuple(ref.AWQ_ORDER) == awq.AWQ_ORDER
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(group_size))  # HF [N, K]
+    tensors, deq = quantize_awq(w, group_size)
+    theirs = ref.dequantize_gemm(tensors["qweight"], tensors["qzeros"], tensors["scales"], 4, group_size)  # [K, N]
+    ours = awq.dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], group_size)
+    assert torch.equal(ours.half(), theirs)  # theirs computes in float16: the same values, rounded
+    assert torch.equal(ours, deq.t())  # and ours exactly what the codes stand for
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size,desc_act", [(32, False), (64, True), (-1, False)])
+@pytest.mark.parametrize("sym,v1", [(False, True), (True, True), (False, False)])
+def test_gptq_dequantize_matches_published_packing(bits, group_size, desc_act, sym, v1):
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(bits + group_size))
+    tensors, deq = quantize_gptq(w, bits, group_size, desc_act, sym, v1)
+    ours = gptq.dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits,
+                           1 if v1 else 0)
+    assert torch.equal(ours, deq.t())
+
+
+def _logits(folder: Path, dtype=torch.float32) -> torch.Tensor:
+    cfg = load_model_config(folder)
+    quant = quantization_config(None, cfg.raw, str(folder))
+    model = load_model(folder, cfg, dtype, "cpu", LayerOptions(quant_config=quant))
+    ids = torch.arange(3, 40)
+    with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
+        return model.compute_logits(model(ids, torch.arange(len(ids))))
+
+
+def _transformers_logits(folder: Path) -> torch.Tensor:
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.arange(3, 40)[None]).logits[0]
+
+
+CASES = {
+    "awq-g32": dict(method="awq", group_size=32),
+    "awq-g128-tied": dict(method="awq", group_size=128, tied=True),
+    "gptq-4bit-g32": dict(method="gptq", bits=4, group_size=32),
+    "gptq-4bit-desc_act-sym": dict(method="gptq", bits=4, group_size=64, desc_act=True, sym=True),
+    "gptq-8bit-g128-v2": dict(method="gptq", bits=8, group_size=128, v1=False),
+    "gptq-8bit-per-channel": dict(method="gptq", bits=8, group_size=-1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def quantized(request, tmp_path_factory) -> tuple[Path, Path]:
+    return make_quantized_checkpoint(tmp_path_factory.mktemp(request.param), **CASES[request.param])
+
+
+def test_tiny_quantized_model_matches_transformers_on_dequantized_weights(quantized):
+    q_folder, deq_folder = quantized
+    ours, ref = _logits(q_folder), _transformers_logits(deq_folder)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() < LOGIT_TOL
+
+
+def _greedy(folder: Path, **config) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(model=str(folder), block_size=4, max_model_len=128, **config), folder)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i, n in enumerate((20, 7, 33)):
+        engine.add_request(str(i), list(range(5, 5 + n)), params)
+    out = {}
+    while engine.has_unfinished_requests():
+        out.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return [out[str(i)] for i in range(3)]
+
+
+def test_engine_serves_quantized_checkpoint_as_detected(quantized):
+    """The engine finds the method in config.json by itself; greedy tokens equal the dequantized model's."""
+    q_folder, deq_folder = quantized
+    cpu = dict(dtype="float32", device="cpu", num_kv_blocks=64)
+    tokens = _greedy(q_folder, **cpu)
+    assert tokens == _greedy(deq_folder, **cpu) and all(len(t) == 6 for t in tokens)
+
+
+def test_bfloat16_quantized_model_stays_close(quantized):
+    """bfloat16 activations (the CPU default) on the same checkpoint: within bfloat16's rounding."""
+    q_folder, _ = quantized
+    ours32, ours16 = _logits(q_folder), _logits(q_folder, torch.bfloat16)
+    assert ((ours16 - ours32).norm() / ours32.norm()).item() < 2e-2
+
+
+# ---- bad input: refused before any weight is read, naming what is wrong and what is supported ----
+
+@pytest.mark.parametrize("qc,match", [
+    ({"quant_method": "awq", "bits": 3, "group_size": 128}, "AWQ with 3 bits is not supported"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 16}, r"AWQ group size 16 is not supported; supported: \(32, 64, 128\)"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "AWQ version 'gemv' is not supported"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, r"GPTQ with 3 bits is not supported; supported: \(4, 8\)"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 100}, "GPTQ group size 100 is not supported"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"}, "checkpoint format 'marlin'"),
+    ({"quant_method": "bitsandbytes"}, "quantization method 'bitsandbytes' is not supported; supported: awq, gptq"),
+])
+def test_unsupported_quantization_is_refused(qc, match):
+    with pytest.raises(ValueError, match=match):
+        quantization_config(None, {"quantization_config": qc})
+
+
+def test_quantization_flag_must_match_the_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="--quantization gptq does not match the checkpoint's method 'awq'"):
+        quantization_config("gptq", {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128}})
+    with pytest.raises(ValueError, match="has no quantization_config"):
+        quantization_config("awq", {})
+    with pytest.raises(ValueError, match="--quantization 'int3' is not supported"):
+        EngineConfig(quantization="int3")
+    assert quantization_config(None, {}) is None
+
+
+def test_refused_before_weights_are_read(quantized, monkeypatch):
+    """A bad quantization_config fails before the loader opens a weight file."""
+    from qwen_serve.loader import model_loader
+
+    q_folder, _ = quantized
+    config = json.loads((q_folder / "config.json").read_text())
+    bad = q_folder.parent / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "model.safetensors").write_bytes((q_folder / "model.safetensors").read_bytes())
+    config["quantization_config"]["bits"] = 2
+    (bad / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(model_loader, "read_safetensors", lambda folder: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="with 2 bits is not supported"):
+        LLMEngine(EngineConfig(model=str(bad), dtype="float32", device="cpu", num_kv_blocks=64, max_model_len=128), bad)
+
+
+def test_misshaped_quantized_tensor_is_named(quantized, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    q_folder, _ = quantized
+    tensors = load_file(q_folder / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.scales"
+    tensors[name] = tensors[name][:, :-8].contiguous()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_file(tensors, bad / "model.safetensors")
+    (bad / "config.json").write_text((q_folder / "config.json").read_text())
+    with pytest.raises(ValueError, match=f"checkpoint tensor '{name}' does not fit the config: expected shape"):
+        _logits(bad)
+
+
+@pytest.mark.gpu
+def test_quantized_model_on_gpu_matches_cpu_float32(quantized):
+    """bfloat16 with the fused kernels on CUDA against the CPU's float32 logits of the same checkpoint."""
+    q_folder, _ = quantized
+    cfg = load_model_config(q_folder)
+    quant = quantization_config(None, cfg.raw, str(q_folder))
+    model = load_model(q_folder, cfg, torch.bfloat16, "cuda", LayerOptions(quant_config=quant))
+    ids = torch.arange(3, 40)
+    with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
+        gpu = model.compute_logits(model(ids.cuda(), torch.arange(len(ids)).cuda())).cpu()
+        one_row = model.compute_logits(model(ids[:1].cuda(), torch.arange(1).cuda())).cpu()  # batch-1 shapes
+    ref = _logits(q_folder)
+    assert ((gpu - ref).norm() / ref.norm()).item() < 3e-2
+    assert ((one_row - ref[:1]).norm() / ref[:1].norm()).item() < 3e-2
+
+
+@pytest.mark.gpu
+def test_quantized_engine_on_gpu_with_cuda_graphs(quantized):
+    """The whole engine on CUDA (decode steps replayed from CUDA graphs) gives the greedy tokens of the
+    dequantized model's engine there (float32 on both, so no rounding decides a token)."""
+    q_folder, deq_folder = quantized
+    gpu = dict(dtype="float32", device="cuda", num_kv_blocks=256, max_num_seqs=4)
+    tokens = _greedy(q_folder, **gpu)
+    assert tokens == _greedy(deq_folder, **gpu)
