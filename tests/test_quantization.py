@@ -210,3 +210,17 @@ def test_quantized_engine_on_gpu_with_cuda_graphs(quantized):
     gpu = dict(dtype="float32", device="cuda", num_kv_blocks=256, max_num_seqs=4)
     tokens = _greedy(q_folder, **gpu)
     assert tokens == _greedy(deq_folder, **gpu)
+
+
+def test_gptq_shards_with_different_g_idx_are_refused(tmp_path):
+    """q, k and v (and gate, up) read one input, so GPTQ gives them one g_idx; a checkpoint whose shards
+    disagree cannot be served by one fused matmul and is refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    q_folder, _ = make_quantized_checkpoint(tmp_path, "gptq", bits=4, group_size=32, desc_act=True)
+    tensors = load_file(q_folder / "model.safetensors")
+    name = "model.layers.0.self_attn.v_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()
+    save_file(tensors, q_folder / "model.safetensors")
+    with pytest.raises(ValueError, match=f"'{name}' does not fit the config: shard 'v' differs from the other shards"):
+        _logits(q_folder)

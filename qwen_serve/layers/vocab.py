@@ -21,8 +21,6 @@ class VocabEmbedding(nn.Module):
                  params_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.vocab_size, self.hidden_size, self.prefix = vocab_size, hidden_size, prefix
-        self.in_features, self.out_features = hidden_size, vocab_size
-        self.shard_offsets = {"": (0, vocab_size)}
         self.fused = opts.fused
         self.used_for_lookup = False  # set by the model on its input table: its weight is not repacked
         quant = opts.quant_config

@@ -34,7 +34,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.request import Sequence
 from qwen_serve.engine.scheduler import SchedulerOutput
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
-from qwen_serve.layers.options import LayerOptions
+from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
 from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
@@ -86,7 +86,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: Qwen2Config, config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
         self.model = model
-        self.fused_kernels = LayerOptions(fused_kernels=config.fused_kernels).fused
+        self.fused_kernels = config.fused_kernels and triton_available()
         self.cfg = model_config
         self.config = config
         self.device = device

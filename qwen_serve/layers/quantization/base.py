@@ -53,10 +53,6 @@ class QuantizationConfig(ABC):
 
         return UnquantizedLinearMethod()
 
-    def compute_dtype(self, requested: torch.dtype) -> torch.dtype:
-        """The activations' dtype this method runs in, given the one the engine chose."""
-        return requested
-
 
 def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> nn.Parameter:
     for key, value in attrs.items():
