@@ -16,7 +16,8 @@ the first run of a length also pays for one-time work (kernel compiles, cuDNN pl
 reports the peak of torch's GPU allocator (reset before it; our engine's KV cache is in it, preallocated
 from --gpu-memory-utilization) and each engine its KV-cache capacity, also in 32K-token contexts.
 
-Without --model the weights are random, of the 7B shape (--random-config picks another). Engine flags
+Without --model the weights are random, of the 7B shape (--random-config picks another); with --quantization
+awq or gptq, random 4-bit codes in the layout of Qwen's own releases (groups of 128). Engine flags
 are `serve`'s, with these differences: --max-num-seqs defaults to 256 and --max-num-batched-tokens to
 8192; --max-model-len only bounds the first engine (default: the longest request of its sections);
 --rope-scaling (default yarn) only applies to the long section.
@@ -440,7 +441,11 @@ def _build_engine(session: _Session, config: EngineConfig, model_config: Qwen2Co
         else:
             engine = LLMEngine(config, None, model_config=model_config)
     kv_tokens = engine.stats().num_kv_blocks_total * config.block_size
+    model = engine.runner.model
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     session.results["qwen_serve"][key] = {
+        "quantization": config.quantization,
+        "weights_gb": sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9,
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens, "build_s": time.perf_counter() - start,
         "kv_cache_tokens": kv_tokens, "contexts_32k": kv_tokens // CONTEXT_32K,
@@ -628,7 +633,8 @@ def _rows(results: dict[str, Any]) -> list[Row]:
     for key in ("engine", "long_engine"):
         if key in ours:
             e = ours[key]
-            rows += [Row(f"KV cache, {key.replace('_', ' ')}", "tokens", float(e["kv_cache_tokens"]), None),
+            rows += [Row(f"weights in memory, {key.replace('_', ' ')}", "GB", e["weights_gb"], None),
+                     Row(f"KV cache, {key.replace('_', ' ')}", "tokens", float(e["kv_cache_tokens"]), None),
                      Row(f"32K-token contexts at once, {key.replace('_', ' ')}", "", float(e["contexts_32k"]), None)]
     compiles = [ours[name].get("triton_compiles") for name in SECTIONS if name in ours]
     if compiles and all(c is not None for c in compiles):
@@ -649,7 +655,8 @@ def _fmt(value: float | str | None) -> str:
 
 def _print_table(results: dict[str, Any], rows: list[Row]) -> None:
     v = results["versions"]
-    print(f"model {results['model']}  {results['dtype']}  on {results['device']}  "
+    quant = f"  {results['quantization']}" if results.get("quantization") else ""
+    print(f"model {results['model']}  {results['dtype']}{quant}  on {results['device']}  "
           f"(torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']})")
     print("ratio: how many times faster qwen-serve is than transformers; target: the goal for the 7B shape on an H100")
     cells = [(r.figure, r.unit, _fmt(r.ours), _fmt(r.theirs), _fmt(r.ratio()),
@@ -703,6 +710,7 @@ def measure(args: argparse.Namespace, spec: ModelSpec, max_model_len: int, work:
     session = _Session(args, spec, results)
     results["device"] = _device_name(session.device)
     results["dtype"] = str(session.dtype).removeprefix("torch.")
+    results["quantization"] = args.quantization
     main_sections = [s for s in args.sections if s != "long"]
     if main_sections:
         _measure_ours_main(session, work, max_model_len)

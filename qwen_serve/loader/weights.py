@@ -88,13 +88,27 @@ def _expected_keys(model: nn.Module) -> list[str]:
 
 
 def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Fills an unquantized model with random values in place (benchmarks of a shape without a checkpoint)."""
+    """Fills a model with random values in place (benchmarks of a shape without a checkpoint), then lets
+    each layer's method prepare them as after a load. Quantized layers get random codes and zero points
+    (every bit pattern is valid), scales that give weights of about `std`, and in-order groups."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("g_idx"):
+                groups = model.get_submodule(name.rsplit(".", 1)[0]).scales.shape[0]
+                p.copy_(torch.arange(p.shape[0], device=p.device) // (p.shape[0] // groups))
+            elif not p.dtype.is_floating_point:
+                info = torch.iinfo(p.dtype)
+                p.copy_(torch.randint(info.min, info.max, p.shape, generator=gen, dtype=p.dtype))
+            elif name.endswith("scales"):  # codes minus zero points spread over about +-8 steps
+                p.copy_((torch.rand(p.shape, generator=gen) * std / 4 + std / 8).to(p.dtype))
             elif p.device.type == "cpu":
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
             else:
                 p.normal_(0.0, std)
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)

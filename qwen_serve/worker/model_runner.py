@@ -116,16 +116,17 @@ class ModelRunner:
              dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> "ModelRunner":
         """Loads the folder's weights, or random ones (benchmarks of a shape) when `folder` is None. The
         quantization method (`--quantization`, or the checkpoint's) is read and checked before any weight."""
-        from qwen_serve.layers.quantization import quantization_config
+        from qwen_serve.layers.quantization import quantization_config, release_config
 
-        quant = quantization_config(config.quantization, model_config.raw, f"{folder or 'the model'}/config.json")
+        raw = model_config.raw
+        if folder is None and config.quantization:  # random weights: the layout of Qwen's own releases
+            raw = {**raw, "quantization_config": release_config(config.quantization)}
+        quant = quantization_config(config.quantization, raw, f"{folder or 'the model'}/config.json")
         opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels)
         check_kernel_dtype(device, dtype, model_config.head_dim, opts)
         if folder is None:
             from qwen_serve.loader.weights import build_model, random_weights
 
-            if quant is not None:
-                raise ValueError("random weights are made for unquantized models only")
             model = build_model(model_config, dtype, device, opts)
             random_weights(model, config.seed)
         else:

@@ -16,7 +16,17 @@ from qwen_serve.layers.quantization.gptq import GPTQConfig
 _METHODS: dict[str, type] = {"awq": AWQConfig, "gptq": GPTQConfig}
 QUANTIZATION_METHODS = tuple(_METHODS)
 
-__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "quantization_config"]
+__all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "quantization_config", "release_config"]
+
+# The quantization_config of Qwen's own -AWQ and -GPTQ-Int4 releases (for random weights of a shape).
+_RELEASE_CONFIGS = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
+
+
+def release_config(method: str) -> dict[str, Any]:
+    return dict(_RELEASE_CONFIGS[method])
 
 
 def quantization_config(requested: str | None, model_config: dict[str, Any],

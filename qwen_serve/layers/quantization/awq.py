@@ -5,7 +5,8 @@ Checkpoint tensors of a linear with K inputs and N outputs, groups of G input ro
   qzeros   int32 [K / G, N / 8]  the groups' zero points, packed alike
   scales   fp16  [K / G, N]   (kept in float16 whatever the compute dtype: the checkpoint's exact values)
 and w[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n], so that y = x @ w (w is [K, N], inputs first).
-`dequantize` is the torch reference of that (and, for now, what `apply` runs on every device).
+`dequantize` is the torch reference of that layout. After loading, the same numbers are repacked along the
+inputs (layers/quantization/packed.py) for the dequantize-matmul kernels (kernels/quant_linear.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig, new_param
+from qwen_serve.layers.quantization.packed import PackedIntMethod, repack
 
 # The column of its 8-column group that each nibble (bits 4j..4j+3) of a word holds.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -65,9 +67,10 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return (q - z).float() * scales.float().repeat_interleave(group_size, dim=0)
 
 
-class AWQLinearMethod(LinearMethod):
+class AWQLinearMethod(PackedIntMethod):
     def __init__(self, config: AWQConfig) -> None:
         self.config = config
+        self.bits = config.bits
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -81,7 +84,7 @@ class AWQLinearMethod(LinearMethod):
         layer.qzeros = new_param((in_features // g, out // 8), torch.int32, layer.weight_loader, input_dim=0, **packed)
         layer.scales = new_param((in_features // g, out), torch.float16, layer.weight_loader, input_dim=0, output_dim=1)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        w = dequantize(layer.qweight, layer.qzeros, layer.scales, self.config.group_size).to(x.dtype)  # [K, N]
-        out = x @ w
-        return out if bias is None else out + bias
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        codes = unpack_columns(layer.qweight.data).t()  # [N, K]
+        zeros = unpack_columns(layer.qzeros.data).t()  # [N, K / G]
+        repack(layer, codes, zeros, layer.scales.data.t(), self.bits)

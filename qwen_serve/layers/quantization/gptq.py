@@ -7,7 +7,9 @@ Checkpoint tensors of a linear with K inputs and N outputs, b bits (p = 32 / b v
   scales   fp16  [groups, N]      (kept in float16: the checkpoint's exact values)
   g_idx    int32 [K]              each input row's group: k // G, or any order with `desc_act`
 and w[k, n] = (q[k, n] - z[g_idx[k], n]) * s[g_idx[k], n], y = x @ w. `sym` only fixes z at 2^(b-1);
-the formula is the same. `dequantize` is the torch reference (and, for now, what `apply` runs).
+the formula is the same. `dequantize` is the torch reference of that layout. After loading, the same numbers
+are repacked along the inputs (layers/quantization/packed.py) for the kernels of kernels/quant_linear.py,
+the inputs of an act-order checkpoint sorted by group (x is permuted alike at run time).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig, new_param
+from qwen_serve.layers.quantization.packed import PackedIntMethod, repack
 
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
@@ -71,9 +74,10 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return (q - z[g]).float() * scales.float()[g]
 
 
-class GPTQLinearMethod(LinearMethod):
+class GPTQLinearMethod(PackedIntMethod):
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
+        self.bits = config.bits
 
     def _groups(self, layer: nn.Module, in_features: int) -> int:
         g = self.config.group_size
@@ -98,13 +102,20 @@ class GPTQLinearMethod(LinearMethod):
         layer.g_idx = new_param((in_features,), torch.int32, load, input_dim=0)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        c = self.config
+        k = layer.g_idx.shape[0]
         groups = layer.scales.shape[0]
-        g_idx = layer.g_idx.data
+        size = k // groups
+        g_idx = layer.g_idx.data.long()
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
             raise ValueError(f"{layer.prefix}.g_idx: group indices outside [0, {groups})")
-
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        c = self.config
-        w = dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, c.bits, c.zero_offset).to(x.dtype)
-        out = x @ w
-        return out if bias is None else out + bias
+        counts = torch.bincount(g_idx, minlength=groups)
+        if bool((counts != size).any()):
+            raise ValueError(f"{layer.prefix}.g_idx: every group must hold {size} inputs")
+        in_order = torch.equal(g_idx, torch.arange(k, device=g_idx.device) // size)
+        perm = None if in_order else torch.argsort(g_idx, stable=True)
+        codes = unpack(layer.qweight.data, c.bits, dim=0).t()  # [N, K]
+        if perm is not None:
+            codes = codes[:, perm]
+        zeros = (unpack(layer.qzeros.data, c.bits, dim=1) + c.zero_offset).t()  # [N, groups]
+        repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm)

@@ -1,0 +1,75 @@
+"""The dequantize-matmul kernels (kernels/quant_linear.py) against their torch reference, for both paths
+(GEMV up to 4 rows, dequantize + cuBLAS beyond), 4 and 8 bits, the group sizes of AWQ and GPTQ, and the
+Qwen2.5-7B shapes. As tests/gpu/test_kernels.py: on CUDA, or in Triton's interpreter
+with TRITON_INTERPRET=1 (float16, small shapes). Error measure ||out - ref|| / ||ref|| against the float32
+reference on the CPU; outputs poisoned first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from qwen_serve.kernels import quant_linear as ql  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [] if INTERPRETED else [pytest.mark.gpu]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] if INTERPRETED else [torch.bfloat16, torch.float16]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SHAPES = [(48, 256)] if INTERPRETED else [(4608, 3584), (3584, 18944), (200, 384)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().cpu().double(), ref.detach().cpu().double()
+    assert not torch.isnan(out).any(), "NaN in output (an element was never written?)"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def random_packed(n: int, k: int, bits: int, group: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.randint(0, 2**bits, (n, k // group), generator=g).to(torch.uint8)
+    scales = (torch.rand(n, k // group, generator=g) * 0.01 + 0.001).half()
+    return ql.pack_along_k(codes, bits), zeros, scales
+
+
+def test_pack_round_trip():
+    codes = torch.randint(0, 16, (7, 64))
+    assert torch.equal(ql.unpack_along_k(ql.pack_along_k(codes, 4), 4), codes.int())
+    codes = torch.randint(0, 256, (7, 64))
+    assert torch.equal(ql.unpack_along_k(ql.pack_along_k(codes, 8), 8), codes.int())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 128), (4, -1)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 300])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quant_linear_matches_reference(shape, rows, bits, group, dtype):
+    n, k = shape
+    group = k if group == -1 else group
+    if k % group:
+        pytest.skip("group does not divide K")
+    qweight, zeros, scales = random_packed(n, k, bits, group, seed=rows + n)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if rows % 2 else None
+    ref = ql.linear_reference(x.float(), qweight, zeros, scales, group, bits, None if bias is None else bias.float())
+    dev = [t.to(DEVICE) for t in (x, qweight, zeros, scales)]
+    if DEVICE == "cuda":
+        torch.empty(64 << 20, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
+    out = ql.quant_linear(*dev, group, bits, None if bias is None else bias.to(DEVICE))
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_kernel_is_exact(bits):
+    qweight, zeros, scales = random_packed(300, 512, bits, 128, seed=bits)
+    ref = ql.dequantize_reference(qweight, zeros, scales, 128, bits)
+    out = ql.dequantize(qweight.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), 128, bits, torch.float32)
+    assert torch.equal(out.cpu(), ref)
