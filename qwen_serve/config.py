@@ -23,7 +23,7 @@ class EngineConfig:
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id, when it differs from the model's")
     dtype: str = _opt("auto", "weights and activations: auto, float32, bfloat16, float16")
     quantization: str | None = _opt(
-        None, "weight quantization: awq or gptq (default: the checkpoint's quantization_config, if any)"
+        None, "weight quantization: awq, gptq or gguf (default: what the checkpoint says, if anything)"
     )
     device: str = _opt("auto", "auto (cuda when available), cuda, cuda:N or cpu")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context length)")

@@ -486,7 +486,8 @@ def test_structured_output_with_real_grammar(tiny_chat_checkpoint):
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_demo_chat_matches_transformers(demo_folder):
+def test_demo_chat_matches_transformers(demo_folder, demo_gguf):
+    """Our engine on the demo model against transformers loading the GGUF itself (its own dequantization)."""
     from transformers import AutoModelForCausalLM
 
     llm = LLM(model=str(demo_folder), dtype="float32", device="cpu", kv_cache_gb=0.5, max_model_len=2048)
@@ -494,7 +495,7 @@ def test_demo_chat_matches_transformers(demo_folder):
                      [{"role": "user", "content": "Write a Python function that reverses a string."}]]
     params = SamplingParams(temperature=0.0, max_tokens=32)
     outs = llm.chat(conversations, params, use_tqdm=False)
-    ref = AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(str(demo_gguf.parent), gguf_file=demo_gguf.name, dtype=torch.float32).eval()
     tok = llm.get_tokenizer()
     for conv, out in zip(conversations, outs):
         ids = tok.encode(tok.apply_chat_template(conv, add_generation_prompt=True))

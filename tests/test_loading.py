@@ -43,8 +43,10 @@ def _tiny_vocab() -> tuple[list[str], list[str], list[int]]:
 
 
 def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_override: int | None = None,
-                    quantize: bool = True, drop_output: bool = False) -> Path:
-    """A GGUF of the HF checkpoint in `hf_folder`, laid out as llama.cpp writes qwen2 models."""
+                    quantize: bool = True, drop_output: bool = False, blocks=None) -> Path:
+    """A GGUF of the HF checkpoint in `hf_folder`, laid out as llama.cpp writes qwen2 models: 2-D tensors
+    in Q8_0 (`quantize`) or F16, or in what `blocks(gguf name, array)` returns: (type name, raw bytes
+    [rows, bytes a row]) or None."""
     import gguf
 
     cfg = json.loads((hf_folder / "config.json").read_text())
@@ -76,7 +78,10 @@ def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_ove
             else:
                 _, _, layer, rest = name.split(".", 3)
                 gname = f"blk.{layer}.{_LAYER_TO_GGUF[rest]}"
-            if quantize and arr.ndim == 2 and arr.shape[1] % 32 == 0 and "token_embd" not in gname:
+            chosen = blocks(gname, arr) if blocks is not None and arr.ndim == 2 else None
+            if chosen is not None:
+                w.add_tensor(gname, chosen[1], raw_dtype=gguf.GGMLQuantizationType[chosen[0]])
+            elif quantize and arr.ndim == 2 and arr.shape[1] % 32 == 0 and "token_embd" not in gname:
                 w.add_tensor(gname, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             elif arr.ndim == 2:
@@ -152,12 +157,20 @@ def test_gguf_conversion_matches_source_and_transformers(tiny_hf: Path, tmp_path
                   "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
                   "tie_word_embeddings"):
         assert getattr(cfg, field) == getattr(src, field), field
-    with safe_open(str(folder / "model.safetensors"), "pt") as ours, safe_open(str(tiny_hf / "model.safetensors"), "pt") as ref:
-        assert set(ours.keys()) == set(ref.keys())
-        # F32 exact, F16 to half precision, Q8_0 to its quantization step.
-        assert torch.equal(ours.get_tensor("model.norm.weight"), ref.get_tensor("model.norm.weight"))
-        assert torch.equal(ours.get_tensor("model.embed_tokens.weight"), ref.get_tensor("model.embed_tokens.weight").half().float())
-        q, q_ref = ours.get_tensor("model.layers.0.self_attn.q_proj.weight"), ref.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    # The weights stay in the GGUF: the folder indexes them, and the loader reads them from the file.
+    assert not list(folder.glob("*.safetensors"))
+    from qwen_serve.layers.quantization import gguf as gguf_method
+
+    ours = dict(gguf_convert.iter_gguf_weights(folder))
+    types = json.loads((folder / "config.json").read_text())["quantization_config"]["tensor_types"]
+    with safe_open(str(tiny_hf / "model.safetensors"), "pt") as ref:
+        assert set(ours) == set(ref.keys())
+        # F32 exact, F16 to half precision, Q8_0 (raw blocks here) to its quantization step.
+        assert torch.equal(ours["model.norm.weight"], ref.get_tensor("model.norm.weight"))
+        assert torch.equal(ours["model.embed_tokens.weight"], ref.get_tensor("model.embed_tokens.weight").half())
+        q_ref = ref.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert types["model.layers.0.self_attn.q_proj.weight"] == "Q8_0" and ours["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+        q = gguf_method.dequantize(ours["model.layers.0.self_attn.q_proj.weight"], "Q8_0", tuple(q_ref.shape))
         assert 0 < (q - q_ref).abs().max() < q_ref.abs().max() / 100
     # Our model on the converted folder vs transformers on the GGUF itself (its own dequantization).
     from transformers import AutoModelForCausalLM
@@ -170,15 +183,15 @@ def test_gguf_conversion_matches_source_and_transformers(tiny_hf: Path, tmp_path
     # A conversion killed long ago left a partial folder: the next conversion of that file removes it.
     stale = folder.parent / f".{folder.name}.dead.partial"
     stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"half")
-    os.utime(stale / "model.safetensors", (0, 0))
+    (stale / "config.json").write_bytes(b"half")
+    os.utime(stale / "config.json", (0, 0))
     os.utime(stale, (0, 0))
     shutil.rmtree(folder)
     assert resolve_model(str(gguf_file)) == folder and not stale.exists()
     # Second resolve: the cache is reused, nothing is converted again.
-    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    mtime = (folder / gguf_convert.GGUF_INDEX).stat().st_mtime_ns
     assert resolve_model(str(gguf_file)) == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (folder / gguf_convert.GGUF_INDEX).stat().st_mtime_ns == mtime
 
 
 def test_gguf_tokenizer_and_generation_config(tiny_hf: Path, tmp_path: Path, cache: Path) -> None:

@@ -222,5 +222,5 @@ def test_gptq_shards_with_different_g_idx_are_refused(tmp_path):
     name = "model.layers.0.self_attn.v_proj.g_idx"
     tensors[name] = tensors[name].flip(0).contiguous()
     save_file(tensors, q_folder / "model.safetensors")
-    with pytest.raises(ValueError, match=f"'{name}' does not fit the config: shard 'v' differs from the other shards"):
+    with pytest.raises(ValueError, match=f"'{name}' does not fit the config: shard 'v_proj' differs from the other shards"):
         _logits(q_folder)

@@ -5,7 +5,9 @@ kernels read along the inputs, as the bfloat16 GEMV reads its weight rows:
   qweight  int32   [N, K * bits / 32]  output row n's codes, input k in bits bits*(k % p) of word k // p
   zeros    uint8   [N, groups]         zero point codes
   scales   float16 [N, groups]
-with w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and y = x @ w.T (+ bias).
+with w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and y = x @ w.T (+ bias). GGUF's blocks
+repack into the same words with float32 `scales` and `zeros` that hold each group's minimum instead:
+w = q * scales - zeros ("min form", chosen by the zeros' dtype; exact for every GGUF block format).
 
 Two paths by the number of rows M: `_gemv_kernel` up to 4 rows (decode; a pure weight read, each program
 reading a block of output rows over all inputs as packed words), and for more rows `_dequant_kernel` into a
@@ -45,10 +47,12 @@ def unpack_along_k(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize_reference(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                          bits: int) -> torch.Tensor:
-    """The weight as float32 [N, K] (exact: a small integer times a float16)."""
+    """The weight as float32 [N, K] (exact: a small integer times a float16, or GGUF's q * d*sc - dmin*m)."""
     q = unpack_along_k(qweight, bits)
-    z = zeros.to(torch.int32).repeat_interleave(group_size, dim=1)
-    return (q - z).float() * scales.float().repeat_interleave(group_size, dim=1)
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    if zeros.dtype.is_floating_point:  # min form
+        return q.float() * s - zeros.float().repeat_interleave(group_size, dim=1)
+    return (q - zeros.to(torch.int32).repeat_interleave(group_size, dim=1)).float() * s
 
 
 def linear_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -61,7 +65,7 @@ def linear_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, z_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_g, stride_y,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """y[m, n] for BLOCK_N output rows and every input: words [BLOCK_N, BLOCK_KW] unpacked as
@@ -86,7 +90,10 @@ def _gemv_kernel(
         zs_ok = row_ok[:, None] & kw_ok[None, :]
         z = tl.load(z_ptr + zs_off, mask=zs_ok, other=0).to(tl.float32)
         s = tl.load(s_ptr + zs_off, mask=zs_ok, other=0.0).to(tl.float32)
-        w = (q - z[:, :, None]) * s[:, :, None]  # [BN, BKW, P]
+        if MIN_FORM:
+            w = q * s[:, :, None] - z[:, :, None]  # [BN, BKW, P]
+        else:
+            w = (q - z[:, :, None]) * s[:, :, None]
         k = kw[:, None] * P + lanes[None, :]  # [BKW, P]
         xv = tl.load(x_ptr + ms[:, None, None] * stride_x + k[None, :, :],
                      mask=(ms < M)[:, None, None] & kw_ok[None, :, None], other=0.0).to(tl.float32)  # [BM, BKW, P]
@@ -99,8 +106,8 @@ def _gemv_kernel(
 
 @triton.jit
 def _dequant_kernel(w_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_w, stride_g, stride_o,
-                    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     P: tl.constexpr = 32 // BITS
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -111,8 +118,8 @@ def _dequant_kernel(w_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_w, stride_g, stri
     zs_off = rn[:, None] * stride_g + (k // GROUP)[None, :]
     z = tl.load(z_ptr + zs_off, mask=ok, other=0).to(tl.float32)
     s = tl.load(s_ptr + zs_off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + k[None, :], ((q - z) * s).to(out_ptr.dtype.element_ty),
-             mask=ok)
+    w = q * s - z if MIN_FORM else (q - z) * s
+    tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int,
@@ -123,7 +130,8 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     block_n, block_k = 16, 256
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         qweight, zeros, scales, out, n, k, qweight.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group_size, BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, **launch_options(qweight.device))
+        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, **launch_options(qweight.device))
     return out
 
 
@@ -147,6 +155,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sc
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, qweight, zeros, scales, bias if bias is not None else scales, y, m, n, k, x.stride(0),
         qweight.stride(0), scales.stride(0), y.stride(0),
-        GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(m),
+        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, HAS_BIAS=bias is not None,
+        BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps, **launch_options(x.device))
     return y

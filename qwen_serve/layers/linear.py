@@ -27,7 +27,8 @@ class LinearBase(nn.Module):
         self.out_features = sum(output_sizes.values())
         self.prefix = prefix
         self.fused = opts.fused
-        # name -> (first output row, rows); a plain linear has one shard named "".
+        # name -> (first output row, rows); a plain linear has one shard named "". A merged linear's shards
+        # are named after the checkpoint modules they come from (q_proj, gate_proj), siblings of this one.
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for name, size in output_sizes.items():
@@ -100,4 +101,4 @@ class QKVLinear(MergedLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  opts: LayerOptions, prefix: str, params_dtype: torch.dtype = torch.float32) -> None:
         q, kv = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, {"q": q, "k": kv, "v": kv}, bias, opts, prefix, params_dtype)
+        super().__init__(hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias, opts, prefix, params_dtype)

@@ -1,19 +1,20 @@
-"""Converts a qwen2-architecture GGUF file into an HF-style folder in the cache, once per file.
+"""Describes a qwen2-architecture GGUF file as an HF-style folder in the cache, once per file.
 
-Output (the same files a Hugging Face checkpoint has, so one loader path serves both):
-  config.json             Qwen2ForCausalLM hyperparameters from `qwen2.*` metadata
-  model.safetensors       every tensor dequantized to float32 (`gguf.quants.dequantize`, any type
-                          the gguf package supports), under HF names
+The weights stay in the GGUF: the folder holds what the rest of the engine reads from a Hugging Face
+checkpoint, and an index of the file's tensors that `iter_gguf_weights` reads at load (plain reads at
+their offsets, no GGUF parsing, no converted copy):
+  config.json             Qwen2ForCausalLM hyperparameters from `qwen2.*` metadata, and a `gguf`
+                          quantization_config naming each weight's GGML type (layers/quantization/gguf.py)
+  gguf_tensors.json       HF name -> GGML type, shape, offset and length in the GGUF; the file's path and size
   tokenizer.json          byte-level BPE with Qwen2's pre-tokenizer regex, vocab + merges + added
                           tokens from `tokenizer.ggml.*` (CONTROL tokens special, USER_DEFINED not)
   tokenizer_config.json   special-token names and `tokenizer.chat_template`
   generation_config.json  bos / eos / pad ids (+ `general.sampling.*` defaults when the file has them)
 
-Memory: the GGUF is memory-mapped and each tensor is dequantized and written on its own, so the
-peak is one float32 tensor (plus numpy's temporaries), never the whole model twice. The folder is
-built under a temporary name and renamed into place, so an interrupted conversion leaves no half
-cache. llama.cpp does not permute q/k for qwen2 (only for llama-style rope), so none is undone here;
-the demo-model logit parity test against transformers checks it.
+A tensor type qwen-serve cannot read is refused here, before any weight is read. The folder is built
+under a temporary name and renamed into place, so an interrupted conversion leaves no half cache.
+llama.cpp does not permute q/k for qwen2 (only for llama-style rope), so none is undone here; the
+demo-model logit parity test against transformers checks it.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 GGUF_MAGIC = b"GGUF"
 # Part of every cache folder's name: bump it when the converted layout changes, so old caches are
-# not mistaken for current ones.
-CONVERTED_FORMAT = 1
+# not mistaken for current ones. 2: the weights stay in the GGUF (gguf_tensors.json).
+CONVERTED_FORMAT = 2
+GGUF_INDEX = "gguf_tensors.json"
 
 # GGUF tensor names -> HF Qwen2 names ("{i}" is the layer index).
 _GLOBAL_NAMES = {
@@ -270,14 +272,16 @@ def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def write_hf_folder(path: Path, out: Path) -> None:
-    """Writes config, weights, tokenizer and generation config of the GGUF at `path` into `out`."""
+    """Writes config, tensor index, tokenizer and generation config of the GGUF at `path` into `out`."""
+    from qwen_serve.layers.quantization import gguf as gguf_method
+
     reader = open_gguf(path)
     meta = _metadata(reader, path)
     # GGUF lists dimensions innermost first ([in, out]); torch/HF order is the reverse.
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     cfg = gguf_config(meta, shapes, path)
     wanted = expected_shapes(cfg)
-    plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
+    index: dict[str, dict[str, Any]] = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name, path)
         if name not in wanted:
@@ -287,50 +291,50 @@ def write_hf_folder(path: Path, out: Path) -> None:
                 f"{path}: tensor {t.name} ({name}) has shape {list(shapes[t.name])}, but the metadata "
                 f"implies {list(wanted[name])}"
             )
-        plan.append((name, wanted[name], _dequantizer(t, wanted[name], path)))
-    missing = sorted(set(wanted) - {name for name, _, _ in plan})
+        type_name = t.tensor_type.name
+        if not gguf_method.supported(type_name):
+            raise ValueError(f"{path}: tensor {t.name} has GGML type {type_name}, which qwen-serve cannot read "
+                             f"(nor can the installed gguf package dequantize it)")
+        if len(wanted[name]) == 1 and type_name not in gguf_method.FLOAT_TYPES:
+            raise ValueError(f"{path}: tensor {t.name} is a vector stored as {type_name}; only float vectors are read")
+        index[name] = {"type": type_name, "shape": list(wanted[name]), "offset": int(t.data_offset),
+                       "nbytes": int(t.n_bytes)}
+    missing = sorted(set(wanted) - set(index))
     if missing:
         raise ValueError(f"{path}: GGUF lacks tensors for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
-    write_safetensors_streaming(out / "model.safetensors", plan)
+    cfg["quantization_config"] = {"quant_method": "gguf",
+                                  "tensor_types": {n: e["type"] for n, e in index.items() if len(e["shape"]) == 2}}
+    _write_json(out / GGUF_INDEX, {"gguf": str(path.resolve()), "size": path.stat().st_size, "tensors": index})
     tokenizer, tok_config = build_tokenizer(meta, cfg, path)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tok_config)
     _write_json(out / "generation_config.json", generation_config(meta, tokenizer))
     _write_json(out / "config.json", cfg)  # written last: its presence marks a complete folder
-    _write_json(out / "source.json", {"gguf": str(path.resolve()), "size": path.stat().st_size})
 
 
-def _dequantizer(t: Any, shape: tuple[int, ...], path: Path) -> Callable[[], np.ndarray]:
-    from gguf.quants import dequantize
-
-    def run() -> np.ndarray:
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize ({e})") from None
-        return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
-
-    return run
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def write_safetensors_streaming(out: Path, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]) -> None:
-    """A float32 safetensors file written one tensor at a time: the header is known from the shapes,
-    so no tensor has to wait in memory for the others."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in plan:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    with out.open("wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, shape, produce in plan:
-            arr = produce()  # [out, in] float32
-            arr.tofile(f)  # no bytes() copy of large tensors
-            del arr
+def iter_gguf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of a folder made by `write_hf_folder`, read from its GGUF one tensor at a time (plain
+    reads, as loader/model_loader.read_safetensors does): float tensors in their dtype and HF shape, block
+    formats as their raw bytes, uint8 [rows, bytes a row]."""
+    index = json.loads((folder / GGUF_INDEX).read_text())
+    path = Path(index["gguf"])
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: its GGUF {path} is gone; pass the .gguf file again")
+    if path.stat().st_size != index["size"]:
+        raise ValueError(f"{path} changed since it was indexed into {folder}; pass the .gguf file again")
+    with path.open("rb") as f:
+        for name, e in sorted(index["tensors"].items(), key=lambda kv: kv[1]["offset"]):
+            buf = torch.empty(e["nbytes"], dtype=torch.uint8)
+            f.seek(e["offset"])
+            if f.readinto(memoryview(buf.numpy())) != e["nbytes"]:
+                raise ValueError(f"{path}: short read for tensor {name}")
+            if e["type"] in _FLOAT_DTYPES:
+                yield name, buf.view(_FLOAT_DTYPES[e["type"]]).reshape(e["shape"])
+            else:
+                yield name, buf.reshape(e["shape"][0], -1)
 
 
 def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):

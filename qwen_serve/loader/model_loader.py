@@ -1,7 +1,8 @@
 """From a resolved model folder to a model in memory: config (with the YaRN switch), dtype, weights.
 
 `resolve.resolve_model` turns any model spec into an HF-style folder first, so this module only
-ever reads config.json, generation_config.json and safetensors files.
+ever reads config.json, generation_config.json and the weights: safetensors files, or for a GGUF the
+file itself through the folder's tensor index (loader/gguf_convert.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from qwen_serve.loader.hf import safetensors_files
 from torch import nn
 
 from qwen_serve.layers.options import LayerOptions
+from qwen_serve.loader import gguf_convert
 from qwen_serve.loader.weights import build_model, load_weights
 from qwen_serve.models.config import DEFAULT_YARN, Qwen2Config
 
@@ -130,11 +132,17 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_model(folder: str | Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str,
                opts: LayerOptions | None = None) -> nn.Module:
-    """Builds the model in `dtype` on `device` (quantized as `opts` says) and streams the folder's
-    safetensors into it, one tensor at a time (converted to each parameter's dtype on copy)."""
+    """Builds the model in `dtype` on `device` (quantized as `opts` says; without opts, as the checkpoint's
+    quantization_config says) and streams the folder's weights into it, one tensor at a time."""
+    if opts is None:
+        from qwen_serve.layers.quantization import quantization_config
+
+        opts = LayerOptions(quant_config=quantization_config(None, cfg.raw, f"{folder}/config.json"))
     model = build_model(cfg, dtype, device, opts)
+    folder = Path(folder)
+    gguf_index = folder / gguf_convert.GGUF_INDEX
     with torch.no_grad():
-        load_weights(model, read_safetensors(Path(folder)))
+        load_weights(model, gguf_convert.iter_gguf_weights(folder) if gguf_index.is_file() else read_safetensors(folder))
     return model
 
 

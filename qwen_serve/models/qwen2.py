@@ -48,7 +48,7 @@ class Qwen2MLP(nn.Module):
     def __init__(self, cfg: Qwen2Config, opts: LayerOptions, prefix: str, dtype: torch.dtype) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": inter, "up": inter}, False, opts,
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, False, opts,
                                          f"{prefix}.gate_up_proj", dtype)
         self.act = SiluAndMul(opts)
         self.down_proj = RowLinear(inter, cfg.hidden_size, False, opts, f"{prefix}.down_proj", dtype)
@@ -100,13 +100,13 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    # checkpoint name fragment -> (fused parameter fragment, shard)
+    # checkpoint name fragment -> (fused parameter fragment, shard); a shard is named after its checkpoint module
     packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", "gate"),
-        "up_proj": ("gate_up_proj", "up"),
+        "q_proj": ("qkv_proj", "q_proj"),
+        "k_proj": ("qkv_proj", "k_proj"),
+        "v_proj": ("qkv_proj", "v_proj"),
+        "gate_proj": ("gate_up_proj", "gate_proj"),
+        "up_proj": ("gate_up_proj", "up_proj"),
     }
 
     def __init__(self, cfg: Qwen2Config, opts: LayerOptions | None = None, dtype: torch.dtype = torch.float32) -> None:

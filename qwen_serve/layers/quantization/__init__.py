@@ -11,9 +11,10 @@ from typing import Any
 
 from qwen_serve.layers.quantization.awq import AWQConfig
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig
+from qwen_serve.layers.quantization.gguf import GGUFConfig
 from qwen_serve.layers.quantization.gptq import GPTQConfig
 
-_METHODS: dict[str, type] = {"awq": AWQConfig, "gptq": GPTQConfig}
+_METHODS: dict[str, type] = {"awq": AWQConfig, "gptq": GPTQConfig, "gguf": GGUFConfig}
 QUANTIZATION_METHODS = tuple(_METHODS)
 
 __all__ = ["QUANTIZATION_METHODS", "LinearMethod", "QuantizationConfig", "quantization_config", "release_config"]
@@ -26,6 +27,9 @@ _RELEASE_CONFIGS = {
 
 
 def release_config(method: str) -> dict[str, Any]:
+    if method not in _RELEASE_CONFIGS:
+        raise ValueError(f"random weights can be made for {', '.join(_RELEASE_CONFIGS)}; {method} weights come "
+                         "from a checkpoint (--model)")
     return dict(_RELEASE_CONFIGS[method])
 
 

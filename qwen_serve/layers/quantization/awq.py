@@ -69,8 +69,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 class AWQLinearMethod(PackedIntMethod):
     def __init__(self, config: AWQConfig) -> None:
+        super().__init__(config.bits)
         self.config = config
-        self.bits = config.bits
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:

@@ -76,8 +76,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 class GPTQLinearMethod(PackedIntMethod):
     def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config.bits)
         self.config = config
-        self.bits = config.bits
 
     def _groups(self, layer: nn.Module, in_features: int) -> int:
         g = self.config.group_size

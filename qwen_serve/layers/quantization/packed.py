@@ -16,16 +16,20 @@ from qwen_serve.layers.quantization.base import LinearMethod
 
 def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
            input_perm: torch.Tensor | None = None) -> None:
-    """codes [N, K], zeros [N, groups] (codes), scales [N, groups] -> the layer's `qweight`, `zeros`,
-    `scales` in the kernels' layout, replacing the checkpoint's parameters; `input_perm` (GPTQ's act
+    """codes [N, K], zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] -> the
+    layer's `qweight`, `zeros`, `scales` in the kernels' layout, replacing the checkpoint's parameters; `input_perm` (GPTQ's act
     order) reorders the inputs so that each group's are contiguous, and is applied to x at run time."""
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         if hasattr(layer, name):
             delattr(layer, name)
     frozen = dict(requires_grad=False)
     layer.qweight = nn.Parameter(quant_linear.pack_along_k(codes, bits), **frozen)
-    layer.zeros = nn.Parameter(zeros.to(torch.uint8).contiguous(), **frozen)
-    layer.scales = nn.Parameter(scales.to(torch.float16).contiguous(), **frozen)
+    if zeros.dtype.is_floating_point:  # GGUF's min form: float32 scales and minimums
+        layer.zeros = nn.Parameter(zeros.float().contiguous(), **frozen)
+        layer.scales = nn.Parameter(scales.float().contiguous(), **frozen)
+    else:
+        layer.zeros = nn.Parameter(zeros.to(torch.uint8).contiguous(), **frozen)
+        layer.scales = nn.Parameter(scales.to(torch.float16).contiguous(), **frozen)
     if input_perm is not None:
         layer.register_buffer("input_perm", input_perm, persistent=False)
     else:
@@ -33,9 +37,21 @@ def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: t
 
 
 class PackedIntMethod(LinearMethod):
-    """A linear method whose loaded weights were `repack`ed; subclasses set `bits`."""
+    """A linear method whose loaded weights were `repack`ed."""
 
-    bits: int
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        raise NotImplementedError("the packed layout is made from a checkpoint format's weights (repack)")
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The rows `ids`, dequantized (a GGUF embedding table kept packed on the GPU)."""
+        group = layer.in_features // layer.scales.shape[1]
+        rows = quant_linear.dequantize_reference(layer.qweight[ids], layer.zeros[ids], layer.scales[ids], group,
+                                                 self.bits)
+        return rows.to(layer.compute_dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape

@@ -1,0 +1,140 @@
+"""GGUF blocks kept quantized: every block format decoded here against the gguf package's own
+dequantization, bit for bit; tiny GGUF models in block formats served from their blocks (on the CPU
+dequantized once at load, the codes path through the kernels' torch reference) against transformers
+loading the same file; tensor types refused before any weight is read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_checkpoint
+from qwen_serve.kernels import quant_linear
+from qwen_serve.layers.quantization import gguf as gguf_method
+from qwen_serve.layers.quantization.gguf import BLOCK_FORMATS
+from test_loading import _tiny_vocab, write_tiny_gguf
+
+FP16_FIELDS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(type_name: str, rows: int, blocks: int, seed: int) -> np.ndarray:
+    """Random bytes (every bit pattern of a block's integers is valid) with finite float16 factors."""
+    fmt = BLOCK_FORMATS[type_name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, blocks, fmt.size), dtype=np.uint8)
+    for offset in FP16_FIELDS[type_name]:
+        factors = rng.uniform(1e-4, 2e-2, size=(rows, blocks)).astype(np.float16)
+        raw[:, :, offset : offset + 2] = factors.view(np.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, blocks * fmt.size)
+
+
+@pytest.mark.parametrize("type_name", list(BLOCK_FORMATS))
+def test_decode_matches_gguf_dequantize(type_name):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    fmt = BLOCK_FORMATS[type_name]
+    raw = random_blocks(type_name, rows=6, blocks=3, seed=len(type_name))
+    theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name])).float()
+    ours = gguf_method.dequantize(torch.from_numpy(raw), type_name, (6, 3 * fmt.block))
+    assert torch.equal(ours, theirs)
+    codes, scales, mins, group, bits = gguf_method.decode(torch.from_numpy(raw), type_name)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits and group == fmt.group
+    # Packed for the kernels and dequantized by their reference: the same numbers.
+    packed = quant_linear.pack_along_k(codes, bits)
+    assert torch.equal(quant_linear.dequantize_reference(packed, mins, scales, group, bits), theirs)
+
+
+def test_unknown_tensor_types_are_refused():
+    with pytest.raises(ValueError, match="tensor model.layers.0.mlp.up_proj.weight has GGML type NOPE"):
+        gguf_method.GGUFConfig.from_config({"tensor_types": {"model.layers.0.mlp.up_proj.weight": "NOPE"}}, "x")
+    assert gguf_method.supported("Q4_1")  # the gguf package dequantizes it: served plain
+
+
+# The scale of each format's float16 factors that gives weights of ~0.01-0.1, as real models have.
+FACTOR_RANGE = {"Q4_K": (1e-5, 1e-4), "Q5_K": (1e-5, 5e-5), "Q6_K": (1e-6, 1e-5)}
+# Per tensor of the tiny model: every block format, and a merged qkv / gate_up of mixed formats.
+MIXED = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_0",
+         "ffn_up": "Q8_0", "token_embd": "Q5_0", "output": "Q6_K"}
+
+
+def _blocks(gname: str, arr: np.ndarray):
+    import gguf
+
+    kind = gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0]
+    type_name = MIXED.get(kind)
+    if type_name is None or arr.shape[1] % BLOCK_FORMATS[type_name].block:  # the tiny ffn (528) stays F16
+        return None
+    if type_name in FACTOR_RANGE:  # the gguf package cannot quantize k-quants: random blocks of the shape
+        fmt = BLOCK_FORMATS[type_name]
+        raw = random_blocks(type_name, arr.shape[0], arr.shape[1] // fmt.block, seed=zlib_crc(gname))
+        lo, hi = FACTOR_RANGE[type_name]
+        blocks = raw.reshape(arr.shape[0], -1, fmt.size)
+        rng = np.random.default_rng(zlib_crc(gname) + 1)
+        for offset in FP16_FIELDS[type_name]:
+            factors = rng.uniform(lo, hi, size=blocks.shape[:2]).astype(np.float16)
+            blocks[:, :, offset : offset + 2] = factors.view(np.uint8).reshape(*blocks.shape[:2], 2)
+        return type_name, blocks.reshape(arr.shape[0], -1)
+    return type_name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
+
+
+def zlib_crc(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("mixed")
+    hf = make_tiny_checkpoint(tmp / "hf", heads=4, kv_heads=2, vocab=len(_tiny_vocab()[0]), hidden=256)
+    return write_tiny_gguf(tmp / "mixed.gguf", hf, blocks=_blocks)
+
+
+@pytest.mark.parametrize("keep_codes", [False, True], ids=["plain", "codes"])
+def test_mixed_block_formats_match_transformers(mixed_gguf, keep_codes, monkeypatch, tmp_path):
+    """Every block format in one model, q|k|v of three formats: our model from the blocks (plain on the CPU,
+    or kept as codes through the kernels' torch reference) against transformers' own GGUF load."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen_serve.layers.attention import AttentionMetadata, forward_context
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.loader.resolve import resolve_model
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_method.GGUFLinearMethod, "keeps_codes", staticmethod(lambda device: keep_codes))
+    folder = resolve_model(str(mixed_gguf))
+    types = json.loads((folder / "config.json").read_text())["quantization_config"]["tensor_types"]
+    assert {types[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"} == {"Q4_K", "Q5_K", "Q6_K"}
+    model = load_model(folder, load_model_config(folder), torch.float32, "cpu")
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert hasattr(qkv, "qweight") == keep_codes and hasattr(qkv, "weight") != keep_codes
+    if keep_codes:  # three formats share 8-bit codes and groups of 16 (Q6_K's)
+        assert qkv.scales.shape[1] == 256 // 16 and qkv.quant_method.bits == 8
+    ids = [5, 77, 260, 3, 99, 200, 1, 42]
+    with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
+        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
+    ref_model = AutoModelForCausalLM.from_pretrained(str(mixed_gguf.parent), gguf_file=mixed_gguf.name,
+                                                     dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_misshaped_gguf_tensor_is_named(mixed_gguf, tmp_path, monkeypatch):
+    from qwen_serve.loader import gguf_convert
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.loader.resolve import resolve_model
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model(str(mixed_gguf))
+    index = json.loads((folder / gguf_convert.GGUF_INDEX).read_text())
+    entry = index["tensors"]["model.layers.1.self_attn.v_proj.weight"]
+    entry["nbytes"] -= entry["shape"][0] * 210  # one Q6_K block a row fewer
+    (folder / gguf_convert.GGUF_INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="'model.layers.1.self_attn.v_proj.weight' does not fit the config: Q6_K tensor"):
+        load_model(folder, load_model_config(folder), torch.float32, "cpu")
