@@ -26,6 +26,7 @@ class LinearBase(nn.Module):
         self.in_features = in_features
         self.out_features = sum(output_sizes.values())
         self.prefix = prefix
+        self.params_dtype = params_dtype  # the compute dtype; quantized storage keeps its own
         self.fused = opts.fused
         # name -> (first output row, rows); a plain linear has one shard named "". A merged linear's shards
         # are named after the checkpoint modules they come from (q_proj, gate_proj), siblings of this one.

@@ -118,4 +118,4 @@ class GPTQLinearMethod(PackedIntMethod):
         if perm is not None:
             codes = codes[:, perm]
         zeros = (unpack(layer.qzeros.data, c.bits, dim=1) + c.zero_offset).t()  # [N, groups]
-        repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm)
+        repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm, cpu_dtype=layer.params_dtype)

@@ -1,8 +1,10 @@
-"""What AWQ and GPTQ share once loaded: integer codes repacked along the inputs, run by one kernel.
+"""What AWQ, GPTQ and GGUF share once loaded: integer codes repacked along the inputs.
 
 `repack` turns a checkpoint's codes, zero points and scales into the layout of kernels/quant_linear.py
 (exactly: the same numbers). `PackedIntMethod.apply` sends CUDA inputs to its Triton kernels when the
-layer's fused kernels are on, and everything else to their torch reference.
+layer's fused kernels are on. On the CPU, 4-bit codes in bfloat16 or float16 models are packed instead for
+torch's int4 matmul (kernels/cpu_linear.py; scale and zero rounded to the compute dtype), and everything
+else runs the kernels' torch reference (the weight dequantized at each call: correct, slow).
 """
 
 from __future__ import annotations
@@ -10,18 +12,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen_serve.kernels import quant_linear
+from qwen_serve.kernels import cpu_linear, quant_linear
 from qwen_serve.layers.quantization.base import LinearMethod
 
 
 def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
-           input_perm: torch.Tensor | None = None) -> None:
+           input_perm: torch.Tensor | None = None, cpu_dtype: torch.dtype | None = None) -> None:
     """codes [N, K], zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] -> the
     layer's `qweight`, `zeros`, `scales` in the kernels' layout, replacing the checkpoint's parameters; `input_perm` (GPTQ's act
-    order) reorders the inputs so that each group's are contiguous, and is applied to x at run time."""
+    order) reorders the inputs so that each group's are contiguous, and is applied to x at run time. On the
+    CPU, with `cpu_dtype` (the compute dtype of a layer that only multiplies), 4-bit codes in groups torch's
+    int4 matmul takes are packed for it instead."""
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         if hasattr(layer, name):
             delattr(layer, name)
+    layer.register_buffer("input_perm", input_perm, persistent=False)  # None: the inputs in order
+    group = codes.shape[1] // scales.shape[1]
+    if codes.device.type == "cpu" and cpu_dtype is not None and bits == 4 and cpu_linear.int4pack_supported(group, cpu_dtype):
+        packed, scales_and_zeros = cpu_linear.int4pack(codes, zeros, scales, cpu_dtype)
+        layer.register_buffer("int4_weight", packed, persistent=False)
+        layer.register_buffer("int4_scales_zeros", scales_and_zeros, persistent=False)
+        return
     frozen = dict(requires_grad=False)
     layer.qweight = nn.Parameter(quant_linear.pack_along_k(codes, bits), **frozen)
     if zeros.dtype.is_floating_point:  # GGUF's min form: float32 scales and minimums
@@ -30,10 +41,6 @@ def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: t
     else:
         layer.zeros = nn.Parameter(zeros.to(torch.uint8).contiguous(), **frozen)
         layer.scales = nn.Parameter(scales.to(torch.float16).contiguous(), **frozen)
-    if input_perm is not None:
-        layer.register_buffer("input_perm", input_perm, persistent=False)
-    else:
-        layer.input_perm = None
 
 
 class PackedIntMethod(LinearMethod):
@@ -58,6 +65,10 @@ class PackedIntMethod(LinearMethod):
         x = x.reshape(-1, shape[-1])
         if layer.input_perm is not None:
             x = x.index_select(1, layer.input_perm)  # [tokens, K] in the repacked order
+        if hasattr(layer, "int4_weight"):  # CPU, 4 bits
+            group = shape[-1] // layer.int4_scales_zeros.shape[0]
+            out = cpu_linear.int4pack_linear(x.contiguous(), layer.int4_weight, group, layer.int4_scales_zeros, bias)
+            return out.reshape(*shape[:-1], out.shape[-1])
         group = shape[-1] // layer.scales.shape[1]  # GPTQ's -1 is one group of every input
         if x.is_cuda and layer.fused:
             out = quant_linear.quant_linear(x.contiguous(), layer.qweight, layer.zeros, layer.scales, group,
