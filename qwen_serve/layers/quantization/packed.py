@@ -19,16 +19,17 @@ from qwen_serve.layers.quantization.base import LinearMethod
 def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
            input_perm: torch.Tensor | None = None, cpu_dtype: torch.dtype | None = None) -> None:
     """codes [N, K], zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] -> the
-    layer's `qweight`, `zeros`, `scales` in the kernels' layout, replacing the checkpoint's parameters; `input_perm` (GPTQ's act
-    order) reorders the inputs so that each group's are contiguous, and is applied to x at run time. On the
-    CPU, with `cpu_dtype` (the compute dtype of a layer that only multiplies), 4-bit codes in groups torch's
-    int4 matmul takes are packed for it instead."""
+    layer's `qweight`, `zeros`, `scales` in the kernels' layout, replacing the checkpoint's parameters.
+    `input_perm` (GPTQ's act order) reorders the inputs so that each group's are contiguous; it is applied
+    to x at run time. On the CPU, with `cpu_dtype` (the compute dtype of a layer that only multiplies),
+    4-bit codes in groups torch's int4 matmul takes are packed for it instead (`int4_weight`)."""
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         if hasattr(layer, name):
             delattr(layer, name)
     layer.register_buffer("input_perm", input_perm, persistent=False)  # None: the inputs in order
     group = codes.shape[1] // scales.shape[1]
-    if codes.device.type == "cpu" and cpu_dtype is not None and bits == 4 and cpu_linear.int4pack_supported(group, cpu_dtype):
+    on_cpu = codes.device.type == "cpu" and cpu_dtype is not None
+    if on_cpu and bits == 4 and cpu_linear.int4pack_supported(group, cpu_dtype):
         packed, scales_and_zeros = cpu_linear.int4pack(codes, zeros, scales, cpu_dtype)
         layer.register_buffer("int4_weight", packed, persistent=False)
         layer.register_buffer("int4_scales_zeros", scales_and_zeros, persistent=False)
