@@ -305,6 +305,19 @@ BAD_REQUESTS = [
     ("tool call without function", "POST", CHATP, _chat(messages=[{"role": "assistant", "tool_calls": [{"id": "1"}]}]),
      None, 400, None),
     ("negative temperature", "POST", CHATP, _chat(temperature=-0.5), None, 400, "temperature"),
+    ("temperature 1e308", "POST", CHATP, _chat(temperature=1e308), None, 400, "temperature"),
+    ("temperature Infinity", "POST", CHATP, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+     b'"temperature": Infinity}', None, 400, "temperature"),
+    ("user message w/o content", "POST", CHATP, _chat(messages=[{"role": "user"}]), None, 400, "messages.0"),
+    ("system message w/o content", "POST", CHATP, _chat(messages=[{"role": "system"}, {"role": "user", "content": "x"}]),
+     None, 400, "messages.0"),
+    ("tool message w/o tool_call_id", "POST", CHATP, _chat(messages=[
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "now", "arguments": "{}"}}]},
+        {"role": "tool", "content": "12:00"}]), None, 400, "messages.2"),
+    ("stop empty string", "POST", CHATP, _chat(stop=[""]), None, 400, "stop"),
+    ("tool parameters not a schema", "POST", CHATP, _chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "objekt"}}}], tool_choice="auto"), None, 400, "tools.0.function.parameters"),
     ("top_p zero", "POST", CHATP, _chat(top_p=0), None, 400, "top_p"),
     ("top_p above one", "POST", CHATP, _chat(top_p=1.5), None, 400, "top_p"),
     ("n zero", "POST", CHATP, _chat(n=0), None, 400, "n"),

@@ -241,6 +241,32 @@ def test_tool_arguments_are_closed_objects(tok, vocab):
     assert open_schema == {"type": "object", "properties": {"q": {"type": "string"}, "opts": {"type": "object", "properties": {"n": {"type": "integer"}}}}}
 
 
+def test_tool_schemas_with_definitions_and_references(tok, vocab):
+    """The parameters pydantic writes for nested models (what instructor's TOOLS mode sends): references into
+    "$defs" resolve under tool_choice "required" and a named function."""
+    from pydantic import BaseModel
+
+    class Address(BaseModel):
+        city: str
+        zip_code: str
+
+    class Person(BaseModel):
+        name: str
+        home: Address
+        previous: list[Address] = []
+
+    params = Person.model_json_schema()
+    assert "$defs" in params and params["properties"]["home"]["$ref"] == "#/$defs/Address"
+    tools = [{"type": "function", "function": {"name": "Person", "description": "Correctly extracted `Person`",
+                                               "parameters": params}}]
+    call = {"name": "Ada", "home": {"city": "London", "zip_code": "N1"}, "previous": []}
+    for choice in ("required", {"type": "function", "function": {"name": "Person"}}):
+        spec = tool_choice_spec(tools, choice)
+        assert accepts(spec, block("Person", call), tok, vocab)
+        assert not accepts(spec, block("Person", {"name": "Ada", "home": {"city": "London"}}), tok, vocab)
+    assert "$defs" in params  # the caller's schema is not changed
+
+
 def test_named_function_grammar(tok, vocab):
     spec = tool_choice_spec(TOOLS, {"type": "function", "function": {"name": "calculator"}})
     assert accepts(spec, block("calculator", {"expression": "6*7", "precision": 2}), tok, vocab)

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_serializer, model_validator
 
 MAX_STOP_STRINGS = 64
 MAX_N = 128
@@ -67,7 +67,7 @@ class SamplingFields(_Request):
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # OpenAI's range
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -108,6 +108,8 @@ class SamplingFields(_Request):
     def _stop_count(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if v == "" or (isinstance(v, list) and "" in v):  # would stop before the first token, as OpenAI refuses
+            raise ValueError("stop strings must not be empty")
         return v
 
     @field_validator("stop_token_ids", "allowed_token_ids")
@@ -213,6 +215,17 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _required_fields(self) -> "ChatMessage":
+        """What OpenAI requires of each role: content (an assistant may send tool calls instead), and a
+        tool result names the call it answers."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            need = "content or tool_calls" if self.role == "assistant" else "content"
+            raise ValueError(f"a {self.role} message needs {need}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
     def text(self) -> str:
         """The content as one string: text parts joined by newlines (as vLLM does)."""
         if self.content is None:
@@ -227,6 +240,20 @@ class FunctionDefinition(_Request):
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Refused whatever tool_choice is: under "auto" nothing else would ever read the schema."""
+        if v is not None:
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError
+
+            try:
+                Draft202012Validator.check_schema(v)
+            except SchemaError as e:
+                raise ValueError(f"not a valid JSON schema: {e.message}") from None
+        return v
 
 
 class Tool(_Request):

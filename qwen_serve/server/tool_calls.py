@@ -335,8 +335,14 @@ def tool_choice_spec(tools: list[dict[str, Any]] | None, tool_choice: Any,
     lines = [start, 'tool_call: <tool_call> "\\n" call "\\n" </tool_call>',
              "call: " + " | ".join(f"call_{i}" for i in range(len(names)))]
     for i, name in enumerate(names):
-        schema = {"type": "object", "properties": {"name": {"const": name}, "arguments": _closed(declared[name])},
-                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_FORMAT}
+        arguments = _closed(declared[name])
+        # References such as "#/$defs/Address" (pydantic's, instructor's) resolve from the document root: the
+        # parameters' definitions move to the root of the wrapper, where they find them.
+        definitions = {k: arguments[k] for k in ("$defs", "definitions") if k in arguments}
+        arguments = {k: v for k, v in arguments.items() if k not in definitions}
+        schema = {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+                  "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": JSON_FORMAT,
+                  **definitions}
         lines.append(f"call_{i}: %json {json.dumps(schema, ensure_ascii=False)}")
     return {"type": "lark", "grammar": "\n".join(lines) + "\n"}
 
