@@ -114,3 +114,20 @@ def test_bench_statistics():
     assert report["output_throughput"] == pytest.approx(5.0)
     assert report["tpot_ms"]["mean"] == pytest.approx(100.0)
     assert report["itl_ms"]["p99"] == pytest.approx(100.0)
+
+
+def test_internal_errors_are_counted_logged_once_and_openai_shaped(app, caplog):
+    """A bug in a handler: a 500 in OpenAI's shape with no traceback in it, one log record, and the status
+    counted in /metrics like every other response."""
+    async def boom() -> None:
+        raise RuntimeError("secret detail")
+
+    app.add_api_route("/boom", boom)
+    headers = {"Authorization": "Bearer k3y"}
+    with caplog.at_level("ERROR"):
+        r = _call(app, "GET", "/boom", headers=headers)
+    assert r.status_code == 500 and _is_openai_error(r) and "secret" not in r.text
+    assert r.json()["error"]["type"] == "server_error"
+    assert sum("internal error on GET /boom" in rec.getMessage() for rec in caplog.records) == 1
+    metrics = _call(app, "GET", "/metrics", headers=headers).text
+    assert 'qwen_serve_http_responses_total{status="500"} 1.0' in metrics

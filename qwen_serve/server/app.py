@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_serve import __version__
 from qwen_serve.engine.async_engine import AsyncEngine
-from qwen_serve.server.errors import APIError, install_error_handlers
+from qwen_serve.server.errors import APIError, InternalErrorMiddleware, install_error_handlers
 from qwen_serve.server.metrics import ServerMetrics, StatusCounterMiddleware
 from qwen_serve.server.protocol import (
     ChatCompletionRequest,
@@ -197,5 +197,6 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(StatusCounterMiddleware, metrics=metrics)
     return app

@@ -2,7 +2,8 @@
 
 Bad input is always a 4xx: pydantic's validation errors and malformed JSON become 400 with `param`
 naming the field; `ValueError`s raised while turning a request into engine work become 400 too.
-Only a bug reaches the catch-all 500 handler, which logs the traceback and hides it from the client.
+Only a bug reaches the catch-all (`InternalErrorMiddleware`), which logs the traceback once and hides it
+from the client behind a 500 in the same shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("qwen_serve.server")
 
@@ -133,7 +135,32 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "method not allowed on this route"
         return APIError(exc.status_code, message, headers=exc.headers).response()
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal server error", "server_error", None, None), status_code=500)
+
+class InternalErrorMiddleware:
+    """The catch-all for bugs: logs the traceback once and answers a 500 in OpenAI's shape. A plain ASGI
+    middleware inside the status counter, so every 500 is counted: Starlette runs an
+    `exception_handler(Exception)` in its outermost middleware, past all others, and re-raises after
+    answering, so those 500s went uncounted and uvicorn logged each one a second time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # a stream already under way: the server must close the connection
+                raise
+            logger.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            body = error_body("internal server error", "server_error", None, None)
+            await JSONResponse(body, status_code=500)(scope, receive, send)
