@@ -302,9 +302,9 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 class Attention(nn.Module):
     """RoPE on q and k, this step's keys/values into the bound cache, then the backend.
 
-    With fused kernels on a CUDA input, RoPE and the cache write are one kernel (and the cache write
-    alone one more when no RoPE is needed); otherwise the torch code: RoPE in place on the q|k columns
-    with the step's cos/sin looked up once for all layers, and `write_kv_cache`."""
+    With fused kernels on a CUDA input, RoPE and the cache write are one kernel (RoPE alone when no cache
+    is bound); otherwise the torch code: RoPE in place on the q|k columns with the step's cos/sin looked
+    up once for all layers, and `write_kv_cache`."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary: RotaryEmbedding,
                  opts: LayerOptions) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.options import LayerOptions
-from qwen_serve.layers.quantization.base import LinearMethod
+from qwen_serve.layers.quantization.base import LinearMethod, default_weight_loader
 from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 
@@ -59,13 +59,11 @@ class LinearBase(nn.Module):
         same for every shard: the first copy is kept and the others must equal it."""
         output_dim = getattr(param, "output_dim", None)
         if shard is None or output_dim is None:
-            if tuple(loaded.shape) != tuple(param.shape):
-                raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
             if shard is not None and getattr(param, "loaded_once", False):
-                if not torch.equal(param.data.cpu(), loaded.to(param.dtype).cpu()):
+                if tuple(loaded.shape) != tuple(param.shape) or not torch.equal(param.data.cpu(), loaded.to(param.dtype).cpu()):
                     raise ValueError(f"shard {shard!r} differs from the other shards of a tensor they must share")
                 return
-            param.data.copy_(loaded)
+            default_weight_loader(param, loaded)
             param.loaded_once = True
             return
         if shard not in self.shard_offsets:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.options import LayerOptions
-from qwen_serve.layers.quantization.base import LinearMethod
+from qwen_serve.layers.quantization.base import LinearMethod, default_weight_loader
 from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 
@@ -27,10 +27,7 @@ class VocabEmbedding(nn.Module):
         self.quant_method: LinearMethod = quant.embedding_method(prefix) if quant else UnquantizedLinearMethod()
         self.quant_method.create_weights(self, hidden_size, [vocab_size], params_dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
-        if tuple(loaded.shape) != tuple(param.shape):
-            raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
-        param.data.copy_(loaded)
+    weight_loader = staticmethod(default_weight_loader)  # the table is always loaded whole
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] token ids -> [num_tokens, hidden_size]."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qwen_serve.layers.options import LayerOptions
+from qwen_serve.layers.quantization.base import default_weight_loader
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.models.registry import model_class
 
@@ -28,12 +29,6 @@ def build_model(cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str
     with torch.device(device):
         model = model_class(cfg.architecture)(cfg, opts or LayerOptions(), dtype)
     return model.eval()
-
-
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
-    param.data.copy_(loaded)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

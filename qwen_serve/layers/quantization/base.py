@@ -54,6 +54,13 @@ class QuantizationConfig(ABC):
         return UnquantizedLinearMethod()
 
 
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
+    """Copies a whole checkpoint tensor into a parameter of the same shape."""
+    if tuple(loaded.shape) != tuple(param.shape):
+        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
 def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> nn.Parameter:
     for key, value in attrs.items():
         setattr(param, key, value)
