@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -43,6 +44,11 @@ class EngineConfig:
         None, "add YaRN to a model whose config lacks it: 'yarn' (factor 4 over 32768) or a JSON object"
     )
     seed: int = _opt(0, "seed for requests that give none")
+    tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (or CPU processes), one process each")
+    nnodes: int = _opt(1, "hosts the tensor-parallel ranks span (each runs tensor_parallel_size / nnodes of them)")
+    node_rank: int = _opt(0, "this host's index among --nnodes; host 0 serves the API, the others only run ranks")
+    master_addr: str | None = _opt(None, "address where the ranks meet: host 0's (default: $MASTER_ADDR, else 127.0.0.1)")
+    master_port: int | None = _opt(None, "port where the ranks meet (default: $MASTER_PORT, else a free port on one host)")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
@@ -64,6 +70,19 @@ class EngineConfig:
             if self.quantization not in QUANTIZATION_METHODS:
                 raise ValueError(f"--quantization {self.quantization!r} is not supported; supported: "
                                  f"{', '.join(QUANTIZATION_METHODS)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must be at least 1 and divide --tensor-parallel-size "
+                             f"{self.tensor_parallel_size}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not (self.master_addr or os.environ.get("MASTER_ADDR")):
+            raise ValueError("--nnodes > 1 needs --master-addr (or MASTER_ADDR): the address of host 0")
+        if self.nnodes > 1 and not (self.master_port or os.environ.get("MASTER_PORT")):
+            raise ValueError("--nnodes > 1 needs --master-port (or MASTER_PORT), the same on every host")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"--master-port must be in [1, 65535], got {self.master_port}")
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError(f"--overlap-steps must be auto, on or off, got {self.overlap_steps!r}")
         if self.rope_scaling not in (None, "yarn"):

@@ -74,8 +74,8 @@ def main() -> None:
     engine = build_engine(args)
     timers = Timers()
     timers.wrap(engine.scheduler, "schedule", "schedule")
-    timers.wrap(engine.runner, "launch", "launch")
-    timers.wrap(engine.runner.sampler, "collect", "collect: wait + tokens to host")
+    timers.wrap(engine.executor.runner, "launch", "launch")
+    timers.wrap(engine.executor.runner.sampler, "collect", "collect: wait + tokens to host")
     timers.wrap(engine, "_collect", "collect: all")
     lengths = [args.min_len, args.max_len]
     out_lengths = args.output_len or lengths
@@ -97,7 +97,7 @@ def main() -> None:
 
     starts: list[Any] = []  # (CUDA event before the step's forward pass, the step's handle)
     if engine.device.type == "cuda":
-        runner = engine.runner
+        runner = engine.executor.runner
         forward_events: list[Any] = []  # the event of the launch in progress, if it ran a forward pass
         for owner, name in ((runner, "_forward_eager"), (runner.graphs, "run")):
             if owner is not None:

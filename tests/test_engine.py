@@ -343,7 +343,7 @@ def test_every_block_returns_after_finish_abort_and_preemption(tiny):
     assert stats.num_kv_blocks_free == stats.num_kv_blocks_total
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
     engine.step()  # hands the finished ids to the runner
-    assert engine.runner.sampler.generators == {}
+    assert engine.executor.runner.sampler.generators == {}
 
 
 def test_streaming_deltas_add_up(tiny):
@@ -522,7 +522,7 @@ def test_cuda_engine_matches_transformers(tiny, expected, overrides):
 @pytest.mark.gpu
 def test_cuda_kv_cache_sized_by_profiling(tiny):
     engine = _engine(tiny, device="cuda", num_kv_blocks=None, gpu_memory_utilization=0.5)
-    assert engine.runner.num_blocks * 4 >= 128
+    assert engine.executor.runner.num_blocks * 4 >= 128
 
 
 def test_cpu_packed_linears_are_exact(tiny):
@@ -639,7 +639,7 @@ def test_overlapped_steps_survive_aborts(tiny):
 def test_close_frees_weights_and_cache_despite_lingering_references(tiny):
     engine = _engine(tiny)
     _generate(engine, [_prompts()[1]], _greedy(max_tokens=2))
-    model, runner = engine.runner.model, engine.runner  # references that outlive the engine's use
+    model, runner = engine.executor.runner.model, engine.executor.runner  # references that outlive the engine's use
     engine.add_request("left", _prompts()[2], _greedy())
     engine.close()
     assert not engine.has_unfinished_requests()

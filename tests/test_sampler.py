@@ -194,7 +194,7 @@ def test_banned_tokens_are_never_sampled():
 def _step_sampler():
     from qwen_serve.worker.step_sampler import StepSampler
 
-    return StepSampler(torch.device("cpu"), seed=0, eos_token_ids=[3], max_num_seqs=8,
+    return StepSampler(torch.device("cpu"), seed=0, eos_token_ids=[3],
                        to_device=lambda values, dtype: torch.tensor(values, dtype=dtype))
 
 
@@ -204,20 +204,27 @@ def _seqs(*params):
     return [Request(f"r{i}", [1, 2, 3], p, 0.0).sequences[0] for i, p in enumerate(params)]
 
 
+def _rows(*seqs):
+    """The sampling rows the engine would send for these sequences (engine/step_builder.py)."""
+    from qwen_serve.engine.step_builder import _sample_row
+
+    return [_sample_row(s) for s in seqs]
+
+
 def test_step_sampler_reuses_tensors_only_for_the_same_rows_and_static_settings():
     from qwen_serve.engine.sampling_params import SamplingParams
 
     sampler = _step_sampler()
     a, b = _seqs(SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9))
-    first = sampler._sampling_tensors([a, b], V)
-    assert sampler._sampling_tensors([a, b], V) is first  # the same sequences, in order
-    swapped = sampler._sampling_tensors([b, a], V)
+    first = sampler._sampling_tensors(_rows(a, b), V)
+    assert sampler._sampling_tensors(_rows(a, b), V) is first  # the same sequences, in order
+    swapped = sampler._sampling_tensors(_rows(b, a), V)
     assert swapped is not first and swapped.random_rows == [0]
     # Settings that change from step to step are built every step: the ban lifts once min_tokens are out.
     (c,) = _seqs(SamplingParams(temperature=0.0, min_tokens=1))
-    banned = sampler._sampling_tensors([c], V)
+    banned = sampler._sampling_tensors(_rows(c), V)
     assert banned.banned is not None
     c.token_ids.append(7)
-    assert sampler._sampling_tensors([c], V).banned is None
+    assert sampler._sampling_tensors(_rows(c), V).banned is None
     (d,) = _seqs(SamplingParams(temperature=0.0, presence_penalty=0.5))
-    assert sampler._sampling_tensors([d], V) is not sampler._sampling_tensors([d], V)
+    assert sampler._sampling_tensors(_rows(d), V) is not sampler._sampling_tensors(_rows(d), V)

@@ -104,9 +104,9 @@ def test_runner_warm_up_writes_nothing_and_changes_no_output(tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
     before = [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)]
-    cache = engine.runner.kv_cache.clone()
-    engine.runner._warm_up_eager(dense_min_len=64)
-    assert torch.equal(engine.runner.kv_cache, cache)
+    cache = engine.executor.runner.kv_cache.clone()
+    engine.executor.runner._warm_up_eager(dense_min_len=64)
+    assert torch.equal(engine.executor.runner.kv_cache, cache)
     after = [o.outputs[0].token_ids for o in LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)]
     assert after == before
 

@@ -191,7 +191,7 @@ def _load_transformers(engine, args: argparse.Namespace):
         from qwen_serve.loader.resolve import resolve_model
 
         folder = resolve_model(args.model)
-    return load_transformers(engine.model_config, folder, engine.runner.dtype, engine.device)
+    return load_transformers(engine.model_config, folder, engine.dtype, engine.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,7 +224,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             hf_b1.append(_transformers_batch(hf, single_prompt, args.output_len))
     results: dict[str, Any] = {
         "model": args.random_config and f"random:{args.random_config}" or args.model,
-        "dtype": str(engine.runner.dtype).removeprefix("torch."),
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "device": str(engine.device),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

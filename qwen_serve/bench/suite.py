@@ -441,17 +441,24 @@ def _build_engine(session: _Session, config: EngineConfig, model_config: Qwen2Co
         else:
             engine = LLMEngine(config, None, model_config=model_config)
     kv_tokens = engine.stats().num_kv_blocks_total * config.block_size
-    model = engine.runner.model
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     session.results["qwen_serve"][key] = {
         "quantization": config.quantization,
-        "weights_gb": sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9,
+        "weights_gb": _weights_gb(engine),
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens, "build_s": time.perf_counter() - start,
         "kv_cache_tokens": kv_tokens, "contexts_32k": kv_tokens // CONTEXT_32K,
         "triton_compiles": compiles.as_json(),
     }
     return engine
+
+
+def _weights_gb(engine: Any) -> float | None:
+    """The model's bytes in memory, when it lives in this process (not with tensor-parallel workers)."""
+    runner = getattr(engine.executor, "runner", None)
+    if runner is None:
+        return None
+    tensors = {id(t): t for t in (*runner.model.parameters(), *runner.model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 1e9
 
 
 def _warm_up_one(ours: _Ours, vocab: int, prompt_len: int) -> None:
@@ -633,8 +640,9 @@ def _rows(results: dict[str, Any]) -> list[Row]:
     for key in ("engine", "long_engine"):
         if key in ours:
             e = ours[key]
-            rows += [Row(f"weights in memory, {key.replace('_', ' ')}", "GB", e["weights_gb"], None),
-                     Row(f"KV cache, {key.replace('_', ' ')}", "tokens", float(e["kv_cache_tokens"]), None),
+            if e["weights_gb"] is not None:
+                rows.append(Row(f"weights in memory, {key.replace('_', ' ')}", "GB", e["weights_gb"], None))
+            rows += [Row(f"KV cache, {key.replace('_', ' ')}", "tokens", float(e["kv_cache_tokens"]), None),
                      Row(f"32K-token contexts at once, {key.replace('_', ' ')}", "", float(e["contexts_32k"]), None)]
     compiles = [ours[name].get("triton_compiles") for name in SECTIONS if name in ours]
     if compiles and all(c is not None for c in compiles):

@@ -91,6 +91,8 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._stopping = False
         self.load_error: BaseException | None = None
+        # The model's worker processes failed: nothing more can be served (the launcher exits non-zero).
+        self.fatal_error: BaseException | None = None
         self._stats: EngineStats | None = None
         # Request ids the engine holds; touched by the engine thread only (the event loop has its own view).
         self._live: set[str] = set()
@@ -169,6 +171,8 @@ class AsyncEngine:
     def check_capacity(self) -> None:
         """Raises EngineOverloaded when the waiting queue is at its limit (call before doing any work)."""
         if not self.is_ready:
+            if self.fatal_error is not None:
+                raise EngineNotReady(f"the engine stopped: {self.fatal_error}")
             raise EngineNotReady("the model is still loading" if not self._stopping else "the server is shutting down")
         if self.max_waiting is not None and len(self._not_started) >= self.max_waiting:
             raise EngineOverloaded(f"{len(self._not_started)} requests are waiting (limit {self.max_waiting})")
@@ -231,8 +235,13 @@ class AsyncEngine:
             logger.exception("engine loop crashed")
             self._stopping = True
             self._call_soon(self._fail_all, EngineDeadError("the engine loop stopped"))
+        finally:
+            if self.config is not None:  # an engine this object built: stop its worker processes too
+                self._engine.close()
 
     def _loop_forever(self, engine: "LLMEngine") -> None:
+        from qwen_serve.engine.executor import ExecutorDeadError  # the engine module has imported it already
+
         stop = False
         while True:
             idle = not engine.has_unfinished_requests()
@@ -250,6 +259,13 @@ class AsyncEngine:
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
+                except ExecutorDeadError as err:  # the model is gone: refuse everything from now on
+                    logger.error("the model's worker processes failed: %s", err)
+                    self.fatal_error = err
+                    self._stopping = True
+                    self._abort_everything(engine)
+                    self._call_soon(self._fail_all, EngineNotReady(f"the engine stopped: {err}"))
+                    return
                 except Exception as err:  # noqa: BLE001 - one bad step must not take the server down
                     logger.exception("engine step failed; failing the requests in flight")
                     self._abort_everything(engine)

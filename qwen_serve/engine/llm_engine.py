@@ -1,10 +1,11 @@
 """The offline engine: add_request / abort_request / step, driving scheduler -> runner -> outputs.
 
-`step()` = `scheduler.schedule()` -> `runner.launch()` -> collect the sampled tokens, append them,
+`step()` = `scheduler.schedule()` -> `executor.launch()` -> collect the sampled tokens, append them,
 decide stops, free finished sequences -> one `RequestOutput` per request that produced something
 (with deltas for streaming; a request whose params ask for RequestOutputKind.FINAL_ONLY only when it
 finishes). Single-threaded; the async front end (engine/async_engine.py) runs it
-in a thread.
+in a thread. The model lives behind an executor (engine/executor.py): a runner in this process, or
+tensor-parallel worker processes; either way a step crosses to it as plain data (engine/step_builder.py).
 
 Overlapped steps (on with CUDA): a step is collected by the *next* call, after that call has
 scheduled and launched its successor, so the host's scheduling, input preparation and output
@@ -26,13 +27,15 @@ import torch
 
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.block_manager import BlockManager
+from qwen_serve.engine.executor import make_executor
 from qwen_serve.engine.output_processor import OutputProcessor
 from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
-from qwen_serve.engine.scheduler import Scheduler
+from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
+from qwen_serve.engine.step_builder import build_step_input
 from qwen_serve.models.config import Qwen2Config
-from qwen_serve.worker.model_runner import ModelRunner, StepHandle
+from qwen_serve.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +69,20 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, self.device, model_config)
         self.eos_token_ids = _eos_ids(tokenizer, self.generation_config, model_config)
 
-        self.runner = ModelRunner.load(folder, model_config, config, self.device, dtype, self.max_model_len,
-                                       self.eos_token_ids)
-        num_blocks = self.runner.num_blocks
+        self.dtype = dtype
+        spec = WorkerSpec(folder, model_config, config, dtype, self.max_model_len, self.eos_token_ids)
+        self.executor = make_executor(spec, self.device)
+        num_blocks = self.executor.num_blocks
         if num_blocks * config.block_size < self.max_model_len:
             # A lone sequence must always fit, or preemption could not make progress.
+            self.executor.close()
             raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than "
                              f"max_model_len {self.max_model_len}: lower --max-model-len or give the cache more memory")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
-        self._in_flight: StepHandle | None = None  # launched, not yet collected (overlapped steps only)
+        self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._defaults = defaults_from_generation_config(self.generation_config)
@@ -158,7 +163,7 @@ class LLMEngine:
                 request.first_scheduled_time = now
         previous, self._in_flight = self._in_flight, None
         try:
-            handle = self.runner.launch(sched)
+            handle = _Launched(sched, self.executor.launch(build_step_input(sched, self.model_config.vocab_size)))
         except BaseException:
             if previous is not None:
                 self._forget(previous)
@@ -178,17 +183,17 @@ class LLMEngine:
             outputs += self._collect(handle)
         return outputs
 
-    def _collect(self, handle: StepHandle) -> list[RequestOutput]:
+    def _collect(self, handle: "_Launched") -> list[RequestOutput]:
         """Waits for a launched step; appends its tokens, decides stops, frees finished sequences."""
         try:
-            result = self.runner.collect(handle)
+            result = self.executor.collect(handle.ticket)
         finally:
             self._forget(handle)
         now = time.time()
-        self.outputs.add_prompt_logprobs(result.prompt_logprobs)
+        self.outputs.add_prompt_logprobs([(handle.chunk_seq(p.seq_id), p) for p in result.prompt_logprobs])
         touched: dict[str, Request] = {}
-        for s in result.sampled:
-            seq, request = s.seq, s.seq.request
+        for seq, s in zip(handle.seqs, result.sampled, strict=True):  # the step's sampling rows, in order
+            request = seq.request
             if seq.is_finished:  # aborted, or finished by the step before (overlapped): drop it
                 continue
             if request.params.max_tokens != 0:  # 0: only prompt logprobs; the output processor finishes it
@@ -210,7 +215,7 @@ class LLMEngine:
         return outputs
 
     @staticmethod
-    def _forget(handle: StepHandle) -> None:
+    def _forget(handle: "_Launched") -> None:
         """The step's tokens are no longer pending: collected, or lost with a failed step."""
         for seq in handle.seqs:
             seq.num_pending_tokens -= 1
@@ -221,7 +226,7 @@ class LLMEngine:
         for request_id in list(self.requests):
             self.abort_request(request_id)
         self._in_flight = None
-        self.runner.close()
+        self.executor.close()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -234,6 +239,20 @@ class LLMEngine:
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+
+class _Launched:
+    """A step handed to the executor: its ticket there and the sequences behind its rows."""
+
+    __slots__ = ("ticket", "seqs", "_chunks")
+
+    def __init__(self, sched: SchedulerOutput, ticket: Any) -> None:
+        self.ticket = ticket
+        self.seqs = [s for chunk in sched.chunks for s in chunk.sample_seqs]  # the sampling rows, in order
+        self._chunks = sched.chunks
+
+    def chunk_seq(self, seq_id: int) -> Sequence:
+        return next(c.seq for c in self._chunks if c.seq.seq_id == seq_id)
 
 
 def _can_overlap(seqs: list[Sequence]) -> bool:

@@ -16,7 +16,7 @@ from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.stop import StopStringChecker
 
 if TYPE_CHECKING:
-    from qwen_serve.worker.prompt_logprobs import PromptLogprobs
+    from qwen_serve.worker.step_input import PromptLogprobs
 
 
 class SampleState:
@@ -96,16 +96,16 @@ class OutputProcessor:
                 st.finish_reason, st.stop_reason = "stop", st.stop.stop_reason
         return st.finish_reason is not None
 
-    def add_prompt_logprobs(self, chunks: list["PromptLogprobs"]) -> None:
-        """Records one step's prompt-logprob entries. A prompt computed again after preemption
-        brings entries already recorded (the same values): only new positions are kept."""
-        for c in chunks:
-            if c.seq.is_finished:  # aborted while its step was in flight
+    def add_prompt_logprobs(self, chunks: list[tuple[Sequence, "PromptLogprobs"]]) -> None:
+        """Records one step's prompt-logprob entries, each with its sequence. A prompt computed again
+        after preemption brings entries already recorded (the same values): only new positions are kept."""
+        for seq, c in chunks:
+            if seq.is_finished:  # aborted while its step was in flight
                 continue
-            entries = self.prompt_logprobs.setdefault(c.seq.request.request_id, [None])
+            entries = self.prompt_logprobs.setdefault(seq.request.request_id, [None])
             for i, (lp, rank, top) in enumerate(zip(c.logprobs, c.ranks, c.top)):
                 if c.first + i == len(entries):
-                    entries.append(self._position(c.seq.token_ids[c.first + i], lp, rank, top))
+                    entries.append(self._position(seq.token_ids[c.first + i], lp, rank, top))
 
     def drop(self, request: Request) -> None:
         for seq in request.sequences:

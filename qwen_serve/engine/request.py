@@ -105,6 +105,7 @@ class Request:
         self.sequences: list[Sequence] = [Sequence(self, 0, list(prompt_token_ids), len(prompt_token_ids))]
         # One structured-output constraint per sample (set by the engine), handed to samples as they fork.
         self.sample_constraints: list[Any] | None = None
+        self.settings: Any = None  # the params as the workers read them (engine/step_builder.py), made once
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None

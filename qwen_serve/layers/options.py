@@ -1,4 +1,5 @@
-"""What every layer of a model is built with: the quantization config and the fused-kernel choice.
+"""What every layer of a model is built with: the quantization config, the fused-kernel choice and the
+tensor-parallel rank.
 
 The model passes one `LayerOptions` to each layer it builds; a layer decides its kernels from it and
 from its input's device, never from the environment. With `fused_kernels` (the default) CUDA inputs
@@ -11,7 +12,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from dataclasses import field
 from typing import TYPE_CHECKING
+
+from qwen_serve.distributed.parallel import ParallelContext
 
 if TYPE_CHECKING:
     from qwen_serve.layers.quantization.base import QuantizationConfig
@@ -26,6 +30,7 @@ def triton_available() -> bool:
 class LayerOptions:
     quant_config: "QuantizationConfig | None" = None
     fused_kernels: bool = True
+    parallel: ParallelContext = field(default_factory=ParallelContext)  # size 1: the whole model
 
     @property
     def fused(self) -> bool:

@@ -3,7 +3,10 @@
 One module serves both, so a tied model's lm_head is its embedding table (the same module). Its
 parameters come from the quantization config's `embedding_method` (unquantized except in formats
 that store the table quantized, GGUF); the method looks rows up (`embedding`) and projects (`apply`).
-Tensor parallelism will split it by vocabulary rows.
+
+Under tensor parallelism each rank holds ceil(V / N) consecutive rows (the last rank's tail is zero
+padding): a lookup takes the ids in its range and the all-reduce adds the ranks' rows (one rank has
+each id); logits are each rank's columns, gathered side by side and cut back to V.
 """
 
 from __future__ import annotations
@@ -22,18 +25,39 @@ class VocabEmbedding(nn.Module):
         super().__init__()
         self.vocab_size, self.hidden_size, self.prefix = vocab_size, hidden_size, prefix
         self.fused = opts.fused
+        self.parallel = p = opts.parallel
+        self.rows_per_rank = -(-vocab_size // p.size)
+        self.first_row = p.rank * self.rows_per_rank
         self.used_for_lookup = False  # set by the model on its input table: its weight is not repacked
         quant = opts.quant_config
         self.quant_method: LinearMethod = quant.embedding_method(prefix) if quant else UnquantizedLinearMethod()
-        self.quant_method.create_weights(self, hidden_size, [vocab_size], params_dtype)
+        if p.size > 1 and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            raise ValueError(f"{prefix}: a quantized vocabulary table cannot be split by --tensor-parallel-size yet")
+        self.quant_method.create_weights(self, hidden_size, [self.rows_per_rank], params_dtype)
 
-    weight_loader = staticmethod(default_weight_loader)  # the table is always loaded whole
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
+        """The table is loaded whole, or this rank's rows of it (zeros past the vocabulary)."""
+        if self.parallel.size == 1:
+            default_weight_loader(param, loaded)
+            return
+        if tuple(loaded.shape) != (self.vocab_size, self.hidden_size):
+            raise ValueError(f"expected shape {(self.vocab_size, self.hidden_size)}, checkpoint has {tuple(loaded.shape)}")
+        rows = loaded[self.first_row : self.first_row + self.rows_per_rank]
+        param.data.zero_()
+        param.data[: rows.shape[0]].copy_(rows)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] token ids -> [num_tokens, hidden_size]."""
-        return self.quant_method.embedding(self, ids)
+        if self.parallel.size == 1:
+            return self.quant_method.embedding(self, ids)
+        local = ids - self.first_row
+        mine = (local >= 0) & (local < self.rows_per_rank)
+        rows = self.quant_method.embedding(self, torch.where(mine, local, 0))
+        return self.parallel.all_reduce(rows * mine[:, None].to(rows.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] in the compute dtype."""
-        return self.quant_method.apply(self, hidden, None)
-
+        logits = self.quant_method.apply(self, hidden, None)
+        if self.parallel.size == 1:
+            return logits
+        return self.parallel.all_gather(logits)[:, : self.vocab_size]

@@ -34,7 +34,8 @@ class Qwen2Attention(nn.Module):
         d, heads, kv_heads = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.qkv_proj = QKVLinear(cfg.hidden_size, d, heads, kv_heads, True, opts, f"{prefix}.qkv_proj", dtype)
         self.o_proj = RowLinear(heads * d, cfg.hidden_size, False, opts, f"{prefix}.o_proj", dtype)
-        self.attn = Attention(heads, kv_heads, d, d**-0.5, rotary, opts)
+        # This rank's heads (all of them without tensor parallelism).
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, d**-0.5, rotary, opts)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, rows: OutputRows | None = None) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden], or [rows.count, hidden] for the given rows."""

@@ -129,7 +129,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def health() -> Response:
         if engine.is_ready:
             return JSONResponse({"status": "ok"})
-        status = "loading" if engine.is_loading else ("failed" if engine.load_error else "stopping")
+        failed = engine.load_error or engine.fatal_error
+        status = "loading" if engine.is_loading else ("failed" if failed else "stopping")
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     @app.get("/version")

@@ -4,7 +4,8 @@ The HTTP socket opens first and the model loads in the engine thread, so `/healt
 while loading. Once loaded, one line on stdout gives the URL of the API and of the chat page.
 SIGTERM or Ctrl-C: uvicorn stops accepting, waits for in-flight requests to finish, then the
 engine thread stops and the process exits 0 (uvicorn would re-raise the signal; we do not).
-A second Ctrl-C forces the exit.
+A second Ctrl-C forces the exit. With `--nnodes` > 1, hosts other than 0 (`--node-rank`) only run
+their tensor-parallel ranks, which host 0's engine drives.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"qwen-serve: {err}", file=sys.stderr)
         return 2
+    if config.node_rank > 0:  # another host of a multi-host group: its ranks only; host 0 serves the API
+        from qwen_serve.engine.executor import run_node_workers
+
+        print(f"qwen-serve: host {config.node_rank} of {config.nnodes}: running its tensor-parallel ranks",
+              file=sys.stderr, flush=True)
+        return run_node_workers(config)
     app = build_app(engine, settings)
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
@@ -90,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as err:  # e.g. the port is taken
         print(f"qwen-serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
-    if engine.load_error is not None:
+    if engine.load_error is not None or engine.fatal_error is not None:
         return 1
     return 0 if server.started else 1
 
@@ -142,3 +149,8 @@ class _Server(uvicorn.Server):
         base = f"http://{_url_host(str(host))}:{port}"
         page = f", chat page at {base}/" if self.has_page else ""
         print(f"qwen-serve ready in {time.monotonic() - start:.1f} s: API at {base}/v1{page}", flush=True)
+        while not self.should_exit:  # a failure that ends serving (worker processes gone) ends the process
+            await asyncio.sleep(0.5)
+            if engine.fatal_error is not None:
+                print(f"qwen-serve: stopping: {engine.fatal_error}", file=sys.stderr, flush=True)
+                self.should_exit = True

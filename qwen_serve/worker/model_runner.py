@@ -1,6 +1,6 @@
 """The only owner of device memory: model weights, the KV cache, per-step input tensors, sampling.
 
-`launch(SchedulerOutput) -> StepHandle` queues one step: block copies (copy-on-write of forked
+`launch(StepInput) -> StepHandle` queues one step: block copies (copy-on-write of forked
 samples), one forward pass over the flat batch of every scheduled chunk (whose last layer computes only
 the rows that sample, unless prompt logprobs need them all), logits only for those rows, batched
 sampling, and a single device->host copy of the results; `collect(handle)` waits for that copy and
@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,27 +31,20 @@ import numpy as np
 import torch
 
 from qwen_serve.config import EngineConfig
-from qwen_serve.engine.request import Sequence
-from qwen_serve.engine.scheduler import SchedulerOutput
+from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import Qwen2Config
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
-from qwen_serve.worker.prompt_logprobs import (PendingPromptLogprobs, PromptLogprobs, launch_prompt_logprobs,
-                                                wants_prompt_logprobs)
-from qwen_serve.worker.step_sampler import PendingSample, SampledToken, StepSampler
+from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, wants_prompt_logprobs
+from qwen_serve.worker.step_input import RunnerOutput, SampleRow, StepInput
+from qwen_serve.worker.step_sampler import PendingSample, StepSampler
 from qwen_serve.worker.warm_up import eager_warm_up_steps
 
 if TYPE_CHECKING:
     from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RunnerOutput:
-    sampled: list[SampledToken]
-    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)  # prompt chunks that asked for them
 
 
 @dataclass(slots=True)
@@ -62,10 +55,6 @@ class StepHandle:
     sample: PendingSample | None
     prompt_logprobs: PendingPromptLogprobs | None = None
 
-    @property
-    def seqs(self) -> list[Sequence]:
-        """The sequences that sample a token in this step."""
-        return self.sample.seqs if self.sample is not None else []
 
 
 # The largest head size whose float32 prefill tiles fit the paged-attention kernel's shared memory: at 128 the
@@ -84,8 +73,13 @@ def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int, 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: Qwen2Config, config: EngineConfig,
-                 device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> None:
+                 device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
+                 parallel: ParallelContext | None = None) -> None:
         self.model = model
+        self.parallel = parallel or ParallelContext()
+        # This rank's attention heads: all of them without tensor parallelism.
+        self.num_heads = model_config.num_attention_heads // self.parallel.size
+        self.num_kv_heads = kv_head_range(model_config.num_key_value_heads, self.parallel.size, self.parallel.rank)[1]
         self.fused_kernels = config.fused_kernels and triton_available()
         self.cfg = model_config
         self.config = config
@@ -93,18 +87,18 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.sampler = StepSampler(device, config.seed, eos_token_ids, config.max_num_seqs, self._to_device)
+        self.sampler = StepSampler(device, config.seed, eos_token_ids, self._to_device)
         # The last launch's sampled tokens on the device, and each sampling sequence's row in them.
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=device)
         self._last_rows: dict[int, int] = {}
         self.num_blocks = self._num_kv_blocks()
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
-                                    model_config.num_key_value_heads, model_config.head_dim, dtype=dtype, device=device)
+                                    self.num_kv_heads, model_config.head_dim, dtype=dtype, device=device)
         backend = self._attention_backend()
         bind_kv_cache(model, self.kv_cache, backend)
         if backend is not None:
-            backend.warm_up(model_config.num_attention_heads, model_config.num_key_value_heads, model_config.head_dim,
+            backend.warm_up(self.num_heads, self.num_kv_heads, model_config.head_dim,
                             dtype, device)
             self._warm_up_eager(backend.dense_prefill_min_len)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB)", self.num_blocks, self.block_size,
@@ -113,16 +107,18 @@ class ModelRunner:
 
     @classmethod
     def load(cls, folder: Path | None, model_config: Qwen2Config, config: EngineConfig, device: torch.device,
-             dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int]) -> "ModelRunner":
-        """Loads the folder's weights, or random ones (benchmarks of a shape) when `folder` is None. The
-        quantization method (`--quantization`, or the checkpoint's) is read and checked before any weight."""
+             dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
+             parallel: ParallelContext | None = None) -> "ModelRunner":
+        """Loads the folder's weights (this rank's slice of them under tensor parallelism), or random ones
+        (benchmarks of a shape) when `folder` is None. The quantization method (`--quantization`, or the
+        checkpoint's) is read and checked before any weight."""
         from qwen_serve.layers.quantization import quantization_config, release_config
 
         raw = model_config.raw
         if folder is None and config.quantization:  # random weights: the layout of Qwen's own releases
             raw = {**raw, "quantization_config": release_config(config.quantization)}
         quant = quantization_config(config.quantization, raw, f"{folder or 'the model'}/config.json")
-        opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels)
+        opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels, parallel=parallel or ParallelContext())
         check_kernel_dtype(device, dtype, model_config.head_dim, opts)
         if folder is None:
             from qwen_serve.loader.weights import build_model, random_weights
@@ -137,7 +133,7 @@ class ModelRunner:
             from qwen_serve.kernels.cpu_linear import pack_linears
 
             pack_linears(model)
-        return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids)
+        return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids, parallel)
 
     def _attention_backend(self):
         """The Triton paged-attention kernels on CUDA (with fused kernels on); else the torch reference.
@@ -199,7 +195,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         c = self.cfg
-        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * self.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -239,36 +235,35 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> StepHandle:
+    def launch(self, step: StepInput) -> StepHandle:
         """Queues one step on the device and returns without waiting for it. A sequence one token
         ahead of its token_ids (num_pending_tokens) reads that token from the previous launch's
         samples on the device, so a step can be launched before the previous one is collected."""
-        self.sampler.forget(sched.finished_seq_ids)
-        if sched.block_copies:
-            src = self._to_device([s for s, _ in sched.block_copies], torch.long)
-            dst = self._to_device([d for _, d in sched.block_copies], torch.long)
+        self.sampler.forget(step.finished_seq_ids)
+        if step.block_copies:
+            src = self._to_device([s for s, _ in step.block_copies], torch.long)
+            dst = self._to_device([d for _, d in step.block_copies], torch.long)
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
-        if not sched.chunks:
+        if not step.chunks:
             return StepHandle(None)
 
         ids, positions, slots, query_start, seq_lens, tables = [], [], [], [0], [], []
         pending_at: list[int] = []  # flat input positions whose token is still on the device
         pending_from: list[int] = []  # ... and its row in the previous launch's samples
         sample_rows: list[int] = []  # hidden-state row each sampling sequence reads
-        sample_seqs: list[Sequence] = []
+        samples: list[SampleRow] = []
         out_chunks: list[int] = []  # the chunks that sample, in order
         sample_outs: list[int] = []  # each sampling sequence's index in out_chunks
         bs = self.block_size
-        for chunk in sched.chunks:
-            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            known = seq.token_ids[start : start + n]
-            ids.extend(known)
-            if len(known) < n:  # the last input is the token this sequence sampled last step
+        for chunk in step.chunks:
+            start, n = chunk.start, chunk.num_tokens
+            ids.extend(chunk.token_ids)
+            if len(chunk.token_ids) < n:  # the last input is the token this sequence sampled last step
                 pending_at.append(len(ids))
-                pending_from.append(self._last_rows[seq.seq_id])
+                pending_from.append(self._last_rows[chunk.seq_id])
                 ids.append(0)
             positions.extend(range(start, start + n))
-            table = seq.block_ids
+            table = chunk.block_ids
             if n == 1:
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -276,18 +271,18 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
-            if chunk.sample_seqs:
+            if chunk.samples:
                 out_chunks.append(len(tables) - 1)
-            for s in chunk.sample_seqs:
+            for s in chunk.samples:
                 sample_rows.append(query_start[-1] - 1)
                 sample_outs.append(len(out_chunks) - 1)
-                sample_seqs.append(s)
+                samples.append(s)
         input_ids = self._input_ids(ids, pending_at, pending_from)
 
         width = max(len(t) for t in tables)
         padded_tables = block_table_array(tables, width)
         greedy = None  # each sampling row's argmax, when the decode graph computed it
-        if self.graphs is not None and len(ids) == len(sched.chunks) and self.graphs.fits(len(ids), width):
+        if self.graphs is not None and len(ids) == len(step.chunks) and self.graphs.fits(len(ids), width):
             # Decode only (one token per sequence, so no prompt logprobs): replay the captured graph,
             # which also computes every row's logits and argmax.
             logits, greedy = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)
@@ -297,18 +292,18 @@ class ModelRunner:
         else:
             # Unless prompt logprobs need every row, the model returns only the rows that sample
             # (the last layer skips the others), one per chunk in out_chunks.
-            only_outputs = len(out_chunks) < len(ids) and not wants_prompt_logprobs(sched.chunks)
+            only_outputs = len(out_chunks) < len(ids) and not wants_prompt_logprobs(step.chunks)
             hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
-                                         max(c.num_tokens for c in sched.chunks), out_chunks if only_outputs else None)
-            prompt_logprobs = launch_prompt_logprobs(self.model, hidden, sched.chunks, query_start, self._to_device)
+                                         max(c.num_tokens for c in step.chunks), out_chunks if only_outputs else None)
+            prompt_logprobs = launch_prompt_logprobs(self.model, hidden, step.chunks, query_start, self._to_device)
             # Logits only for the rows that sample: [num_samples, vocab] float32.
             rows = sample_outs if only_outputs else sample_rows
-            logits = self.model.compute_logits(hidden[self._to_device(rows, torch.long)]) if sample_seqs else None
-        if not sample_seqs:
+            logits = self.model.compute_logits(hidden[self._to_device(rows, torch.long)]) if samples else None
+        if not samples:
             return StepHandle(None, prompt_logprobs)
-        pending = self.sampler.launch(logits, sample_seqs, greedy)
+        pending = self.sampler.launch(logits, samples, greedy, step.grammar_bitmask)
         self._last_tokens = pending.token_ids
-        self._last_rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
+        self._last_rows = {s.seq_id: i for i, s in enumerate(samples)}
         return StepHandle(pending, prompt_logprobs)
 
     def collect(self, handle: StepHandle) -> RunnerOutput:

@@ -17,35 +17,14 @@ from typing import Callable
 
 import torch
 
-from qwen_serve.engine.request import Sequence
-from qwen_serve.engine.scheduler import ScheduledChunk
+from qwen_serve.worker.step_input import ChunkInput, PromptLogprobs
 
 ROWS_PER_SLICE = 512
 
 
-@dataclass(slots=True)
-class PromptLogprobs:
-    """One chunk's entries: entry i is for prompt token `first + i` (predicted by the row before it)."""
-
-    seq: Sequence
-    first: int
-    logprobs: list[float]  # of the prompt token
-    ranks: list[int]  # of the prompt token, 1 = most likely
-    top: list[list[tuple[int, float]]]  # the top-k alternatives (token id, logprob), best first
-
-
-def _prompt_rows(chunk: ScheduledChunk) -> int:
-    """How many of the chunk's rows predict a prompt token (0 when its request did not ask)."""
-    seq = chunk.seq
-    # Forked samples share the first sample's prompt, whose entries are already recorded.
-    if seq.request.params.prompt_logprobs is None or seq.sample_index != 0:
-        return 0
-    return max(0, min(chunk.start + chunk.num_tokens, seq.num_prompt_tokens - 1) - chunk.start)
-
-
-def wants_prompt_logprobs(chunks: list[ScheduledChunk]) -> bool:
+def wants_prompt_logprobs(chunks: list[ChunkInput]) -> bool:
     """Whether any chunk of the step needs its rows' logits for prompt logprobs."""
-    return any(_prompt_rows(c) > 0 for c in chunks)
+    return any(c.prompt_rows > 0 for c in chunks)
 
 
 @dataclass(slots=True)
@@ -53,7 +32,7 @@ class PendingPromptLogprobs:
     """One step's prompt logprobs, queued on the device: `host` fills once `ready` (a CUDA event; None
     on the CPU) has passed, so launching the step never waits for them."""
 
-    wanted: list[tuple[int, ScheduledChunk, int]]  # (chunk index, chunk, rows that predict a prompt token)
+    wanted: list[tuple[int, ChunkInput]]  # (chunk index, chunk) of the chunks that asked
     k: int  # top alternatives per row: the most any of the step's requests asked for
     host: torch.Tensor  # float64: logprobs [R], ranks [R], top ids [R * k], top logprobs [R * k]
     ready: torch.cuda.Event | None
@@ -65,7 +44,7 @@ class PendingPromptLogprobs:
         return _entries(self.wanted, self.host.tolist(), self.k)
 
 
-def launch_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks: list[ScheduledChunk],
+def launch_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks: list[ChunkInput],
                            query_start: list[int], to_device: Callable[[list, torch.dtype], torch.Tensor]
                            ) -> PendingPromptLogprobs | None:
     """Queues the entries of every chunk whose request asked for prompt logprobs (None: no chunk did).
@@ -73,15 +52,15 @@ def launch_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks:
     hidden: [num_tokens, hidden_size], chunk i owning rows query_start[i]:query_start[i + 1];
     to_device: host list -> device tensor without waiting for the GPU (the runner's).
     """
-    wanted = [(i, c, n) for i, c in enumerate(chunks) if (n := _prompt_rows(c)) > 0]
+    wanted = [(i, c) for i, c in enumerate(chunks) if c.prompt_rows > 0]
     if not wanted:
         return None
     rows: list[int] = []
     targets: list[int] = []
-    for i, c, n in wanted:
-        rows.extend(range(query_start[i], query_start[i] + n))
-        targets.extend(c.seq.token_ids[c.start + 1 : c.start + 1 + n])
-    k = max(c.seq.request.params.prompt_logprobs for _, c, _ in wanted)
+    for i, c in wanted:
+        rows.extend(range(query_start[i], query_start[i] + c.prompt_rows))
+        targets.extend(c.prompt_targets)
+    k = max(c.prompt_top_k for _, c in wanted)
     rows_t = to_device(rows, torch.long)  # [R]
     targets_t = to_device(targets, torch.long)[:, None]  # [R, 1]
     token_lp, ranks, top_lp, top_ids = [], [], [], []
@@ -108,15 +87,15 @@ def launch_prompt_logprobs(model: torch.nn.Module, hidden: torch.Tensor, chunks:
     return PendingPromptLogprobs(wanted, k, host, ready)
 
 
-def _entries(wanted: list[tuple[int, ScheduledChunk, int]], host: list[float], k: int) -> list[PromptLogprobs]:
-    total = sum(n for _, _, n in wanted)
+def _entries(wanted: list[tuple[int, ChunkInput]], host: list[float], k: int) -> list[PromptLogprobs]:
+    total = sum(c.prompt_rows for _, c in wanted)
     lps, rks = host[:total], host[total : 2 * total]
     ids, tops = host[2 * total : 2 * total + total * k], host[2 * total + total * k :]
     out = []
     row = 0
-    for _, c, n in wanted:
-        want = c.seq.request.params.prompt_logprobs
+    for _, c in wanted:
+        n, want = c.prompt_rows, c.prompt_top_k
         top = [[(int(ids[(row + j) * k + r]), tops[(row + j) * k + r]) for r in range(want)] for j in range(n)]
-        out.append(PromptLogprobs(c.seq, c.start + 1, lps[row : row + n], [int(x) for x in rks[row : row + n]], top))
+        out.append(PromptLogprobs(c.seq_id, c.start + 1, lps[row : row + n], [int(x) for x in rks[row : row + n]], top))
         row += n
     return out

@@ -51,7 +51,7 @@ def test_buckets():
 @pytest.mark.parametrize("max_num_seqs", [16, 6])
 def test_graphs_match_eager(tiny, monkeypatch, max_num_seqs):
     eager_engine, eager = _generate(tiny, max_num_seqs=max_num_seqs, enforce_eager=True)
-    assert eager_engine.runner.graphs is None
+    assert eager_engine.executor.runner.graphs is None
 
     sizes: list[int] = []
     run = DecodeGraphs.run
@@ -62,7 +62,7 @@ def test_graphs_match_eager(tiny, monkeypatch, max_num_seqs):
 
     monkeypatch.setattr(DecodeGraphs, "run", counting_run)
     engine, graphed = _generate(tiny, max_num_seqs=max_num_seqs)
-    assert sorted(engine.runner.graphs.graphs) == batch_buckets(max_num_seqs)
+    assert sorted(engine.executor.runner.graphs.graphs) == batch_buckets(max_num_seqs)
     assert graphed == eager
     # Replays covered several batch sizes, some of them padded up to a larger bucket.
     assert len(set(sizes)) >= 3 and set(sizes) - set(batch_buckets(max_num_seqs))

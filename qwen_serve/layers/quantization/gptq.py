@@ -14,6 +14,7 @@ the inputs of an act-order checkpoint sorted by group (x is permuted alike at ru
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,7 @@ class GPTQLinearMethod(PackedIntMethod):
                                   output_dim=1)
         layer.qzeros = new_param((groups, out // p), torch.int32, load, input_dim=0, output_dim=1, packed_dim=1, pack_factor=p)
         layer.scales = new_param((groups, out), torch.float16, load, input_dim=0, output_dim=1)
-        layer.g_idx = new_param((in_features,), torch.int32, load, input_dim=0)
+        layer.g_idx = new_param((in_features,), torch.int32, functools.partial(_load_g_idx, layer, groups), input_dim=0)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         c = self.config
@@ -108,7 +109,9 @@ class GPTQLinearMethod(PackedIntMethod):
         size = k // groups
         g_idx = layer.g_idx.data.long()
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-            raise ValueError(f"{layer.prefix}.g_idx: group indices outside [0, {groups})")
+            split = " (this rank's inputs under tensor parallelism: act-order checkpoints whose groups mix inputs " \
+                "of several ranks cannot be split)" if getattr(layer, "splits_inputs", False) else ""
+            raise ValueError(f"{layer.prefix}.g_idx: group indices outside [0, {groups}){split}")
         counts = torch.bincount(g_idx, minlength=groups)
         if bool((counts != size).any()):
             raise ValueError(f"{layer.prefix}.g_idx: every group must hold {size} inputs")
@@ -119,3 +122,10 @@ class GPTQLinearMethod(PackedIntMethod):
             codes = codes[:, perm]
         zeros = (unpack(layer.qzeros.data, c.bits, dim=1) + c.zero_offset).t()  # [N, groups]
         repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm, cpu_dtype=layer.params_dtype)
+
+
+def _load_g_idx(layer: nn.Module, groups: int, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:
+    """g_idx through the layer's loader; a rank holding a slice of the inputs numbers its groups from 0."""
+    layer.weight_loader(param, loaded, shard)
+    if getattr(layer, "splits_inputs", False):
+        param.data -= layer.parallel.rank * groups
