@@ -178,7 +178,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, str(err), param="messages") from None
         else:
             text = req.prompt or ""
-        ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
+        # Counting may go past the context (to tell how much to cut), up to 16 contexts, which caps the work.
+        ids = await base.encode(text, "messages" if req.messages is not None else "prompt",
+                                limit=16 * engine.max_model_len, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     @app.post("/detokenize")

@@ -144,11 +144,23 @@ class Serving:
 
     # ------------------------------------------------------------ prompts and params
 
-    async def encode(self, text: str) -> list[int]:
+    async def encode(self, text: str, param: str, limit: int | None = None, **kw: Any) -> list[int]:
+        """Token ids of a prompt, off the event loop when long (the tokenizer then releases the GIL). A text
+        too long to fit `limit` tokens (default: the context) whatever it says is refused before tokenizing;
+        text that is not valid Unicode is a 400 naming `param`."""
         tok = self.tokenizer
-        if len(text) > _THREAD_TOKENIZE_CHARS:
-            return await asyncio.to_thread(tok.encode, text)
-        return tok.encode(text)
+        limit = self.engine.max_model_len if limit is None else limit
+        field = param.split(".")[0]  # prompt.1 (the second of several prompts) is the field prompt
+        if len(text) > tok.max_chars(limit):
+            raise APIError(400, f"{param}: {len(text):,} characters cannot fit in {limit:,} tokens (this model's "
+                           f"tokens stand for at most {tok.max_token_chars} characters each)", param=field,
+                           code="context_length_exceeded")
+        try:
+            if len(text) > _THREAD_TOKENIZE_CHARS:
+                return await asyncio.to_thread(tok.encode, text, **kw)
+            return tok.encode(text, **kw)
+        except ValueError as err:
+            raise APIError.bad_request(f"{param}: {err}", field) from None
 
     def defaults(self) -> dict[str, Any]:
         """SamplingParams defaults by --generation-config (computed once the model is loaded)."""

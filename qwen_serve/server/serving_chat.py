@@ -196,7 +196,7 @@ class ChatServing(Serving):
             prompt_text = render_prompt(self.tokenizer, req)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        prompt_ids = await self.encode(prompt_text)
+        prompt_ids = await self.encode(prompt_text, "messages")
         limit = req.output_limit if req.output_limit is not None else self.max_tokens_default()
         max_tokens = self.check_context(len(prompt_ids), limit)
         top_k = req.top_logprobs or 0

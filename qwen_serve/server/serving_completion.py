@@ -172,7 +172,7 @@ class CompletionServing(Serving):
         if isinstance(p, str):
             if not p:
                 raise APIError.bad_request(f"{param}: must not be empty", "prompt")
-            return _Prompt(await self.encode(p), p)
+            return _Prompt(await self.encode(p, param), p)
         if not p:
             raise APIError.bad_request(f"{param}: must not be empty", "prompt")
         self.check_token_ids(p, "prompt")

@@ -28,8 +28,10 @@ STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # A 20 MB PDF can hold far more text than any context; cap what goes back to the browser.
 MAX_EXTRACTED_CHARS = 2_000_000
-# A DOCX is a zip: refuse one that would unpack to more than this (a zip bomb) before parsing it.
+# A DOCX is a zip: refuse one that would unpack to more than this (a zip bomb) before parsing it, and one
+# whose XML parts (the text; images are stored beside them) would: 32 MB of XML is ~10,000 pages.
 MAX_DOCX_UNPACKED_BYTES = 256 * 1024 * 1024
+MAX_DOCX_XML_BYTES = 32 * 1024 * 1024
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -85,29 +87,45 @@ def _extract_pdf(data: bytes) -> str:
     return "\n\n".join(p.strip() for p in pages if p.strip())
 
 
-def _extract_docx(data: bytes) -> str:
-    import docx
-    from docx.opc.exceptions import PackageNotFoundError
-
+def _check_docx_package(data: bytes) -> None:
+    """Refuses, before python-docx parses anything, a zip that is not an Office document, unpacks too far,
+    or carries a DTD. Word never writes a DTD; one in an upload can only be there to define entities
+    (billion laughs, external files), so it is refused rather than trusted to the XML parser's settings."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            unpacked = sum(info.file_size for info in z.infolist())
-        if unpacked > MAX_DOCX_UNPACKED_BYTES:
-            raise DocumentError(
-                f"the DOCX unpacks to {unpacked / 2**20:.0f} MB, over the "
-                f"{MAX_DOCX_UNPACKED_BYTES / 2**20:.0f} MB limit",
-                413,
-                "file_too_large",
-            )
-        document = docx.Document(io.BytesIO(data))
-    except DocumentError:
-        raise
-    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
+            infos = z.infolist()
+            names = {info.filename for info in infos}
+            if "[Content_Types].xml" not in names or "word/document.xml" not in names:
+                raise DocumentError("the DOCX could not be read: it is a zip without [Content_Types].xml and "
+                                    "word/document.xml, not a Word document", 422, "unreadable_file")
+            unpacked = sum(info.file_size for info in infos)
+            xml_parts = [info for info in infos if info.filename.endswith((".xml", ".rels"))]
+            xml_bytes = sum(info.file_size for info in xml_parts)
+            if unpacked > MAX_DOCX_UNPACKED_BYTES or xml_bytes > MAX_DOCX_XML_BYTES:
+                raise DocumentError(
+                    f"the DOCX unpacks to {unpacked / 2**20:.0f} MB ({xml_bytes / 2**20:.0f} MB of it text), over the "
+                    f"{MAX_DOCX_UNPACKED_BYTES / 2**20:.0f} MB limit ({MAX_DOCX_XML_BYTES / 2**20:.0f} MB of text)",
+                    413, "file_too_large")
+            for info in xml_parts:  # each read stops at its declared size: the sums above bound the work
+                if b"<!DOCTYPE" in z.read(info).upper():
+                    raise DocumentError(f"the DOCX could not be read: {info.filename} declares a DTD, which Word "
+                                        "documents never do (entity definitions are refused)", 422, "unreadable_file")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as e:
         raise DocumentError(f"the DOCX could not be read: {e}", 422, "unreadable_file") from e
-    parts = [p.text for p in document.paragraphs if p.text.strip()]
-    for table in document.tables:
-        for row in table.rows:
-            parts.append(" | ".join(cell.text.strip() for cell in row.cells))
+
+
+def _extract_docx(data: bytes) -> str:
+    import docx
+
+    _check_docx_package(data)
+    try:
+        document = docx.Document(io.BytesIO(data))
+        parts = [p.text for p in document.paragraphs if p.text.strip()]
+        for table in document.tables:
+            for row in table.rows:
+                parts.append(" | ".join(cell.text.strip() for cell in row.cells))
+    except Exception as e:  # noqa: BLE001 - python-docx parsing an upload: any failure means an unreadable file
+        raise DocumentError(f"the DOCX could not be read: {type(e).__name__}: {e}", 422, "unreadable_file") from e
     return "\n".join(parts)
 
 

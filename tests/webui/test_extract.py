@@ -95,6 +95,70 @@ def test_docx_that_unpacks_too_large(client: TestClient, monkeypatch: pytest.Mon
     assert_error(upload(client, "bomb.docx", make_docx(["tiny"])), 413, "file_too_large", "unpacks to")
 
 
+def _rezip(data: bytes, replace: dict[str, bytes | None]) -> bytes:
+    """The DOCX `data` with parts replaced (None: removed)."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename in replace:
+                continue
+            dst.writestr(info, src.read(info))
+        for name, body in replace.items():
+            if body is not None:
+                dst.writestr(name, body)
+    return out.getvalue()
+
+
+LAUGHS = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;'
+          b'&lol;&lol;&lol;&lol;&lol;"><!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>'
+          b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r>'
+          b'<w:t>&lol3;</w:t></w:r></w:p></w:body></w:document>')
+EXTERNAL = (b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r>'
+            b'<w:t>&x;</w:t></w:r></w:p></w:body></w:document>')
+
+
+@pytest.mark.parametrize(("replace", "status", "code", "words"), [
+    ({"[Content_Types].xml": None}, 422, "unreadable_file", "not a Word document"),
+    ({"word/document.xml": LAUGHS}, 422, "unreadable_file", "declares a DTD"),
+    ({"word/document.xml": EXTERNAL}, 422, "unreadable_file", "declares a DTD"),
+    ({"word/document.xml": b"<w:document><unclosed>"}, 422, "unreadable_file", "could not be read"),
+    ({"word/document.xml": b"<?xml version='1.0'?><w:document xmlns:w='x'/>"}, 422, "unreadable_file",
+     "could not be read"),
+])
+def test_hostile_docx_is_a_4xx_naming_the_problem(client: TestClient, replace, status, code, words) -> None:
+    assert_error(upload(client, "evil.docx", _rezip(make_docx(["hello"]), replace)), status, code, words)
+
+
+def test_docx_whose_text_unpacks_too_far(client: TestClient) -> None:
+    """200 MB of text compresses to a few hundred KB: refused by the declared sizes, before any parsing."""
+    import io
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(make_docx(["x"]))) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if info.filename != "word/document.xml":
+                dst.writestr(info, src.read(info))
+        with dst.open("word/document.xml", "w") as f:
+            block = b"<w:p><w:r><w:t>" + b"a" * 1_000_000 + b"</w:t></w:r></w:p>"
+            for _ in range(200):
+                f.write(block)
+    data = out.getvalue()
+    assert len(data) < LIMIT * 16
+    client_big = TestClient(_app(len(data) + 1))
+    assert_error(upload(client_big, "bomb.docx", data), 413, "file_too_large", "of text")
+
+
+def _app(limit: int) -> FastAPI:
+    app = FastAPI()
+    mount_webui(app, max_upload_bytes=limit)
+    return app
+
+
 def test_oversized_by_declared_length(client: TestClient) -> None:
     r = client.post(
         "/v1/documents/extract",

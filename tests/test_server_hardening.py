@@ -1,0 +1,91 @@
+"""What an attacker or a careless client sends, against a real server: nothing stalls it, nothing is a 500.
+
+One server on the tiny chat model with a 32 MiB body limit (so megabyte prompts reach the handlers) and a
+4,096-token context.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from server_process import ServerProcess
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    proc = ServerProcess(tiny_chat_checkpoint, tmp_path_factory.mktemp("hardening") / "server.log",
+                         "--served-model-name", MODEL, "--num-kv-blocks", "1024", "--max-model-len", "4096",
+                         "--max-request-body-mb", "32")
+    yield proc
+    assert proc.stop() == 0, proc.output()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess):
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        yield c
+
+
+def _post(http: httpx.Client, path: str, body: dict) -> httpx.Response:
+    # json.dumps escapes a lone surrogate as \ud800, which is how it arrives over the wire.
+    return http.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
+def _chat(content: str, **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _chat("hi \ud800 there"), "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a\udfffb", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "x\ud800"], "max_tokens": 2}, "prompt"),
+    ("/tokenize", {"model": MODEL, "prompt": "\ud83d"}, "prompt"),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "\udc00"}]}, "messages"),
+    ("/v1/chat/completions", _chat("hi", tools=[{"type": "function", "function": {
+        "name": "get\ud800", "parameters": {"type": "object", "properties": {}}}}]), "messages"),
+])
+def test_lone_surrogates_are_400_naming_them(http, path, body, param):
+    r = _post(http, path, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "lone surrogate" in error["message"] and error["param"] == param
+
+
+def test_huge_prompts_are_refused_without_stalling_anyone(http):
+    """20 MB is refused before tokenizing (no 4,096-token prompt is that long); 900 KB is tokenized on a
+    thread that releases the GIL, then refused for its length. Meanwhile /health and a small chat answer."""
+    results: dict[str, httpx.Response] = {}
+
+    def big(name: str, chars: int) -> None:
+        with httpx.Client(base_url=http.base_url, timeout=120) as c:
+            results[name] = c.post("/v1/chat/completions", json=_chat("word " * (chars // 5)))
+
+    threads = [threading.Thread(target=big, args=(f"big{i}", n)) for i, n in
+               enumerate([20_000_000, 900_000, 20_000_000, 900_000])]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    worst_health = 0.0
+    while any(t.is_alive() for t in threads):
+        t0 = time.monotonic()
+        assert http.get("/health").status_code == 200
+        worst_health = max(worst_health, time.monotonic() - t0)
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    small = http.post("/v1/chat/completions", json=_chat("hello"))
+    small_s = time.monotonic() - t0
+    for t in threads:
+        t.join()
+    for name, r in results.items():
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", (name, r.text[:300])
+    assert small.status_code == 200
+    # Before: a 20 MB message held /health for 34 s. The bounds leave room for a loaded 2-core CI machine.
+    assert worst_health < 2.0, worst_health
+    assert small_s < 5.0 and time.monotonic() - start < 60
