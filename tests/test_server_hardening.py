@@ -22,7 +22,7 @@ MODEL = "tiny"
 def server(tiny_chat_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     proc = ServerProcess(tiny_chat_checkpoint, tmp_path_factory.mktemp("hardening") / "server.log",
                          "--served-model-name", MODEL, "--num-kv-blocks", "1024", "--max-model-len", "4096",
-                         "--max-request-body-mb", "32")
+                         "--max-request-body-mb", "32", "--max-waiting", "64")
     yield proc
     assert proc.stop() == 0, proc.output()[-3000:]
 
@@ -89,3 +89,15 @@ def test_huge_prompts_are_refused_without_stalling_anyone(http):
     # Before: a 20 MB message held /health for 34 s. The bounds leave room for a loaded 2-core CI machine.
     assert worst_health < 2.0, worst_health
     assert small_s < 5.0 and time.monotonic() - start < 60
+
+
+def test_prompts_per_request_are_limited_and_a_batch_is_admitted_whole(http):
+    r = _post(http, "/v1/completions", {"model": MODEL, "prompt": ["hi"] * 5000, "max_tokens": 1})
+    assert r.status_code == 400 and "--max-prompts-per-request" in r.json()["error"]["message"]
+    # 100 prompts fit the per-request limit (256) but not the waiting queue (64): refused whole, with a
+    # Retry-After, instead of admitting 64 and aborting them; the next request is served.
+    r = _post(http, "/v1/completions", {"model": MODEL, "prompt": ["hi"] * 100, "max_tokens": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded" and "Retry-After" in r.headers
+    assert "would add 100" in r.json()["error"]["message"]
+    r = _post(http, "/v1/completions", {"model": MODEL, "prompt": ["hi"] * 8, "max_tokens": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8

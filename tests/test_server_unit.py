@@ -53,8 +53,31 @@ def test_api_key(app):
     r = _call(app, "POST", "/tokenize", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert _call(app, "GET", "/metrics").status_code == 200  # open, for scrapers
-    assert _call(app, "OPTIONS", "/v1/models", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"}
-                 ).status_code == 200  # CORS preflight needs no key
+
+
+
+def test_browsers_reach_the_api_from_its_own_page_or_allowed_origins_only():
+    def app_with(origins):
+        engine = AsyncEngine(EngineConfig(model="unused"))
+        return build_app(engine, ServerSettings(served_model_names=["m"], allowed_origins=origins))
+
+    preflight = {"Origin": "http://x.example", "Access-Control-Request-Method": "POST"}
+    models = {"Origin": "http://x.example"}
+    default = app_with([])
+    # Another site's page: no CORS grant, and a request it sends anyway (a form post, a text/plain
+    # fetch) is refused before it reaches the model.
+    assert _call(default, "OPTIONS", "/v1/models", headers=preflight).status_code == 400
+    r = _call(default, "GET", "/v1/models", headers=models)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin" and _is_openai_error(r)
+    assert "access-control-allow-origin" not in r.headers
+    # The server's own page (Origin = its host), and clients that send no Origin, pass.
+    assert _call(default, "GET", "/v1/models", headers={"Origin": "http://test"}).status_code == 200
+    assert _call(default, "GET", "/v1/models").status_code == 200
+    allowed = app_with(["http://x.example"])
+    r = _call(allowed, "OPTIONS", "/v1/models", headers=preflight)  # CORS preflight needs no key
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://x.example"
+    assert _call(allowed, "GET", "/v1/models", headers=models).status_code == 200
+    assert _call(app_with(["*"]), "GET", "/v1/models", headers=models).status_code == 200
 
 
 def test_body_limit_by_header_and_by_counting(app):

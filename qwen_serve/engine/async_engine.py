@@ -168,14 +168,16 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ requests
 
-    def check_capacity(self) -> None:
-        """Raises EngineOverloaded when the waiting queue is at its limit (call before doing any work)."""
+    def check_capacity(self, needed: int = 1) -> None:
+        """Raises EngineOverloaded when the waiting queue has no room for `needed` more requests (call
+        before doing any work)."""
         if not self.is_ready:
             if self.fatal_error is not None:
                 raise EngineNotReady(f"the engine stopped: {self.fatal_error}")
             raise EngineNotReady("the model is still loading" if not self._stopping else "the server is shutting down")
-        if self.max_waiting is not None and len(self._not_started) >= self.max_waiting:
-            raise EngineOverloaded(f"{len(self._not_started)} requests are waiting (limit {self.max_waiting})")
+        if self.max_waiting is not None and len(self._not_started) + needed > self.max_waiting:
+            asked = f"; this one would add {needed}" if needed > 1 else ""
+            raise EngineOverloaded(f"{len(self._not_started)} requests are waiting (limit {self.max_waiting}){asked}")
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str

@@ -2,7 +2,8 @@
 
 Routes: /v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize, /health,
 /metrics, /version, and the chat page from `qwen_serve.server.webui` when that module is present.
-Middleware, outermost first: response counting by status, CORS, API key (Bearer, compared in
+Middleware, outermost first: response counting by status, CORS and the origin check (only the server's
+own page and `--allowed-origins` may call it from a browser), API key (Bearer, compared in
 constant time; /health, /metrics and the page stay open), request-body limit (413).
 The app starts the engine thread in its lifespan and stops it after uvicorn drained in-flight requests.
 """
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_serve import __version__
 from qwen_serve.engine.async_engine import AsyncEngine
-from qwen_serve.server.errors import APIError, InternalErrorMiddleware, install_error_handlers
+from qwen_serve.server.errors import APIError, InternalErrorMiddleware, error_body, install_error_handlers
 from qwen_serve.server.metrics import ServerMetrics, StatusCounterMiddleware
 from qwen_serve.server.protocol import (
     ChatCompletionRequest,
@@ -43,6 +44,30 @@ from qwen_serve.server.serving_completion import CompletionServing
 def _needs_key(path: str) -> bool:
     # /health, /metrics, /version and the chat page stay open (load balancers, Prometheus, the browser).
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
+class OriginMiddleware:
+    """403 for a request a browser sent from another site's page, unless `--allowed-origins` lets that site
+    in. CORS alone only stops the page from reading the answer: a form post or a text/plain fetch would
+    still reach the model (and, without an API key, use it). A request without an Origin header (curl,
+    SDKs) or from the server's own page passes."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {o.rstrip("/").lower() for o in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1").rstrip("/").lower()
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if not origin or origin in self.allowed or origin.split("://", 1)[-1] == host:
+            return await self.app(scope, receive, send)
+        body = error_body(f"requests from the web origin {origin!r} are not allowed; start the server with "
+                          "--allowed-origins to let that site use the API", "permission_error", None, "forbidden_origin")
+        await JSONResponse(body, status_code=403)(scope, receive, send)
 
 
 class APIKeyMiddleware:
@@ -199,7 +224,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(OriginMiddleware, allowed=settings.allowed_origins)
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(StatusCounterMiddleware, metrics=metrics)
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -40,11 +41,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="sampling defaults: 'auto' (the model's generation_config.json), 'vllm' (none), or a folder")
     g.add_argument("--max-waiting", type=int, default=1024,
                    help="requests that may wait for the engine before new ones get 503 (default: 1024)")
+    g.add_argument("--allowed-origins", type=_origins, default=[],
+                   help="web origins whose pages may call the API, as a JSON list (vLLM's flag), e.g. "
+                        "'[\"https://chat.example.com\"]' or '[\"*\"]' (default: the server's own page only)")
+    g.add_argument("--max-prompts-per-request", type=int, default=256,
+                   help="prompts one /v1/completions request may batch (default: 256)")
     g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
     g.add_argument("--timeout-graceful-shutdown", type=float, default=None,
                    help="seconds to let in-flight requests finish on shutdown (default: no limit)")
     g.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
+
+
+def _origins(value: str) -> list[str]:
+    try:
+        origins = json.loads(value)
+    except json.JSONDecodeError:
+        origins = None
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of origins such as '[\"https://a.example\"]', got {value!r}")
+    return origins
 
 
 def _settings(args: argparse.Namespace):
@@ -55,6 +71,8 @@ def _settings(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         generation_config=args.generation_config,
         max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
+        max_prompts_per_request=args.max_prompts_per_request,
+        allowed_origins=args.allowed_origins,
         model_root=args.model,
     )
 

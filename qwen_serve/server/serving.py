@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -43,12 +43,17 @@ class ServerSettings:
     # "auto": the model's generation_config.json; "vllm": none (plain defaults); else a folder to read it from.
     generation_config: str = "auto"
     max_body_bytes: int = 32 * 1024 * 1024
+    max_prompts_per_request: int = 256
+    # Web origins (scheme://host:port) whose pages may call the API besides the server's own; "*": any.
+    allowed_origins: list[str] = field(default_factory=list)
     retry_after_s: int = 1
     model_root: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("--served-model-name: at least one name is needed")
+        if self.max_prompts_per_request < 1:
+            raise ValueError(f"--max-prompts-per-request must be at least 1, got {self.max_prompts_per_request}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"the request body limit must be at least 1 KiB, got {self.max_body_bytes} bytes")
 
@@ -82,10 +87,11 @@ class Serving:
                            param="model", code="model_not_found")
         return name
 
-    def check_ready(self) -> None:
-        """503 while loading or shutting down, 503 + Retry-After when the waiting queue is full."""
+    def check_ready(self, needed: int = 1) -> None:
+        """503 while loading or shutting down, 503 + Retry-After when the waiting queue has no room for
+        `needed` more requests (all of a batch's prompts are admitted, or none)."""
         try:
-            self.engine.check_capacity()
+            self.engine.check_capacity(needed)
         except EngineOverloaded as err:
             raise APIError(503, f"server overloaded: {err}; retry later", code="overloaded",
                            headers={"Retry-After": str(self.settings.retry_after_s)}) from None

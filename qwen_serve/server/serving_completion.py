@@ -102,7 +102,11 @@ class CompletionServing(Serving):
         except ValueError as err:
             raise APIError.from_value_error(err) from None
         model = self.check_model(req.model)
-        self.check_ready()
+        most = self.settings.max_prompts_per_request
+        if len(raw_prompts) > most:
+            raise APIError.bad_request(f"prompt: {len(raw_prompts)} prompts in one request; the limit is {most} "
+                                       "(--max-prompts-per-request)", "prompt")
+        self.check_ready(needed=len(raw_prompts))
         structured = await self.compile_structured(asked)
         if req.suffix is not None:
             raw_prompts = [self._fill_in_the_middle(p, req.suffix) for p in raw_prompts]
