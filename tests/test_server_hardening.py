@@ -101,3 +101,11 @@ def test_prompts_per_request_are_limited_and_a_batch_is_admitted_whole(http):
     assert "would add 100" in r.json()["error"]["message"]
     r = _post(http, "/v1/completions", {"model": MODEL, "prompt": ["hi"] * 8, "max_tokens": 1})
     assert r.status_code == 200 and len(r.json()["choices"]) == 8
+
+
+def test_the_ready_line_is_the_last_line_of_the_start_up(server: ServerProcess):
+    """uvicorn's own "running on" line came before the model could answer; only the ready line gives the URL."""
+    log = server.output()
+    assert "Uvicorn running on" not in log
+    start_up = log[: log.index("qwen-serve ready in")]
+    assert "loading model" in start_up and "KV cache" in start_up

@@ -1,7 +1,8 @@
 """`qwen-serve serve`: flags, loading with progress, the ready line, and a graceful stop.
 
 The HTTP socket opens first and the model loads in the engine thread, so `/health` answers 503
-while loading. Once loaded, one line on stdout gives the URL of the API and of the chat page.
+while loading. Once loaded, one line on stdout gives the URL of the API and of the chat page: the last
+line of the start-up (uvicorn's own "running on" line, printed before the model is usable, is silenced).
 SIGTERM or Ctrl-C: uvicorn stops accepting, waits for in-flight requests to finish, then the
 engine thread stops and the process exits 0 (uvicorn would re-raise the signal; we do not).
 A second Ctrl-C forces the exit. With `--nnodes` > 1, hosts other than 0 (`--node-rank`) only run
@@ -19,6 +20,7 @@ import socket
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -135,6 +137,10 @@ class _Server(uvicorn.Server):
         # uvicorn re-raises the signal after its graceful shutdown, which would end the process with
         # a non-zero status; a clean stop on SIGTERM / Ctrl-C exits 0.
         self._captured_signals.clear()
+
+    def _log_started_message(self, listeners: Any) -> None:
+        """Silences uvicorn's "Uvicorn running on http://..." line: it comes before the model is loaded,
+        and a user reading it would send requests that get 503. The ready line gives the URL instead."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
