@@ -154,3 +154,17 @@ def test_internal_errors_are_counted_logged_once_and_openai_shaped(app, caplog):
     assert sum("internal error on GET /boom" in rec.getMessage() for rec in caplog.records) == 1
     metrics = _call(app, "GET", "/metrics", headers=headers).text
     assert 'qwen_serve_http_responses_total{status="500"} 1.0' in metrics
+
+
+def test_openapi_documents_the_error_responses(app):
+    """A schema-driven client or fuzzer sees the statuses the server answers, each in OpenAI's error shape,
+    and no 422 for invalid bodies (they are 400s, as OpenAI's)."""
+    doc = _call(app, "GET", "/openapi.json").json()
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"400", "401", "403", "404", "413", "500", "503"} <= set(chat) and "422" not in chat
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    error = doc["components"]["schemas"]["ErrorDetail"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"}
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    assert _call(app, "POST", "/v1/chat/completions", headers={"Authorization": "Bearer k3y"},
+                 json={"model": "m"}).status_code == 400

@@ -25,7 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen_serve import __version__
 from qwen_serve.engine.async_engine import AsyncEngine
-from qwen_serve.server.errors import APIError, InternalErrorMiddleware, error_body, install_error_handlers
+from qwen_serve.server.errors import (APIError, InternalErrorMiddleware, drop_validation_responses, error_body,
+                                     error_responses, install_error_handlers)
 from qwen_serve.server.metrics import ServerMetrics, StatusCounterMiddleware
 from qwen_serve.server.protocol import (
     ChatCompletionRequest,
@@ -150,7 +151,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
 
-    @app.get("/health")
+    api_errors = error_responses(400, 401, 403, 404, 413, 500, 503)
+
+    @app.get("/health", responses={503: {"description": "Loading, failed, stopped or shutting down: "
+                                                        "{\"status\": \"loading\" | \"failed\" | \"stopping\"}"}})
     async def health() -> Response:
         if engine.is_ready:
             return JSONResponse({"status": "ok"})
@@ -166,26 +170,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401, 403, 500))
     async def models() -> ModelList:
         max_len = engine.max_model_len if engine.is_ready else None
         return ModelList(data=[ModelCard(id=name, root=settings.model_root, max_model_len=max_len)
                                for name in settings.served_model_names])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", responses=error_responses(401, 403, 404, 500))
     async def model(model: str) -> ModelCard:
         name = base.check_model(model)
         return ModelCard(id=name, root=settings.model_root, max_model_len=engine.max_model_len if engine.is_ready else None)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=api_errors)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await chat.create(req, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=api_errors)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         return await completion.create(req, request)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=api_errors)
     async def tokenize(req: TokenizeRequest) -> TokenizeResponse:
         try:
             req.validate_fields()
@@ -208,7 +212,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                                 limit=16 * engine.max_model_len, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=api_errors)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         base.check_model(req.model)
         base.check_ready()
@@ -219,6 +223,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         from qwen_serve.server.webui import mount_webui
 
         mount_webui(app)
+
+    default_openapi = app.openapi
+    app.openapi = lambda: drop_validation_responses(default_openapi())  # type: ignore[method-assign]
 
     # add_middleware puts each new one outside the previous: the body limit runs innermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,6 +86,50 @@ def _request_fields() -> frozenset[str]:
     from qwen_serve.server.protocol import ChatCompletionRequest, CompletionRequest, TokenizeRequest
 
     return frozenset(f for m in (ChatCompletionRequest, CompletionRequest, TokenizeRequest) for f in m.model_fields)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error this server answers, in OpenAI's shape (the OpenAPI document's error schema)."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "Invalid request: a malformed body, a bad field (named in `param`), a prompt too long for the context",
+    401: "Missing or wrong API key (with --api-key)",
+    403: "Sent from a web page whose origin --allowed-origins does not list",
+    404: "No such model",
+    413: "Request body (or upload) over its limit",
+    415: "Unsupported file type",
+    422: "A file that cannot be read as text",
+    500: "A bug in the server",
+    503: "Loading, shutting down, stopped, or overloaded (see Retry-After)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: the errors it can answer, each with the error schema."""
+    return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def drop_validation_responses(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents a 422 for every route with a body; invalid bodies get a 400 here (OpenAI's
+    status), which the routes document instead."""
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.get("responses", {})
+            if responses.get("422", {}).get("description") == "Validation Error":  # FastAPI's, not a route's own
+                del responses["422"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from qwen_serve.server.errors import error_responses
+
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -177,7 +179,7 @@ def mount_webui(app: FastAPI, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTE
         # The API still works without the page; say how to build it instead of failing startup.
         logger.warning("%s is missing, so / serves no chat page: run `npm ci && npm run build` in web/", index)
 
-    @app.post("/v1/documents/extract")
+    @app.post("/v1/documents/extract", responses=error_responses(400, 401, 403, 413, 415, 422, 500))
     async def extract_document(request: Request) -> JSONResponse:
         # Refuse early on the declared size, before the multipart body is spooled to disk.
         declared = request.headers.get("content-length")
