@@ -109,3 +109,43 @@ def test_the_ready_line_is_the_last_line_of_the_start_up(server: ServerProcess):
     assert "Uvicorn running on" not in log
     start_up = log[: log.index("qwen-serve ready in")]
     assert "loading model" in start_up and "KV cache" in start_up
+
+
+def test_graceful_shutdown_timeout_ends_requests_with_an_error(tiny_chat_checkpoint: Path, tmp_path: Path):
+    """Streams end with an error event and waiting responses are 503s in OpenAI's shape, not cut off."""
+    proc = ServerProcess(tiny_chat_checkpoint, tmp_path / "server.log", "--served-model-name", MODEL,
+                         "--num-kv-blocks", "1024", "--max-model-len", "4096", "--timeout-graceful-shutdown", "1")
+    long = {"model": MODEL, "prompt": "once", "max_tokens": 4000, "ignore_eos": True}
+    results: dict[str, object] = {}
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(base_url=proc.base_url, timeout=60) as c, \
+                c.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+            lines = []
+            for line in r.iter_lines():
+                started.set()
+                lines.append(line)
+            results["stream"] = [ln for ln in lines if ln.startswith("data: ")]
+
+    def plain() -> None:
+        with httpx.Client(base_url=proc.base_url, timeout=60) as c:
+            results["plain"] = c.post("/v1/completions", json=long)
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=plain)]
+    try:
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        proc.terminate()
+        for t in threads:
+            t.join(60)
+    finally:
+        code = proc.stop()
+    assert code == 0
+    events = results["stream"]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "not_ready" and "--timeout-graceful-shutdown" in error["message"]
+    plain = results["plain"]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "not_ready"

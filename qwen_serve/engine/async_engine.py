@@ -212,6 +212,13 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Abort(request_id))
 
+    def fail_in_flight(self, reason: str) -> None:
+        """Ends every request in flight with EngineNotReady(reason) (a stream gets it as its last event,
+        a waiting response as a 503) and aborts them in the engine. Call from the event loop."""
+        for request_id in list(self._queues):
+            self._commands.put(_Abort(request_id))
+        self._fail_all(EngineNotReady(reason))
+
     # ------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:

@@ -28,6 +28,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.async_engine import AsyncEngine
 
 API_KEY_ENV = "QWEN_SERVE_API_KEY"
+RESPONSE_GRACE_S = 5.0  # after the graceful timeout, for the ended requests to write their error responses
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +107,14 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         return run_node_workers(config)
     app = build_app(engine, settings)
+    grace = args.timeout_graceful_shutdown
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-        access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        lifespan="on",
+        access_log=not args.disable_uvicorn_access_log, lifespan="on",
+        # uvicorn cuts connections mid-response at its timeout; ours ends the requests first (_Server.shutdown)
+        timeout_graceful_shutdown=None if grace is None else grace + RESPONSE_GRACE_S,
     )
-    server = _Server(uv_config, engine, has_page=webui_available(), model=args.model)
+    server = _Server(uv_config, engine, has_page=webui_available(), model=args.model, graceful_s=grace)
     try:
         server.run()
     except OSError as err:  # e.g. the port is taken
@@ -125,9 +128,11 @@ def serve(args: argparse.Namespace) -> int:
 class _Server(uvicorn.Server):
     """uvicorn.Server plus the loading / ready announcements and an exit status of 0 after a signal."""
 
-    def __init__(self, config: uvicorn.Config, engine: "AsyncEngine", *, has_page: bool, model: str) -> None:
+    def __init__(self, config: uvicorn.Config, engine: "AsyncEngine", *, has_page: bool, model: str,
+                 graceful_s: float | None = None) -> None:
         super().__init__(config)
         self.engine = engine
+        self.graceful_s = graceful_s
         self.has_page = has_page
         self.model = model
         self._announcer: asyncio.Task[None] | None = None
@@ -141,6 +146,19 @@ class _Server(uvicorn.Server):
     def _log_started_message(self, listeners: Any) -> None:
         """Silences uvicorn's "Uvicorn running on http://..." line: it comes before the model is loaded,
         and a user reading it would send requests that get 503. The ready line gives the URL instead."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """After --timeout-graceful-shutdown, the requests still running end with an error in OpenAI's
+        shape (a stream's last event, a 503 body), rather than being cut off by uvicorn's own timeout."""
+        timer = None
+        if self.graceful_s is not None:
+            reason = f"the server is shutting down (--timeout-graceful-shutdown {self.graceful_s:g} s passed)"
+            timer = asyncio.get_running_loop().call_later(self.graceful_s, self.engine.fail_in_flight, reason)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
