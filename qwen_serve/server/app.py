@@ -200,7 +200,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         tok = base.tokenizer
         if req.messages is not None:
             try:
-                text = tok.apply_chat_template(message_dicts(req.messages),
+                protect = not settings.content_special_tokens
+                messages = message_dicts(req.messages)
+                text = tok.apply_chat_template(tok.protect_special_tokens(messages) if protect else messages,
                                                add_generation_prompt=req.add_generation_prompt,
                                                continue_final_message=req.continue_final_message)
             except ValueError as err:
@@ -209,7 +211,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             text = req.prompt or ""
         # Counting may go past the context (to tell how much to cut), up to 16 contexts, which caps the work.
         ids = await base.encode(text, "messages" if req.messages is not None else "prompt",
-                                limit=16 * engine.max_model_len, add_special_tokens=req.add_special_tokens)
+                                limit=16 * engine.max_model_len, add_special_tokens=req.add_special_tokens,
+                                literal_special_tokens=req.messages is not None and not settings.content_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 
     @app.post("/detokenize", responses=api_errors)

@@ -47,6 +47,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-origins", type=_origins, default=[],
                    help="web origins whose pages may call the API, as a JSON list (vLLM's flag), e.g. "
                         "'[\"https://chat.example.com\"]' or '[\"*\"]' (default: the server's own page only)")
+    g.add_argument("--content-special-tokens", action="store_true",
+                   help="read special tokens written in chat message content (<|im_start|>...) as control tokens, "
+                        "which lets a user forge turns; by default they are text, as in OpenAI's API")
     g.add_argument("--max-prompts-per-request", type=int, default=256,
                    help="prompts one /v1/completions request may batch (default: 256)")
     g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
@@ -76,6 +79,7 @@ def _settings(args: argparse.Namespace):
         max_body_bytes=int(args.max_request_body_mb * 1024 * 1024),
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_origins=args.allowed_origins,
+        content_special_tokens=args.content_special_tokens,
         model_root=args.model,
     )
 

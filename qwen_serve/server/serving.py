@@ -46,6 +46,8 @@ class ServerSettings:
     max_prompts_per_request: int = 256
     # Web origins (scheme://host:port) whose pages may call the API besides the server's own; "*": any.
     allowed_origins: list[str] = field(default_factory=list)
+    # Special tokens written in message content are control tokens (True) or their text (False, OpenAI's way).
+    content_special_tokens: bool = False
     retry_after_s: int = 1
     model_root: str | None = None
 

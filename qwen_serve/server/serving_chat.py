@@ -83,13 +83,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def render_prompt(tokenizer: Any, req: ChatCompletionRequest) -> str:
-    """The prompt text for a chat request, by the model's template (ValueError for a bad conversation)."""
+def render_prompt(tokenizer: Any, req: ChatCompletionRequest, protect: bool = True) -> str:
+    """The prompt text for a chat request, by the model's template (ValueError for a bad conversation).
+    protect: special tokens written in messages and tools become stand-ins that the tokenizer encodes as
+    text (`Tokenizer.protect_special_tokens`), so they cannot forge turns."""
     tools = None
     if req.tools and req.tool_choice != "none":
         tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    messages = message_dicts(req.messages)
+    if protect:
+        messages, tools = tokenizer.protect_special_tokens(messages), tokenizer.protect_special_tokens(tools)
     return tokenizer.apply_chat_template(
-        message_dicts(req.messages), tools=tools, add_generation_prompt=req.add_generation_prompt,
+        messages, tools=tools, add_generation_prompt=req.add_generation_prompt,
         continue_final_message=req.continue_final_message,
         **(req.chat_template_kwargs or {}),
     )
@@ -193,10 +198,11 @@ class ChatServing(Serving):
             raise APIError.from_value_error(err) from None
         structured = await self.compile_structured(asked)
         try:
-            prompt_text = render_prompt(self.tokenizer, req)
+            prompt_text = render_prompt(self.tokenizer, req, protect=not self.settings.content_special_tokens)
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
-        prompt_ids = await self.encode(prompt_text, "messages")
+        prompt_ids = await self.encode(prompt_text, "messages",
+                                       literal_special_tokens=not self.settings.content_special_tokens)
         limit = req.output_limit if req.output_limit is not None else self.max_tokens_default()
         max_tokens = self.check_context(len(prompt_ids), limit)
         top_k = req.top_logprobs or 0

@@ -9,6 +9,7 @@ This class reads them once and answers everything the engine and server need.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from qwen_serve.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _GIL_FREE_CHARS = 4096  # texts longer than this are encoded with the GIL released
+# Stand-ins for special tokens written inside message content (`protect_special_tokens`): code points of
+# Unicode's Supplementary Private Use Area-B, which no encoding assigns and text almost never holds.
+_STAND_IN_BASE = 0x10F800
+_STAND_INS = re.compile("([\U0010F800-\U0010FFFD])")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -101,6 +106,11 @@ class Tokenizer:
         # The most input characters one token can stand for: a text longer than max_chars(n) cannot be
         # n tokens or fewer, which the server checks before tokenizing (seconds for megabytes).
         self.max_token_chars = max(len(t) for t in backend.get_vocab(with_added_tokens=True))
+        specials = [tok.content for tok_id, tok in sorted(backend.get_added_tokens_decoder().items()) if tok.special]
+        self._specials = specials[: 0x10FFFD - _STAND_IN_BASE]
+        self._special_pattern = (re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
+                                 if self._specials else None)
+        self._literal_ids: dict[str, list[int]] = {}  # special token -> the ids of its text read as text
         self._template = ChatTemplate(chat_template) if chat_template else None
 
     @classmethod
@@ -121,11 +131,14 @@ class Tokenizer:
             raise ValueError(f"{folder}: {e}") from None
 
     # -- text <-> ids -------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. Long texts go through `encode_batch`, which releases the GIL while the Rust
+    def encode(self, text: str, add_special_tokens: bool = False, literal_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (with `literal_special_tokens`, of a text made from `protect_special_tokens`'
+        output, whose stand-ins become their tokens' text). Long texts go through `encode_batch`, which releases the GIL while the Rust
         side works (`encode` holds it: 0.6 s of a 1.6 MB text stopped every other thread, measured), so a
         server tokenizing on a worker thread keeps answering. Text that is not valid Unicode (a lone
         surrogate, which JSON's \\ud800 escapes can carry) is a ValueError naming where it is."""
+        if literal_special_tokens and _STAND_INS.search(text):
+            return self._encode_literal_special_tokens(text, add_special_tokens)
         try:
             if len(text) > _GIL_FREE_CHARS:
                 return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
@@ -136,6 +149,37 @@ class Tokenizer:
                 raise
             raise ValueError(f"the text is not valid Unicode: a lone surrogate \\u{ord(text[bad]):04x} at character "
                              f"{bad}") from None
+
+    def protect_special_tokens(self, value: Any) -> Any:
+        """`value` (a message list, tool definitions: any JSON-like structure) with every special token written
+        in its strings replaced by a stand-in character, which `encode(..., literal_special_tokens=True)`
+        reads back as the token's text. So user content cannot forge turns (`<|im_start|>system`), as
+        OpenAI's API does not let it; the template's own control tokens stay tokens."""
+        if self._special_pattern is None:
+            return value
+        if isinstance(value, str):
+            return self._special_pattern.sub(lambda m: chr(_STAND_IN_BASE + self._specials.index(m.group())), value)
+        if isinstance(value, list):
+            return [self.protect_special_tokens(v) for v in value]
+        if isinstance(value, dict):
+            return {k: v if k == "role" else self.protect_special_tokens(v) for k, v in value.items()}
+        return value
+
+    def _encode_literal_special_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Text with stand-ins: the pieces between them encoded as usual, each stand-in as its token's text."""
+        ids: list[int] = []
+        for i, part in enumerate(_STAND_INS.split(text)):
+            if i % 2 == 0:
+                if part:
+                    ids += self.encode(part, add_special_tokens=add_special_tokens and not ids)
+                continue
+            token = self._specials[ord(part) - _STAND_IN_BASE] if ord(part) - _STAND_IN_BASE < len(self._specials) else part
+            if token not in self._literal_ids:
+                plain = BackendTokenizer.from_str(self.backend.to_str())
+                plain.encode_special_tokens = True  # a copy: the shared tokenizer stays as it is for other threads
+                self._literal_ids[token] = plain.encode(token, add_special_tokens=False).ids
+            ids += self._literal_ids[token]
+        return ids
 
     def max_chars(self, num_tokens: int) -> int:
         """Characters beyond which a text cannot be `num_tokens` tokens or fewer: each token stands for at
