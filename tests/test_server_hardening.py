@@ -163,3 +163,36 @@ def test_special_tokens_in_content_are_text_and_cannot_forge_turns(http):
     text = _post(http, "/detokenize", {"model": MODEL, "tokens": ids}).json()["prompt"]
     assert forged in text  # the same text, read as text
     assert _post(http, "/v1/chat/completions", _chat(forged)).status_code == 200
+
+
+def test_slow_clients_are_dropped_and_connections_limited(tiny_chat_checkpoint: Path, tmp_path: Path):
+    """Connections that never finish their headers are closed after --header-timeout; beyond
+    --max-connections a connection is answered 503 at once; the log says each repeated thing once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    proc = ServerProcess(tiny_chat_checkpoint, tmp_path / "server.log", "--served-model-name", MODEL,
+                         "--num-kv-blocks", "256", "--max-connections", "20", "--header-timeout", "1")
+    try:
+        host, port = urlsplit(proc.base_url).hostname, urlsplit(proc.base_url).port
+        slow = []
+        for _ in range(30):
+            s = socket.create_connection((host, port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            slow.append(s)
+        refused = 0
+        for s in slow[20:]:
+            s.settimeout(5)
+            data = s.recv(4096)
+            refused += data.startswith(b"HTTP/1.1 503")
+        assert refused == 10
+        for s in slow[:20]:  # held no longer than the header timeout
+            s.settimeout(5)
+            assert s.recv(4096) == b""
+            s.close()
+        with httpx.Client(base_url=proc.base_url, timeout=10) as c:
+            assert c.get("/health").status_code == 200
+    finally:
+        assert proc.stop() == 0
+    log = proc.output()
+    assert log.count("refused a connection") == 1 and "more like this" not in log.split("refused a connection")[0]

@@ -26,6 +26,7 @@ import uvicorn
 
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.async_engine import AsyncEngine
+from qwen_serve.server.connections import guarded_protocol, install_repeat_filter, raise_open_file_limit
 
 API_KEY_ENV = "QWEN_SERVE_API_KEY"
 RESPONSE_GRACE_S = 5.0  # after the graceful timeout, for the ended requests to write their error responses
@@ -55,6 +56,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
     g.add_argument("--timeout-graceful-shutdown", type=float, default=None,
                    help="seconds to let in-flight requests finish on shutdown (default: no limit)")
+    g.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections at once; more are answered 503 and closed (default: 1000)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a new connection has to send its first request's headers (default: 10)")
+    g.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="seconds an idle kept-alive connection stays open (default: 5)")
     g.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no log line per HTTP request")
 
@@ -99,6 +106,8 @@ def serve(args: argparse.Namespace) -> int:
         config = EngineConfig.from_cli_args(args)
         settings = _settings(args)
         engine = AsyncEngine(config, max_waiting=args.max_waiting)
+        if args.max_connections < 1 or args.header_timeout <= 0 or args.timeout_keep_alive <= 0:
+            raise ValueError("--max-connections must be at least 1, --header-timeout and --timeout-keep-alive positive")
         if args.generation_config not in ("auto", "vllm") and not os.path.isdir(args.generation_config):
             raise ValueError(f"--generation-config: {args.generation_config!r} is not 'auto', 'vllm' or a folder")
     except ValueError as err:
@@ -112,12 +121,15 @@ def serve(args: argparse.Namespace) -> int:
         return run_node_workers(config)
     app = build_app(engine, settings)
     grace = args.timeout_graceful_shutdown
+    raise_open_file_limit(args.max_connections + 256)  # room for the connections, the model's files, logs
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
         access_log=not args.disable_uvicorn_access_log, lifespan="on",
+        http=guarded_protocol(args.max_connections, args.header_timeout), timeout_keep_alive=args.timeout_keep_alive,
         # uvicorn cuts connections mid-response at its timeout; ours ends the requests first (_Server.shutdown)
         timeout_graceful_shutdown=None if grace is None else grace + RESPONSE_GRACE_S,
     )
+    install_repeat_filter()  # after uvicorn.Config, which sets its loggers up
     server = _Server(uv_config, engine, has_page=webui_available(), model=args.model, graceful_s=grace)
     try:
         server.run()
