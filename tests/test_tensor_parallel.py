@@ -188,22 +188,26 @@ def test_multi_host_flags_are_checked(monkeypatch, flags, match):
 def test_a_killed_rank_fails_the_next_step_and_no_process_is_left(checkpoints):
     engine = _engine(checkpoints[2], 2)
     procs = list(engine.executor.procs)
-    os.kill(procs[1].pid, signal.SIGKILL)
-    engine.add_request("r", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4))
-    start = time.monotonic()
-    with pytest.raises(ExecutorDeadError, match="exited"):
-        while engine.has_unfinished_requests():
-            engine.step()
-    assert time.monotonic() - start < 20
-    engine.close()
+    try:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        engine.add_request("r", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4))
+        start = time.monotonic()
+        with pytest.raises(ExecutorDeadError, match="exited"):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 20
+    finally:
+        engine.close()
     assert not any(p.is_alive() for p in procs)
 
 
 def test_close_leaves_no_process(checkpoints):
     engine = _engine(checkpoints[2], 2)
-    pids = _worker_pids(os.getpid())
-    assert sorted(pids) == sorted(p.pid for p in engine.executor.procs)
-    engine.close()
+    try:
+        pids = _worker_pids(os.getpid())
+        assert sorted(pids) == sorted(p.pid for p in engine.executor.procs)
+    finally:
+        engine.close()
     assert not any(_alive(pid) for pid in pids)
 
 

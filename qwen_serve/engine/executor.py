@@ -16,9 +16,7 @@ import multiprocessing as mp
 import os
 import socket
 import threading
-from collections import deque
 from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +60,6 @@ class MultiprocExecutor:
         config = spec.config
         self.procs, conns = _start_ranks(config, device.type, spec)
         self.conn = conns[0]  # rank 0's pipe: commands out, outputs back
-        self._in_flight: deque[None] = deque()
         self._closing = False
         self.dead: str | None = None
         try:
@@ -76,10 +73,9 @@ class MultiprocExecutor:
 
     def launch(self, step: StepInput) -> None:
         self._send(("launch", step))
-        self._in_flight.append(None)
 
     def collect(self, handle: None) -> RunnerOutput:
-        self._in_flight.popleft()
+        """The oldest launched step's output (the workers keep launched steps in order)."""
         self._send(("collect",))
         while not self.conn.poll(0.2):
             if self.dead:

@@ -71,12 +71,14 @@ def test_killed_rank_fails_fast_and_leaves_no_process(tiny):
     engine = LLMEngine(EngineConfig(model=str(tiny), device="cuda", num_kv_blocks=64, max_model_len=256,
                                     tensor_parallel_size=2), tiny)
     procs = list(engine.executor.procs)
-    os.kill(procs[1].pid, signal.SIGKILL)
-    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=8))
-    start = time.monotonic()
-    with pytest.raises(ExecutorDeadError):
-        while engine.has_unfinished_requests():
-            engine.step()
-    assert time.monotonic() - start < 30
-    engine.close()
+    try:
+        os.kill(procs[1].pid, signal.SIGKILL)
+        engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=8))
+        start = time.monotonic()
+        with pytest.raises(ExecutorDeadError):
+            while engine.has_unfinished_requests():
+                engine.step()
+        assert time.monotonic() - start < 30
+    finally:
+        engine.close()
     assert not any(p.is_alive() for p in procs)
