@@ -60,7 +60,7 @@ from qwen_serve.layers.norm import RMSNorm, rms_norm_reference
 from qwen_serve.layers.vocab import VocabEmbedding
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, bind_kv_cache, forward_context
 from qwen_serve.loader.weights import build_model, random_weights
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 
 # Measured on the lent H100 (../shared/MODELS.md): read bandwidth and bf16 dense matmul rate.
 READ_BW = 3058e9
@@ -537,7 +537,7 @@ def section_gemv(rows: list[dict]) -> None:
 class DecodeRunner:
     """A model bound to a paged KV cache; sequences own contiguous block ranges (slot = base + position)."""
 
-    def __init__(self, model, cfg: Qwen2Config, batch: int, max_len: int, backend, block_size: int = 16) -> None:
+    def __init__(self, model, cfg: ModelConfig, batch: int, max_len: int, backend, block_size: int = 16) -> None:
         self.model, self.cfg, self.batch, self.max_len, self.bs = model, cfg, batch, max_len, block_size
         self.blocks_per_seq = triton.cdiv(max_len, block_size)
         self.kv = torch.empty(
@@ -632,7 +632,7 @@ def set_fused(model: torch.nn.Module, kinds: tuple[type, ...], on: bool) -> None
 
 
 def section_model(rows: list[dict]) -> None:
-    cfg = Qwen2Config.from_dict(QWEN7B)
+    cfg = ModelConfig.from_dict(QWEN7B)
     model = build_model(cfg, BF16, "cuda")
     random_weights(model, seed=0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -709,7 +709,7 @@ def section_model(rows: list[dict]) -> None:
 
 def section_pdl(rows: list[dict]) -> None:
     """Batch-1 decode (prompt 128 + 256) from a CUDA graph with programmatic dependent launch off and on."""
-    cfg = Qwen2Config.from_dict(QWEN7B)
+    cfg = ModelConfig.from_dict(QWEN7B)
     model = build_model(cfg, BF16, "cuda")
     random_weights(model, seed=0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -8,7 +8,7 @@ import torch
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.loader.hf import iter_safetensors
 from qwen_serve.loader.weights import build_model, load_weights
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 
 from conftest import make_tiny_checkpoint
 
@@ -16,7 +16,7 @@ TOLERANCE = 1e-4
 
 
 def _ours(folder):
-    cfg = Qwen2Config.from_file(folder / "config.json")
+    cfg = ModelConfig.from_file(folder / "config.json")
     model = build_model(cfg, torch.float32, "cpu")
     load_weights(model, iter_safetensors(folder))
     return model

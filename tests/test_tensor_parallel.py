@@ -161,10 +161,10 @@ def test_sizes_the_model_cannot_split_are_refused_before_loading(tmp_path, monke
 
 def test_gguf_and_missing_gpus_are_refused_before_loading(checkpoints, monkeypatch):
     import qwen_serve.engine.executor as executor
-    from qwen_serve.models.config import Qwen2Config
+    from qwen_serve.models.config import ModelConfig
 
-    cfg = Qwen2Config.from_file(checkpoints[2] / "config.json")
-    gguf = Qwen2Config.from_dict({**cfg.raw, "quantization_config": {"quant_method": "gguf"}}, source="test")
+    cfg = ModelConfig.from_file(checkpoints[2] / "config.json")
+    gguf = ModelConfig.from_dict({**cfg.raw, "quantization_config": {"quant_method": "gguf"}}, source="test")
     with pytest.raises(ValueError, match="GGUF"):
         executor.check_parallel_config(EngineConfig(tensor_parallel_size=2), gguf, "cpu")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from qwen_serve.models.config import Qwen2Config
+    from qwen_serve.models.config import ModelConfig
 
 # Named shapes for random-weight runs (MODELS.md): Qwen2.5-7B-Instruct and Qwen2.5-0.5B.
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
@@ -51,16 +51,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default="bench-offline.json", help="where to write the results (default: bench-offline.json)")
 
 
-def random_model_config(spec: str) -> Qwen2Config:
+def random_model_config(spec: str) -> ModelConfig:
     """A named shape (NAMED_CONFIGS) or a config.json path, for random weights."""
-    from qwen_serve.models.config import Qwen2Config
+    from qwen_serve.models.config import ModelConfig
 
     if spec in NAMED_CONFIGS:
-        return Qwen2Config.from_dict({"architectures": ["Qwen2ForCausalLM"], **NAMED_CONFIGS[spec]}, source=spec)
-    return Qwen2Config.from_file(Path(spec))
+        return ModelConfig.from_dict({"architectures": ["Qwen2ForCausalLM"], **NAMED_CONFIGS[spec]}, source=spec)
+    return ModelConfig.from_file(Path(spec))
 
 
-def with_rope_scaling(cfg: Qwen2Config, rope_scaling: str) -> Qwen2Config:
+def with_rope_scaling(cfg: ModelConfig, rope_scaling: str) -> ModelConfig:
     """A random shape with YaRN: 'yarn' stretches the shape's own window 4x (the 7B's: 32,768 -> 131,072)."""
     block = {} if rope_scaling == "yarn" else json.loads(rope_scaling)
     return cfg.with_yarn(block.get("factor", 4.0), block.get("original_max_position_embeddings"))
@@ -169,7 +169,7 @@ def _transformers_batch(model, prompts: list[list[int]], output_len: int) -> dic
                    output_len, (clock.first, len(prompts)))
 
 
-def load_transformers(model_config: Qwen2Config, folder: Path | None, dtype: torch.dtype, device: torch.device):
+def load_transformers(model_config: ModelConfig, folder: Path | None, dtype: torch.dtype, device: torch.device):
     """transformers' Qwen2ForCausalLM of the same config (rope scaling included) and dtype on `device`:
     random weights made on the device itself when `folder` is None, else the folder's checkpoint."""
     import torch

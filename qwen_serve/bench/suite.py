@@ -58,7 +58,7 @@ import torch
 from qwen_serve.bench.compiles import triton_compiles
 from qwen_serve.bench.offline import FirstTokenClock, load_transformers, random_model_config, with_rope_scaling
 from qwen_serve.config import EngineConfig
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 
 SECTIONS = ("decode", "contexts", "throughput", "long")
 CONTEXT_32K = 32768
@@ -162,8 +162,8 @@ def _check_args(args: argparse.Namespace) -> None:
 class ModelSpec:
     label: str
     folder: Path | None  # None: random weights of the configs' shape
-    base: Qwen2Config  # decode, contexts, throughput
-    long: Qwen2Config  # the long section: with --rope-scaling
+    base: ModelConfig  # decode, contexts, throughput
+    long: ModelConfig  # the long section: with --rope-scaling
 
 
 def _model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -428,7 +428,7 @@ def _engine_config(session: _Session, *, max_model_len: int, max_num_seqs: int, 
                                max_num_batched_tokens=max_num_batched_tokens, rope_scaling=rope_scaling)
 
 
-def _build_engine(session: _Session, config: EngineConfig, model_config: Qwen2Config, key: str):
+def _build_engine(session: _Session, config: EngineConfig, model_config: ModelConfig, key: str):
     """One of our engines (the checkpoint's weights, or random ones of model_config's shape), its figures
     under results["qwen_serve"][key]."""
     from qwen_serve.engine.llm_engine import LLMEngine
@@ -524,7 +524,7 @@ def _measure_ours_long(session: _Session, work: Workload) -> None:
         ours.engine.close()
 
 
-def _load_theirs(session: _Session, model_config: Qwen2Config, key: str) -> _Theirs:
+def _load_theirs(session: _Session, model_config: ModelConfig, key: str) -> _Theirs:
     session.say(f"transformers: loading the model for {key}")
     start = time.perf_counter()
     model = load_transformers(model_config, session.spec.folder, session.dtype, session.device)

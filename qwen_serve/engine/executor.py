@@ -23,7 +23,7 @@ import torch
 
 from qwen_serve.config import EngineConfig
 from qwen_serve.distributed.parallel import check_tensor_parallel
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.step_input import RunnerOutput, StepInput
 from qwen_serve.worker.worker import Rendezvous, WorkerSpec, run_worker
 
@@ -156,7 +156,7 @@ def make_executor(spec: WorkerSpec, device: torch.device) -> UniprocExecutor | M
     return MultiprocExecutor(spec, device)
 
 
-def check_parallel_config(config: EngineConfig, cfg: Qwen2Config, device_type: str) -> None:
+def check_parallel_config(config: EngineConfig, cfg: ModelConfig, device_type: str) -> None:
     size = config.tensor_parallel_size
     check_tensor_parallel(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, size)
     if size == 1:

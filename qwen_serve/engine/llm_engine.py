@@ -34,7 +34,7 @@ from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
 from qwen_serve.engine.step_builder import build_step_input
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, folder: Path | None = None, model_config: Qwen2Config | None = None,
+    def __init__(self, config: EngineConfig, folder: Path | None = None, model_config: ModelConfig | None = None,
                  tokenizer: Any = None, generation_config: dict[str, Any] | None = None) -> None:
         """`folder`: a resolved HF-style model folder; or `folder=None` with `model_config` for random weights."""
         from qwen_serve.loader.model_loader import load_generation_config, load_model_config, resolve_dtype
@@ -275,7 +275,7 @@ def _load_tokenizer(folder: Path) -> Any:
     return Tokenizer.from_folder(folder)
 
 
-def _eos_ids(tokenizer: Any, generation_config: dict[str, Any], cfg: Qwen2Config) -> list[int]:
+def _eos_ids(tokenizer: Any, generation_config: dict[str, Any], cfg: ModelConfig) -> list[int]:
     if tokenizer is not None and tokenizer.eos_token_ids:
         return list(tokenizer.eos_token_ids)
     ids: list[int] = []

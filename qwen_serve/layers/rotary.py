@@ -1,4 +1,4 @@
-"""Rotary position embedding, plain or YaRN-scaled, as a cos/sin table looked up by position."""
+"""Rotary position embedding, plain or scaled (YaRN, Llama 3's, linear), as a cos/sin table looked up by position."""
 
 from __future__ import annotations
 
@@ -42,6 +42,27 @@ def yarn_inv_freq(head_dim: int, base: float, s: RopeScaling) -> tuple[torch.Ten
     return inv_freq, mscale
 
 
+def llama3_inv_freq(head_dim: int, base: float, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths longer than original / low_freq_factor are stretched by the factor,
+    shorter than original / high_freq_factor kept, and those between blended by where they fall."""
+    inv_freq = plain_inv_freq(head_dim, base)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+
+
+def scaled_inv_freq(head_dim: int, base: float, s: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies of `s`'s scaling type and the factor on cos and sin (YaRN's temperature)."""
+    if s is None:
+        return plain_inv_freq(head_dim, base), 1.0
+    if s.rope_type == "yarn":
+        return yarn_inv_freq(head_dim, base, s)
+    if s.rope_type == "llama3":
+        return llama3_inv_freq(head_dim, base, s), 1.0
+    return plain_inv_freq(head_dim, base) / s.factor, 1.0  # linear: positions divided by the factor
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE in the rotate-half layout (Qwen2/HF), from a float32 cos|sin table.
 
@@ -51,10 +72,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: RopeScaling | None) -> None:
         super().__init__()
-        if scaling is None:
-            self.inv_freq, self.mscale = plain_inv_freq(head_dim, base), 1.0
-        else:
-            self.inv_freq, self.mscale = yarn_inv_freq(head_dim, base, scaling)
+        self.inv_freq, self.mscale = scaled_inv_freq(head_dim, base, scaling)
         self.head_dim, self.max_positions = head_dim, max_positions
         self._tables: dict[torch.device, torch.Tensor] = {}
 

@@ -20,7 +20,7 @@ from torch import nn
 from qwen_serve.layers.options import LayerOptions
 from qwen_serve.loader import gguf_convert
 from qwen_serve.loader.weights import build_model, load_weights
-from qwen_serve.models.config import DEFAULT_YARN, Qwen2Config
+from qwen_serve.models.config import DEFAULT_YARN, ModelConfig
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -29,9 +29,9 @@ _DTYPES = {
 }
 
 
-def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | None = None) -> Qwen2Config:
+def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | None = None) -> ModelConfig:
     """config.json of `folder`; `rope_scaling` ('yarn' or a JSON object) adds or replaces its YaRN block."""
-    cfg = Qwen2Config.from_file(Path(folder) / "config.json")
+    cfg = ModelConfig.from_file(Path(folder) / "config.json")
     if rope_scaling is None:
         return cfg
     if rope_scaling == "yarn":
@@ -53,7 +53,7 @@ def load_model_config(folder: str | Path, rope_scaling: str | dict[str, Any] | N
     raw.pop("rope_parameters", None)
     raw["rope_theta"] = cfg.rope_theta
     raw["rope_scaling"] = block
-    return Qwen2Config.from_dict(raw, source=f"{folder}/config.json with --rope-scaling {json.dumps(block)}")
+    return ModelConfig.from_dict(raw, source=f"{folder}/config.json with --rope-scaling {json.dumps(block)}")
 
 
 def _cpu_prefers_bf16() -> bool:
@@ -68,7 +68,7 @@ def _cpu_prefers_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "avx2"})
 
 
-def resolve_dtype(name: str, device: torch.device | str, cfg: Qwen2Config) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device | str, cfg: ModelConfig) -> torch.dtype:
     """The compute dtype for `--dtype name`: `auto` is the checkpoint's dtype on GPU, and on CPU
     bfloat16 where it is the faster choice (`_cpu_prefers_bf16`), else float32."""
     name = (name or "auto").lower()
@@ -130,7 +130,7 @@ def read_safetensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, buf.view(dtype).reshape(info["shape"])
 
 
-def load_model(folder: str | Path, cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str,
+def load_model(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                opts: LayerOptions | None = None) -> nn.Module:
     """Builds the model in `dtype` on `device` (quantized as `opts` says; without opts, as the checkpoint's
     quantization_config says) and streams the folder's weights into it, one tensor at a time."""

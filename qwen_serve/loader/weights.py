@@ -15,14 +15,14 @@ from torch import nn
 
 from qwen_serve.layers.options import LayerOptions
 from qwen_serve.layers.quantization.base import default_weight_loader
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 from qwen_serve.models.registry import model_class
 
 # Tensors some checkpoints carry that the model derives itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def build_model(cfg: Qwen2Config, dtype: torch.dtype, device: torch.device | str,
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
                 opts: LayerOptions | None = None) -> nn.Module:
     """An uninitialised model of the config's architecture, its parameters allocated once on `device`
     (quantized ones in their storage dtype, the rest in `dtype`)."""

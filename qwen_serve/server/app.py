@@ -211,7 +211,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             text = req.prompt or ""
         # Counting may go past the context (to tell how much to cut), up to 16 contexts, which caps the work.
         ids = await base.encode(text, "messages" if req.messages is not None else "prompt",
-                                limit=16 * engine.max_model_len, add_special_tokens=req.add_special_tokens,
+                                limit=16 * engine.max_model_len,
+                                add_special_tokens=req.messages is None if req.add_special_tokens is None
+                                else req.add_special_tokens,
                                 literal_special_tokens=req.messages is not None and not settings.content_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
 

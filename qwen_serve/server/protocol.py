@@ -354,7 +354,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    add_special_tokens: bool | None = None  # vLLM's defaults: a prompt gets them, a rendered chat not (its template has them)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 

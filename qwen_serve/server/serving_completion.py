@@ -176,7 +176,8 @@ class CompletionServing(Serving):
         if isinstance(p, str):
             if not p:
                 raise APIError.bad_request(f"{param}: must not be empty", "prompt")
-            return _Prompt(await self.encode(p, param), p)
+            # As vLLM: a raw prompt gets the tokenizer's own special tokens (Llama's BOS; Qwen's add none).
+            return _Prompt(await self.encode(p, param, add_special_tokens=True), p)
         if not p:
             raise APIError.bad_request(f"{param}: must not be empty", "prompt")
         self.check_token_ids(p, "prompt")

@@ -34,7 +34,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.layers.options import LayerOptions, triton_available
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
 from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, wants_prompt_logprobs
 from qwen_serve.worker.step_input import RunnerOutput, SampleRow, StepInput
@@ -72,7 +72,7 @@ def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int, 
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, model_config: Qwen2Config, config: EngineConfig,
+    def __init__(self, model: torch.nn.Module, model_config: ModelConfig, config: EngineConfig,
                  device: torch.device, dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
                  parallel: ParallelContext | None = None) -> None:
         self.model = model
@@ -106,7 +106,7 @@ class ModelRunner:
         self.graphs = None if backend is None or config.enforce_eager else self._capture_graphs()
 
     @classmethod
-    def load(cls, folder: Path | None, model_config: Qwen2Config, config: EngineConfig, device: torch.device,
+    def load(cls, folder: Path | None, model_config: ModelConfig, config: EngineConfig, device: torch.device,
              dtype: torch.dtype, max_model_len: int, eos_token_ids: list[int],
              parallel: ParallelContext | None = None) -> "ModelRunner":
         """Loads the folder's weights (this rank's slice of them under tensor parallelism), or random ones

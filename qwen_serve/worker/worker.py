@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from qwen_serve.config import EngineConfig
 from qwen_serve.distributed.parallel import ParallelContext
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class WorkerSpec:
     """What every rank needs to build its shard; rank 0 gets it from the engine and broadcasts it."""
 
     folder: Path | None  # None: random weights of model_config's shape
-    model_config: Qwen2Config
+    model_config: ModelConfig
     config: EngineConfig
     dtype: torch.dtype
     max_model_len: int

@@ -358,9 +358,9 @@ def test_model_with_kernels_matches_cpu_float32():
     decode) against the CPU float32 model run without a cache."""
     from qwen_serve.layers.attention import bind_kv_cache, forward_context
     from qwen_serve.loader.weights import build_model, random_weights
-    from qwen_serve.models.config import Qwen2Config
+    from qwen_serve.models.config import ModelConfig
 
-    cfg = Qwen2Config.from_dict({
+    cfg = ModelConfig.from_dict({
         "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "intermediate_size": 4864,
         "num_hidden_layers": 2, "num_attention_heads": 14, "num_key_value_heads": 2,
         "vocab_size": 1000, "max_position_embeddings": 4096,

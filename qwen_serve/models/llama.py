@@ -1,4 +1,10 @@
-"""Qwen2ForCausalLM as a plain module over a flat batch of tokens (no padding, no batch axis).
+"""The Llama-style decoder as a plain module over a flat batch of tokens (no padding, no batch axis).
+
+Qwen2 and Llama (Llama 3 / 3.1 / 3.2, Yi-1.5, Mistral) are one architecture: pre-norm decoder layers of
+grouped-query attention with rotary positions and a SwiGLU MLP. What differs between them is data in their
+configs, read by models/config.py: Qwen2 puts biases on q, k and v, Llama's `attention_bias` on all four
+attention projections and `mlp_bias` on the MLP's; the rotary scaling (YaRN, Llama 3's, linear); tied or
+untied embeddings. So every architecture of the registry is this one class.
 
 `forward(input_ids, positions)` returns hidden states [num_tokens, hidden]; `compute_logits`
 turns the rows the caller wants (usually the last token of each sequence) into vocabulary logits.
@@ -24,16 +30,17 @@ from qwen_serve.layers.norm import RMSNorm
 from qwen_serve.layers.options import LayerOptions
 from qwen_serve.layers.rotary import RotaryEmbedding
 from qwen_serve.layers.vocab import VocabEmbedding
-from qwen_serve.models.config import Qwen2Config
+from qwen_serve.models.config import ModelConfig
 
 
-class Qwen2Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, rotary: RotaryEmbedding, opts: LayerOptions, prefix: str,
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, opts: LayerOptions, prefix: str,
                  dtype: torch.dtype) -> None:
         super().__init__()
         d, heads, kv_heads = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.qkv_proj = QKVLinear(cfg.hidden_size, d, heads, kv_heads, True, opts, f"{prefix}.qkv_proj", dtype)
-        self.o_proj = RowLinear(heads * d, cfg.hidden_size, False, opts, f"{prefix}.o_proj", dtype)
+        self.qkv_proj = QKVLinear(cfg.hidden_size, d, heads, kv_heads, cfg.qkv_bias, opts, f"{prefix}.qkv_proj",
+                                  dtype)
+        self.o_proj = RowLinear(heads * d, cfg.hidden_size, cfg.o_proj_bias, opts, f"{prefix}.o_proj", dtype)
         # This rank's heads (all of them without tensor parallelism).
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, d**-0.5, rotary, opts)
 
@@ -45,25 +52,25 @@ class Qwen2Attention(nn.Module):
         return self.o_proj(out)
 
 
-class Qwen2MLP(nn.Module):
-    def __init__(self, cfg: Qwen2Config, opts: LayerOptions, prefix: str, dtype: torch.dtype) -> None:
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: LayerOptions, prefix: str, dtype: torch.dtype) -> None:
         super().__init__()
         inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, False, opts,
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, cfg.mlp_bias, opts,
                                          f"{prefix}.gate_up_proj", dtype)
         self.act = SiluAndMul(opts)
-        self.down_proj = RowLinear(inter, cfg.hidden_size, False, opts, f"{prefix}.down_proj", dtype)
+        self.down_proj = RowLinear(inter, cfg.hidden_size, cfg.mlp_bias, opts, f"{prefix}.down_proj", dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))  # gate_up: [num_tokens, 2 * intermediate]
 
 
-class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2Config, rotary: RotaryEmbedding, opts: LayerOptions, prefix: str,
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, opts: LayerOptions, prefix: str,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.self_attn = Qwen2Attention(cfg, rotary, opts, f"{prefix}.self_attn", dtype)
-        self.mlp = Qwen2MLP(cfg, opts, f"{prefix}.mlp", dtype)
+        self.self_attn = LlamaAttention(cfg, rotary, opts, f"{prefix}.self_attn", dtype)
+        self.mlp = LlamaMLP(cfg, opts, f"{prefix}.mlp", dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts, dtype)
 
@@ -79,15 +86,15 @@ class Qwen2DecoderLayer(nn.Module):
         return self.mlp(h), residual
 
 
-class Qwen2Model(nn.Module):
-    def __init__(self, cfg: Qwen2Config, opts: LayerOptions, dtype: torch.dtype, prefix: str = "model") -> None:
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, opts: LayerOptions, dtype: torch.dtype, prefix: str = "model") -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, opts, f"{prefix}.embed_tokens", dtype)
         self.embed_tokens.used_for_lookup = True
         # One table shared by every layer; sized for the longest context the config allows.
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling)
         self.rotary = rotary
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, rotary, opts, f"{prefix}.layers.{i}", dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, opts, f"{prefix}.layers.{i}", dtype)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts, dtype)
 
@@ -100,7 +107,7 @@ class Qwen2Model(nn.Module):
         return self.norm(x, residual)[0]
 
 
-class Qwen2ForCausalLM(nn.Module):
+class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (fused parameter fragment, shard); a shard is named after its checkpoint module
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q_proj"),
@@ -110,12 +117,12 @@ class Qwen2ForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", "up_proj"),
     }
 
-    def __init__(self, cfg: Qwen2Config, opts: LayerOptions | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, cfg: ModelConfig, opts: LayerOptions | None = None, dtype: torch.dtype = torch.float32) -> None:
         """`dtype`: the parameters' and activations' dtype (quantized weights keep their own storage)."""
         super().__init__()
         opts = opts or LayerOptions()
         self.config = cfg
-        self.model = Qwen2Model(cfg, opts, dtype)
+        self.model = LlamaModel(cfg, opts, dtype)
         if cfg.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
