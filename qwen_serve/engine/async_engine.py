@@ -74,13 +74,17 @@ class AsyncEngine:
         *,
         engine: "LLMEngine | None" = None,
         max_waiting: int | None = None,
+        check_loaded: Callable[["LLMEngine"], None] | None = None,
     ) -> None:
+        """`check_loaded`: run on the loaded engine before it serves (a server option that needs the model,
+        such as its tokenizer's tokens); its ValueError fails the load like a bad checkpoint."""
         if config is None and engine is None:
             raise ValueError("AsyncEngine needs an EngineConfig to load from or a ready LLMEngine")
         if max_waiting is not None and max_waiting < 0:
             raise ValueError(f"--max-waiting must be >= 0, got {max_waiting}")
         self.config = config
         self.max_waiting = max_waiting
+        self._check_loaded = check_loaded
         self._engine = engine
         self._commands: queue.Queue[_Add | _Abort | _Stop] = queue.Queue()
         self._queues: dict[str, asyncio.Queue[_Item]] = {}
@@ -227,6 +231,12 @@ class AsyncEngine:
                 from qwen_serve.engine.llm_engine import LLMEngine
 
                 self._engine = LLMEngine.from_config(self.config)  # type: ignore[arg-type]
+            if self._check_loaded is not None:
+                try:
+                    self._check_loaded(self._engine)
+                except ValueError:
+                    self._engine.close()
+                    raise
             self._stats = self._engine.stats()
         except (ValueError, OSError) as err:  # a bad path, config or checkpoint: the message says it all
             self.load_error = err

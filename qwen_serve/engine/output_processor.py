@@ -84,7 +84,10 @@ class OutputProcessor:
             if st.stop.stop_reason is not None:
                 st.finish_reason, st.stop_reason = "stop", st.stop.stop_reason
         if st.finish_reason is None and seq.constraint is not None:
-            if not seq.constraint.accept(token_id) or seq.constraint.is_finished():
+            if seq.constraint_waits_for is not None:  # still thinking: the grammar starts after its end
+                if token_id == seq.constraint_waits_for:
+                    seq.constraint_waits_for = None
+            elif not seq.constraint.accept(token_id) or seq.constraint.is_finished():
                 st.finish_reason = "stop"
         if st.finish_reason is None and (
             (params.max_tokens is not None and n_out >= params.max_tokens) or seq.num_tokens >= self.max_model_len

@@ -26,7 +26,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "request", "sample_index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
         "block_ids", "block_hashes", "status", "num_cached_tokens", "num_preemptions", "constraint",
-        "num_pending_tokens",
+        "constraint_waits_for", "num_pending_tokens",
     )
 
     def __init__(self, request: "Request", sample_index: int, token_ids: list[int], num_prompt_tokens: int) -> None:
@@ -44,8 +44,10 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.num_preemptions = 0
-        # Structured-output state (a TokenConstraint), owned by the engine; opaque here.
+        # Structured-output state (a TokenConstraint), owned by the engine; opaque here. It constrains no
+        # token until `constraint_waits_for` (a reasoning model's </think>) has been sampled.
         self.constraint: Any = None
+        self.constraint_waits_for: int | None = getattr(request.params, "reasoning_end_token_id", None)
 
     @property
     def num_tokens(self) -> int:

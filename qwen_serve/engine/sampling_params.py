@@ -58,6 +58,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_output: dict[str, Any] | None = None
+    # A reasoning model's </think>: structured output constrains only the tokens after it (the answer).
+    reasoning_end_token_id: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (not to logprobs)
     allowed_token_ids: list[int] | None = None  # sample only among these (logprobs stay the model's)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -140,6 +142,9 @@ class SamplingParams:
         _check(spec is None or (isinstance(spec, dict)
                                 and spec.get("type") in ("json_object", "json_schema", "lark", "regex", "choice")),
                "structured_output", "must be a dict with type json_object, json_schema, lark, regex or choice")
+        _check(self.reasoning_end_token_id is None or (isinstance(self.reasoning_end_token_id, int)
+                                                       and self.reasoning_end_token_id >= 0),
+               "reasoning_end_token_id", "must be a non-negative token id")
         return self
 
 

@@ -40,7 +40,7 @@ def build_step_input(sched: SchedulerOutput, vocab_size: int) -> StepInput:
         rows = []
         for s in chunk.sample_seqs:
             rows.append(_sample_row(s))
-            if s.constraint is not None:
+            if s.constraint is not None and s.constraint_waits_for is None:
                 grammars.append((num_rows, s.constraint))
             num_rows += 1
         item = ChunkInput(seq.seq_id, chunk.start, chunk.num_tokens, chunk.token_ids, seq.block_ids, rows)

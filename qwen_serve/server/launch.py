@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -27,6 +28,7 @@ import uvicorn
 from qwen_serve.config import EngineConfig
 from qwen_serve.engine.async_engine import AsyncEngine
 from qwen_serve.server.connections import guarded_protocol, install_repeat_filter, raise_open_file_limit
+from qwen_serve.server.reasoning import PARSERS as REASONING_PARSERS, ReasoningTags
 
 API_KEY_ENV = "QWEN_SERVE_API_KEY"
 RESPONSE_GRACE_S = 5.0  # after the graceful timeout, for the ended requests to write their error responses
@@ -51,6 +53,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--content-special-tokens", action="store_true",
                    help="read special tokens written in chat message content (<|im_start|>...) as control tokens, "
                         "which lets a user forge turns; by default they are text, as in OpenAI's API")
+    g.add_argument("--reasoning-parser", choices=tuple(REASONING_PARSERS), default=None,
+                   help="a reasoning model's <think>...</think> becomes reasoning_content, and tool calls and JSON "
+                        "output apply to the answer after it (vLLM's flag)")
     g.add_argument("--max-prompts-per-request", type=int, default=256,
                    help="prompts one /v1/completions request may batch (default: 256)")
     g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
@@ -87,8 +92,21 @@ def _settings(args: argparse.Namespace):
         max_prompts_per_request=args.max_prompts_per_request,
         allowed_origins=args.allowed_origins,
         content_special_tokens=args.content_special_tokens,
+        reasoning_parser=args.reasoning_parser,
         model_root=args.model,
     )
+
+
+def _loaded_check(settings: Any) -> Callable[[Any], None] | None:
+    """What the server must check on the loaded model: the reasoning parser's tags in its tokenizer."""
+    name = settings.reasoning_parser
+    if name is None:
+        return None
+
+    def check(engine: Any) -> None:
+        ReasoningTags.of(name, engine.tokenizer)
+
+    return check
 
 
 def _url_host(host: str) -> str:
@@ -105,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         config = EngineConfig.from_cli_args(args)
         settings = _settings(args)
-        engine = AsyncEngine(config, max_waiting=args.max_waiting)
+        engine = AsyncEngine(config, max_waiting=args.max_waiting, check_loaded=_loaded_check(settings))
         if args.max_connections < 1 or args.header_timeout <= 0 or args.timeout_keep_alive <= 0:
             raise ValueError("--max-connections must be at least 1, --header-timeout and --timeout-keep-alive positive")
         if args.generation_config not in ("auto", "vllm") and not os.path.isdir(args.generation_config):

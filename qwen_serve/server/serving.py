@@ -28,6 +28,7 @@ from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams,
 from qwen_serve.server.errors import APIError, error_body
 from qwen_serve.server.metrics import ServerMetrics
 from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, SamplingFields
+from qwen_serve.server.reasoning import ReasoningTags, check_parser_name
 from qwen_serve.structured import StructuredOutputError, precompile
 
 T = TypeVar("T")
@@ -48,6 +49,8 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     # Special tokens written in message content are control tokens (True) or their text (False, OpenAI's way).
     content_special_tokens: bool = False
+    # vLLM's --reasoning-parser: <think>...</think> becomes reasoning_content (server/reasoning.py).
+    reasoning_parser: str | None = None
     retry_after_s: int = 1
     model_root: str | None = None
 
@@ -58,6 +61,7 @@ class ServerSettings:
             raise ValueError(f"--max-prompts-per-request must be at least 1, got {self.max_prompts_per_request}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"the request body limit must be at least 1 KiB, got {self.max_body_bytes} bytes")
+        check_parser_name(self.reasoning_parser)
 
 
 class ClientDisconnected(Exception):
@@ -76,6 +80,14 @@ class Serving:
         self.settings = settings
         self.metrics = metrics
         self._defaults: dict[str, Any] | None = None
+        self._reasoning: ReasoningTags | None = None
+
+    @property
+    def reasoning(self) -> ReasoningTags | None:
+        """The --reasoning-parser's tags in this model's tokenizer (checked when the model loaded)."""
+        if self._reasoning is None and self.settings.reasoning_parser is not None:
+            self._reasoning = ReasoningTags.of(self.settings.reasoning_parser, self.tokenizer)
+        return self._reasoning
 
     # ------------------------------------------------------------ checks
 
@@ -186,7 +198,8 @@ class Serving:
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                         structured_output: dict[str, Any] | None = None,
-                        prompt_logprobs: int | None = None, stream: bool = True) -> SamplingParams:
+                        prompt_logprobs: int | None = None, stream: bool = True,
+                        reasoning_end_token_id: int | None = None) -> SamplingParams:
         """Request fields over --generation-config defaults; every field is set explicitly, so the
         engine applies no defaults of its own on top. A request that is not streamed asks the engine
         for its final output only: under load, an output per request per step (built, then passed to
@@ -205,6 +218,7 @@ class Serving:
             max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
             structured_output=structured_output, prompt_logprobs=prompt_logprobs,
+            reasoning_end_token_id=reasoning_end_token_id,
             output_kind=RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY,
         )
         try:

@@ -11,13 +11,15 @@ usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from qwen_serve.engine.sampling_params import SamplingParams
 from qwen_serve.server.errors import APIError
 from qwen_serve.server.protocol import (
     ChatChoice,
@@ -48,6 +50,7 @@ from qwen_serve.server.serving import (
     until_disconnected,
     usage_of,
 )
+from qwen_serve.server.reasoning import ReasoningSplitter
 from qwen_serve.server.tool_calls import StreamEvent, ToolCallParser, parse_tool_calls, tool_choice_spec
 
 
@@ -130,12 +133,21 @@ def _finish_reason(output: CompletionOutput, has_calls: bool) -> str | None:
     return "tool_calls" if has_calls and output.finish_reason == "stop" else output.finish_reason
 
 
-def output_to_message(output: CompletionOutput, req: ChatCompletionRequest) -> tuple[ResponseMessage, str | None]:
-    """The assistant message and finish reason of one finished sample."""
+def output_to_message(output: CompletionOutput, req: ChatCompletionRequest,
+                      reasoning: ReasoningSplitter | None = None) -> tuple[ResponseMessage, str | None]:
+    """The assistant message and finish reason of one finished sample; with a reasoning model's splitter,
+    the thinking goes to reasoning_content and only the answer is read for tool calls."""
+    text, thinking = output.text, None
+    if reasoning is not None:
+        reasoning.feed(text)
+        reasoning.finish()
+        text, thinking = reasoning.content, reasoning.reasoning
     if not parses_tool_calls(req):
-        return ResponseMessage(content=output.text), output.finish_reason
-    parsed = parse_tool_calls(output.text, tool_names=_tool_names(req))
-    message = ResponseMessage(content=parsed.content, tool_calls=[c.to_openai() for c in parsed.tool_calls])
+        return ResponseMessage(content=text, reasoning_content=thinking), output.finish_reason
+    parsed = parse_tool_calls(text or "", tool_names=_tool_names(req))
+    content = parsed.content if text is not None else None
+    message = ResponseMessage(content=content, reasoning_content=thinking,
+                              tool_calls=[c.to_openai() for c in parsed.tool_calls])
     return message, _finish_reason(output, bool(parsed.tool_calls))
 
 
@@ -143,24 +155,40 @@ class MessageStream:
     """One streamed choice: turns the engine's text deltas into delta messages.
 
     Stateful on purpose (a parser may hold text back across deltas); `finish` flushes what is held
-    and gives the finish reason.
+    and gives the finish reason. A reasoning model's thinking comes out as reasoning_content deltas; the
+    answer goes on to the tool-call parser, if any.
     """
 
-    def __init__(self, req: ChatCompletionRequest) -> None:
+    def __init__(self, req: ChatCompletionRequest, reasoning: ReasoningSplitter | None = None) -> None:
         self.req = req
-        # The same parser as output_to_message, fed delta by delta: streamed == non-streamed.
+        self._reasoning = reasoning
+        # The same parsers as output_to_message, fed delta by delta: streamed == non-streamed.
         self._tools = ToolCallParser(tool_names=_tool_names(req)) if parses_tool_calls(req) else None
 
     def feed(self, delta_text: str) -> list[DeltaMessage]:
-        if self._tools is None:
-            return [DeltaMessage(content=delta_text)] if delta_text else []
-        return _delta_messages(self._tools.feed(delta_text))
+        if self._reasoning is None:
+            return self._answer(delta_text)
+        thought, answer = self._reasoning.feed(delta_text)
+        return self._thought(thought) + self._answer(answer)
 
     def finish(self, output: CompletionOutput) -> tuple[list[DeltaMessage], str | None]:
+        tail: list[DeltaMessage] = []
+        if self._reasoning is not None:
+            thought, answer = self._reasoning.finish()
+            tail = self._thought(thought) + self._answer(answer)
         if self._tools is None:
-            return [], output.finish_reason
-        tail = _delta_messages(self._tools.finish())
+            return tail, output.finish_reason
+        tail += _delta_messages(self._tools.finish())
         return tail, _finish_reason(output, bool(self._tools.result().tool_calls))
+
+    @staticmethod
+    def _thought(text: str) -> list[DeltaMessage]:
+        return [DeltaMessage(reasoning_content=text)] if text else []
+
+    def _answer(self, text: str) -> list[DeltaMessage]:
+        if self._tools is None:
+            return [DeltaMessage(content=text)] if text else []
+        return _delta_messages(self._tools.feed(text))
 
 
 def _delta_messages(events: list[StreamEvent]) -> list[DeltaMessage]:
@@ -184,8 +212,21 @@ def chat_logprobs(token_ids: list[int], positions: list[dict[int, Logprob]] | No
     return ChoiceLogprobs(content=content)
 
 
+@dataclass(slots=True)
+class PreparedChat:
+    """A validated chat request, rendered and tokenized, with the engine's parameters."""
+
+    request: ChatCompletionRequest
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    top_k: int
+    splitter: Callable[[], ReasoningSplitter | None]  # a fresh reasoning splitter per choice (None: no parser)
+
+
 class ChatServing(Serving):
-    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+    async def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+        """Checks, renders and tokenizes a chat request (APIError for what is wrong with it)."""
         try:
             req.validate_fields()
         except ValueError as err:
@@ -206,10 +247,19 @@ class ChatServing(Serving):
         limit = req.output_limit if req.output_limit is not None else self.max_tokens_default()
         max_tokens = self.check_context(len(prompt_ids), limit)
         top_k = req.top_logprobs or 0
+        tags = self.reasoning
+        waits = tags is not None and structured is not None and tags.grammar_waits(prompt_ids)
         params = self.sampling_params(req, max_tokens=max_tokens, logprobs=top_k if req.logprobs else None,
-                                      structured_output=structured, stream=bool(req.stream))
+                                      structured_output=structured, stream=bool(req.stream),
+                                      reasoning_end_token_id=tags.end_id if waits else None)
+        splitter = (lambda: tags.splitter(prompt_ids)) if tags is not None else (lambda: None)
+        return PreparedChat(req, model, prompt_ids, params, top_k, splitter)
+
+    async def create(self, req: ChatCompletionRequest, request: Request) -> Response:
+        prep = await self.prepare(req)
+        model, top_k, splitter = prep.model, prep.top_k, prep.splitter
         request_id = random_id("chatcmpl")
-        merged = merge_streams([self.generate(prompt_ids, params, request_id)])
+        merged = merge_streams([self.generate(prep.prompt_ids, prep.params, request_id)])
         try:
             first = await until_disconnected(request, anext(merged))
         except ClientDisconnected:
@@ -218,12 +268,12 @@ class ChatServing(Serving):
             raise APIError(500, "the engine returned no output") from None
         first_out = first[1]
         if req.stream:
-            return SSEResponse(self._stream(req, model, request_id, first_out, merged, top_k))
+            return SSEResponse(self._stream(req, model, request_id, first_out, merged, top_k, splitter))
         try:
             final = await until_disconnected(request, self._collect(first_out, merged))
         except ClientDisconnected:
             return JSONResponse({}, status_code=499)
-        return json_response(self._response(req, model, request_id, first_out, final, top_k))
+        return json_response(self._response(req, model, request_id, first_out, final, top_k, splitter))
 
     async def _collect(self, first: RequestOutput, rest: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput]:
         final = {o.index: o for o in first.outputs}
@@ -233,11 +283,12 @@ class ChatServing(Serving):
         return final
 
     def _response(self, req: ChatCompletionRequest, model: str, request_id: str, first: RequestOutput,
-                  final: dict[int, CompletionOutput], top_k: int) -> ChatCompletionResponse:
+                  final: dict[int, CompletionOutput], top_k: int,
+                  splitter: Callable[[], ReasoningSplitter | None]) -> ChatCompletionResponse:
         choices = []
         for index in sorted(final):
             o = final[index]
-            message, finish = output_to_message(o, req)
+            message, finish = output_to_message(o, req, splitter())
             choices.append(ChatChoice(
                 index=index, message=message, finish_reason=finish, stop_reason=o.stop_reason,
                 logprobs=chat_logprobs(o.token_ids, o.logprobs, top_k) if req.logprobs else None,
@@ -248,7 +299,8 @@ class ChatServing(Serving):
         )
 
     async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str, first: RequestOutput,
-                      rest: AsyncIterator[tuple[int, RequestOutput]], top_k: int) -> AsyncIterator[str]:
+                      rest: AsyncIterator[tuple[int, RequestOutput]], top_k: int,
+                      splitter: Callable[[], ReasoningSplitter | None]) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -261,7 +313,7 @@ class ChatServing(Serving):
 
         for i in range(req.n):  # the role comes first, alone, for every choice
             yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        streams = {i: MessageStream(req) for i in range(req.n)}
+        streams = {i: MessageStream(req, splitter()) for i in range(req.n)}
         finished: set[int] = set()
         out = first
         try:

@@ -51,12 +51,13 @@ def server_tokens(url: str, body: dict) -> int:
         return json.load(r)["count"]
 
 
-def sse_body(pieces: list[str], finish: str = "stop") -> str:
+def sse_body(pieces: list[str], finish: str = "stop", thinking: list[str] = ()) -> str:
     def chunk(delta: dict, finish_reason=None) -> str:
         return "data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
                                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}) + "\n\n"
 
     out = chunk({"role": "assistant", "content": ""})
+    out += "".join(chunk({"reasoning_content": p}) for p in thinking)  # as --reasoning-parser streams it
     out += "".join(chunk({"content": p}) for p in pieces)
     out += chunk({}, finish)
     usage = {"prompt_tokens": 20, "completion_tokens": len(pieces), "total_tokens": 20 + len(pieces)}
@@ -64,13 +65,14 @@ def sse_body(pieces: list[str], finish: str = "stop") -> str:
     return out + "data: [DONE]\n\n"
 
 
-def fake_reply(page, pieces: list[str], seen: list[dict] | None = None, crlf: bool = False) -> None:
-    """Answers the next chat completion with `pieces` (only that one request is faked)."""
+def fake_reply(page, pieces: list[str], seen: list[dict] | None = None, crlf: bool = False,
+               thinking: list[str] = ()) -> None:
+    """Answers the next chat completion with `pieces`, after `thinking` (only that one request is faked)."""
 
     def handle(route):
         if seen is not None:
             seen.append(route.request.post_data_json)
-        body = sse_body(pieces)
+        body = sse_body(pieces, thinking=thinking)
         route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
                       body=body.replace("\n", "\r\n") if crlf else body)
 
@@ -461,3 +463,25 @@ def test_reload_mid_stream_keeps_the_partial_reply(chat) -> None:
     kept = last_reply(page).locator(".content").inner_text()
     assert kept and streamed.startswith(kept[:20])
     assert page.is_visible("#send")
+
+
+def test_thinking_is_shown_collapsed_with_its_length_and_never_sent_back(chat) -> None:
+    """A reasoning model's stream (reasoning_content deltas, then content): the answer is the reply, the
+    thinking sits above it in a closed <details> that says how long it is, and the next request's history
+    carries the answer only."""
+    page, _ = chat
+    thinking = ["The user greets me.", " I should greet back."]
+    fake_reply(page, ["Hello", " there!"], thinking=thinking)
+    send_and_wait(page, "Hi")
+    reply = last_reply(page)
+    details = reply.locator("details.thinking")
+    assert details.count() == 1 and details.get_attribute("open") is None
+    assert details.locator("summary").inner_text() == f"Thought · {len(''.join(thinking))} characters"
+    assert reply.locator(".answer").inner_text() == "Hello there!"
+    expect(reply.locator(".thinking-text")).to_be_hidden()
+    details.locator("summary").click()
+    expect(reply.locator(".thinking-text")).to_have_text("".join(thinking))
+    seen: list[dict] = []
+    fake_reply(page, ["Fine."], seen)
+    send_and_wait(page, "How are you?")
+    assert [m["content"] for m in seen[0]["messages"] if m["role"] == "assistant"] == ["Hello there!"]

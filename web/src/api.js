@@ -105,11 +105,12 @@ async function* sseData(response) {
 }
 
 /**
- * Streams one chat completion. Calls onDelta(text) per content piece; returns {finishReason, usage}
+ * Streams one chat completion. Calls onDelta(text) per content piece and onReasoning(text) per piece of a
+ * reasoning model's thinking (reasoning_content, with --reasoning-parser); returns {finishReason, usage}
  * (usage from the last chunk, asked for with stream_options.include_usage). Aborting `signal`
  * throws an AbortError, which the caller turns into a stopped reply.
  */
-export async function streamChat(body, { signal, onDelta }) {
+export async function streamChat(body, { signal, onDelta, onReasoning }) {
   const response = await request('v1/chat/completions', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
@@ -125,6 +126,8 @@ export async function streamChat(body, { signal, onDelta }) {
     if (chunk.usage) usage = chunk.usage;
     const choice = chunk.choices?.[0];
     if (!choice) continue;
+    const thought = choice.delta?.reasoning_content;
+    if (thought) onReasoning(thought);
     const text = choice.delta?.content;
     if (text) onDelta(text);
     if (choice.finish_reason) finishReason = choice.finish_reason;

@@ -297,20 +297,31 @@ function statsText(stats) {
   return parts.join(' · ');
 }
 
+/** A reasoning model's thinking, collapsed under a line with its length; kept open if the user opened it. */
+function thinkingView(m, streaming, wasOpen) {
+  const label = `${streaming && !m.content ? 'Thinking' : 'Thought'} · ${fmt(m.reasoning.length)} characters`;
+  const details = el('details', { class: 'thinking' }, el('summary', { text: label }), el('div', { class: 'thinking-text', text: m.reasoning }));
+  details.open = wasOpen;
+  return details;
+}
+
 function renderContent(container, m) {
   const streaming = state.generation?.id === m.id;
   if (m.role !== 'assistant') {
     container.textContent = m.content;
     return;
   }
+  const wasOpen = container.querySelector(':scope > details.thinking')?.open ?? false;
+  const answer = el('div', { class: 'answer' });
   if (m.jsonMode && !streaming) {
-    container.dataset.jsonValid = String(renderJson(container, m.content));
+    container.dataset.jsonValid = String(renderJson(answer, m.content));
   } else if (m.jsonMode) {
-    container.replaceChildren(el('pre', {}, el('code', { text: m.content })));
+    answer.replaceChildren(el('pre', {}, el('code', { text: m.content })));
   } else {
-    renderMarkdown(container, m.content);
+    renderMarkdown(answer, m.content);
   }
-  if (streaming) container.append(el('span', { class: 'cursor', 'aria-hidden': 'true' }));
+  if (streaming) answer.append(el('span', { class: 'cursor', 'aria-hidden': 'true' }));
+  container.replaceChildren(...(m.reasoning ? [thinkingView(m, streaming, wasOpen)] : []), answer);
 }
 
 function switcher(m) {
@@ -487,6 +498,18 @@ async function generateReply(parentId) {
   let start = null;
   let firstAt = null;
   let savedAt = performance.now();
+  // One streamed piece (answer or thinking): counted, shown, and stored now and then, so that a reload
+  // mid-stream keeps what had arrived.
+  const received = (add) => {
+    firstAt ??= performance.now();
+    add();
+    pieces += 1;
+    scheduleStreamRender(reply);
+    if (performance.now() - savedAt > 2000) {
+      savedAt = performance.now();
+      db.save(conv, [reply]).catch(() => {}); // the save at the end reports errors
+    }
+  };
   let result = null;
   try {
     await persist([reply, parent]);
@@ -508,17 +531,8 @@ async function generateReply(parentId) {
     start = performance.now();
     result = await api.streamChat(body, {
       signal: controller.signal,
-      onDelta: (text) => {
-        firstAt ??= performance.now();
-        reply.content += text;
-        pieces += 1;
-        scheduleStreamRender(reply);
-        // Store the partial reply now and then, so a reload mid-stream keeps what had arrived.
-        if (performance.now() - savedAt > 2000) {
-          savedAt = performance.now();
-          db.save(conv, [reply]).catch(() => {}); // the save at the end reports errors
-        }
-      },
+      onDelta: (text) => received(() => { reply.content += text; }),
+      onReasoning: (text) => received(() => { reply.reasoning = (reply.reasoning ?? '') + text; }),
     });
   } catch (e) {
     if (e.name === 'AbortError') {
