@@ -177,3 +177,16 @@ def test_server_refuses_a_parser_for_a_model_without_tags(tiny_chat_checkpoint: 
                           "--port", "0", "--reasoning-parser", "qwen3", "--dtype", "float32"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "has no <think> and </think> tokens" in run.stderr, run.stderr[-2000:]
+
+
+def test_responses_api_returns_thinking_as_a_reasoning_item(client):
+    """/v1/responses: the thinking is a reasoning item (its tokens counted as reasoning tokens), streamed as
+    reasoning_text deltas that add up to it."""
+    resp = client.responses.create(model="r1", input=MESSAGES[0]["content"], max_output_tokens=8, temperature=0)
+    chat = client.chat.completions.create(model="r1", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert [item.type for item in resp.output] == ["reasoning"]
+    assert resp.output[0].content[0].text == chat.choices[0].message.reasoning_content
+    assert resp.usage.output_tokens_details.reasoning_tokens == 8
+    events = list(client.responses.create(model="r1", input=MESSAGES[0]["content"], max_output_tokens=8,
+                                          temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == resp.output[0].content[0].text

@@ -1,6 +1,6 @@
 """`build_app(engine, settings)`: the FastAPI application, its routes and its middleware.
 
-Routes: /v1/models, /v1/chat/completions, /v1/completions, /tokenize, /detokenize, /health,
+Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/responses, /tokenize, /detokenize, /health,
 /metrics, /version, and the chat page from `qwen_serve.server.webui` when that module is present.
 Middleware, outermost first: response counting by status, CORS and the origin check (only the server's
 own page and `--allowed-origins` may call it from a browser), API key (Bearer, compared in
@@ -35,12 +35,14 @@ from qwen_serve.server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
 from qwen_serve.server.serving import Serving, ServerSettings
 from qwen_serve.server.serving_chat import ChatServing, message_dicts
 from qwen_serve.server.serving_completion import CompletionServing
+from qwen_serve.server.serving_responses import ResponsesServing, ResponseStore
 
 def _needs_key(path: str) -> bool:
     # /health, /metrics, /version and the chat page stay open (load balancers, Prometheus, the browser).
@@ -137,6 +139,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     metrics = ServerMetrics(engine.stats)
     chat = ChatServing(engine, settings, metrics)
     completion = CompletionServing(engine, settings, metrics)
+    responses = ResponsesServing(engine, settings, metrics, store=ResponseStore(settings.max_stored_responses))
     base = Serving(engine, settings, metrics)
 
     @contextlib.asynccontextmanager
@@ -184,6 +187,18 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/v1/chat/completions", responses=api_errors)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         return await chat.create(req, request)
+
+    @app.post("/v1/responses", responses=api_errors)
+    async def create_response(req: ResponsesRequest, request: Request) -> Response:
+        return await responses.create(req, request)
+
+    @app.get("/v1/responses/{response_id}", responses=error_responses(401, 403, 404, 500))
+    async def retrieve_response(response_id: str) -> Response:
+        found = responses.store.get(response_id)
+        if found is None:
+            raise APIError(404, f"response '{response_id}' is not stored (never made with store true, or evicted)",
+                           param="response_id", code="response_not_found")
+        return JSONResponse(found[0])
 
     @app.post("/v1/completions", responses=api_errors)
     async def completions(req: CompletionRequest, request: Request) -> Response:

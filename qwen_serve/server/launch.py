@@ -56,6 +56,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", choices=tuple(REASONING_PARSERS), default=None,
                    help="a reasoning model's <think>...</think> becomes reasoning_content, and tool calls and JSON "
                         "output apply to the answer after it (vLLM's flag)")
+    g.add_argument("--max-stored-responses", type=int, default=1000,
+                   help="/v1/responses kept in memory for previous_response_id (default: the newest 1000)")
     g.add_argument("--max-prompts-per-request", type=int, default=256,
                    help="prompts one /v1/completions request may batch (default: 256)")
     g.add_argument("--max-request-body-mb", type=float, default=32.0, help="request body limit in MiB (default: 32)")
@@ -93,6 +95,7 @@ def _settings(args: argparse.Namespace):
         allowed_origins=args.allowed_origins,
         content_special_tokens=args.content_special_tokens,
         reasoning_parser=args.reasoning_parser,
+        max_stored_responses=args.max_stored_responses,
         model_root=args.model,
     )
 

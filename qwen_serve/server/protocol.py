@@ -505,3 +505,55 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---------------------------------------------------------------- responses (OpenAI's Responses API)
+
+class ResponseTextFormat(_Request):
+    """`text.format`: plain text, any JSON object, or JSON matching `schema`."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = "schema"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    def response_format(self) -> dict[str, Any]:
+        """The same request as chat's response_format."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema_, "strict": self.strict}}
+
+
+class ResponseTextConfig(_Request):
+    format: ResponseTextFormat = Field(default_factory=ResponseTextFormat)
+
+
+class FunctionTool(_Request):
+    """A Responses-API tool: the function's fields at the top level (chat nests them under `function`)."""
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesRequest(_Request):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    text: ResponseTextConfig | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    # Fields whose other values this server cannot honour: refused rather than ignored.
+    background: bool = False
+    truncation: Literal["disabled", "auto"] = "disabled"

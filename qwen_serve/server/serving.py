@@ -51,6 +51,8 @@ class ServerSettings:
     content_special_tokens: bool = False
     # vLLM's --reasoning-parser: <think>...</think> becomes reasoning_content (server/reasoning.py).
     reasoning_parser: str | None = None
+    # /v1/responses kept in memory for previous_response_id and retrieval: the newest this many.
+    max_stored_responses: int = 1000
     retry_after_s: int = 1
     model_root: str | None = None
 
@@ -62,6 +64,8 @@ class ServerSettings:
         if self.max_body_bytes < 1024:
             raise ValueError(f"the request body limit must be at least 1 KiB, got {self.max_body_bytes} bytes")
         check_parser_name(self.reasoning_parser)
+        if self.max_stored_responses < 0:
+            raise ValueError(f"--max-stored-responses must be >= 0, got {self.max_stored_responses}")
 
 
 class ClientDisconnected(Exception):
