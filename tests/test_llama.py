@@ -21,15 +21,16 @@ VOCAB = 320
 
 def make_llama_checkpoint(folder: Path, *, mistral: bool = False, tied: bool = False, rope_scaling: dict | None = None,
                           attention_bias: bool = False, mlp_bias: bool = False, head_dim: int | None = None,
-                          sliding_window: int | None = None, max_pos: int = 512, seed: int = 0) -> Path:
+                          sliding_window: int | None = None, max_pos: int = 512, seed: int = 0,
+                          vocab: int = VOCAB) -> Path:
     """A random Llama (or Mistral) saved by transformers' save_pretrained (float32); weights scaled up so
     that greedy choices have clear margins, biases (when present) made non-zero."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(hidden_size=64, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=max_pos,
-                  tie_word_embeddings=tied, rope_theta=10000.0, bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1)
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=max_pos,
+                  tie_word_embeddings=tied, rope_theta=10000.0, bos_token_id=vocab - 2, eos_token_id=vocab - 1)
     if mistral:
         cfg = transformers.MistralConfig(**common, sliding_window=sliding_window, head_dim=head_dim or 16)
         model = transformers.MistralForCausalLM(cfg)
@@ -116,7 +117,7 @@ def test_mistral_sliding_window_bounds_the_context(tmp_path):
 
 @pytest.mark.parametrize("bad,match", [
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, r"rope scaling type 'dynamic' is not supported; "
-                                                               r"supported: \('yarn', 'llama3', 'linear'\)"),
+                                                               r"supported: \('yarn', 'llama3', 'linear', 'freq_factors'\)"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
      "high_freq_factor > low_freq_factor"),
     ({"architectures": ["GPT2LMHeadModel"]}, r"architecture \['GPT2LMHeadModel'\] is not supported; qwen-serve "
@@ -215,3 +216,61 @@ def test_llama_chat_template_and_bos_through_the_server(llama_chat_checkpoint: P
         assert done.usage.prompt_tokens == len(prompt["tokens"])
     finally:
         assert proc.stop() == 0, proc.output()[-3000:]
+
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 64}
+
+
+def llama_cpp_rope_freqs(head_dim: int, base: float, s: dict) -> list[float]:
+    """What llama.cpp's converter writes as rope_freqs.weight for Llama 3.1's scaling: each frequency's divisor."""
+    import math
+
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < s["original_max_position_embeddings"] / s["high_freq_factor"]:
+            out.append(1.0)
+        elif wavelen > s["original_max_position_embeddings"] / s["low_freq_factor"]:
+            out.append(s["factor"])
+        else:
+            smooth = ((s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"])
+                      / (s["high_freq_factor"] - s["low_freq_factor"]))
+            out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return out
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["f16", "q8_0"])
+def test_llama_gguf_matches_its_source(tmp_path, monkeypatch, quantize):
+    """A llama-architecture GGUF written as llama.cpp's converter writes one (q/k rows interleaved, Llama 3.1's
+    scaling as rope_freqs, Llama 3's pre-tokenizer, BOS added) from a transformers model: F16 weights (the
+    source rounded to float16 first) give the source's logits; Q8_0 blocks give transformers' own reading of
+    the same GGUF (it undoes the interleave itself; that file has no rope scaling, which it does not read)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from qwen_serve.loader.resolve import resolve_model
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+    from test_loading import _tiny_vocab, write_tiny_gguf
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    scaling = None if quantize else LLAMA31
+    hf = make_llama_checkpoint(tmp_path / "hf", rope_scaling=scaling, vocab=len(_tiny_vocab()[0]), max_pos=256)
+    weights = load_file(hf / "model.safetensors")
+    save_file({k: v.half().float() for k, v in weights.items()}, hf / "model.safetensors", metadata={"format": "pt"})
+    freqs = None if scaling is None else llama_cpp_rope_freqs(16, 10000.0, scaling)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, arch="llama", quantize=quantize, rope_freqs=freqs)
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+
+    folder = resolve_model(str(path))
+    ours = load_model(folder, load_model_config(folder), torch.float32, "cpu")
+    assert ours.config.architecture == "LlamaForCausalLM"
+    prompt = torch.randint(0, ours.config.vocab_size, (150,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([150])):
+        got = ours.compute_logits(ours(prompt, torch.arange(150)))
+        ref = (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32) if quantize
+               else _reference(hf)).eval()
+        expected = ref(prompt[None]).logits[0].float()
+    assert (got - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item())
+    tok = Tokenizer.from_folder(folder)
+    assert tok.encode("hello", add_special_tokens=True)[0] == tok.bos_token_id

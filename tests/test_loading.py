@@ -42,11 +42,19 @@ def _tiny_vocab() -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
+def llama_cpp_interleave(rows: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's permutation of a llama model's q/k rows (its `LlamaModel.permute`): within each
+    head, the two rotary halves interleaved."""
+    return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
 def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_override: int | None = None,
-                    quantize: bool = True, drop_output: bool = False, blocks=None) -> Path:
-    """A GGUF of the HF checkpoint in `hf_folder`, laid out as llama.cpp writes qwen2 models: 2-D tensors
-    in Q8_0 (`quantize`) or F16, or in what `blocks(gguf name, array)` returns: (type name, raw bytes
-    [rows, bytes a row]) or None."""
+                    quantize: bool = True, drop_output: bool = False, blocks=None,
+                    rope_freqs: list[float] | None = None) -> Path:
+    """A GGUF of the HF checkpoint in `hf_folder`, laid out as llama.cpp writes qwen2 (or llama) models: 2-D
+    tensors in Q8_0 (`quantize`) or F16, or in what `blocks(gguf name, array)` returns: (type name, raw bytes
+    [rows, bytes a row]) or None. For llama: q/k rows interleaved, Llama 3's BPE pre-tokenizer with BOS
+    added, and `rope_freqs` (Llama 3.1's scaling) as its tensor."""
     import gguf
 
     cfg = json.loads((hf_folder / "config.json").read_text())
@@ -61,7 +69,11 @@ def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_ove
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+    w.add_tokenizer_pre("llama-bpe" if arch == "llama" else "qwen2")
+    if arch == "llama":
+        w.add_add_bos_token(True)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -78,6 +90,9 @@ def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_ove
             else:
                 _, _, layer, rest = name.split(".", 3)
                 gname = f"blk.{layer}.{_LAYER_TO_GGUF[rest]}"
+                if arch == "llama" and rest.split(".")[1] in ("q_proj", "k_proj"):
+                    heads = cfg["num_attention_heads" if "q_proj" in rest else "num_key_value_heads"]
+                    arr = np.ascontiguousarray(llama_cpp_interleave(arr, heads))
             chosen = blocks(gname, arr) if blocks is not None and arr.ndim == 2 else None
             if chosen is not None:
                 w.add_tensor(gname, chosen[1], raw_dtype=gguf.GGMLQuantizationType[chosen[0]])
@@ -232,8 +247,8 @@ def test_gguf_errors(tiny_hf: Path, tmp_path: Path, cache: Path) -> None:
         cut_file.write_bytes(good.read_bytes()[:cut])
         with pytest.raises(ValueError, match=rf"cut{cut}\.gguf: truncated"):
             resolve_model(str(cut_file))
-    with pytest.raises(ValueError, match="architecture 'llama' is not supported"):
-        resolve_model(str(write_tiny_gguf(tmp_path / "llama.gguf", tiny_hf, arch="llama")))
+    with pytest.raises(ValueError, match=r"architecture 'gemma' is not supported; qwen-serve reads GGUF files of \('qwen2', 'llama'\)"):
+        resolve_model(str(write_tiny_gguf(tmp_path / "gemma.gguf", tiny_hf, arch="gemma")))
     ffn = json.loads((tiny_hf / "config.json").read_text())["intermediate_size"]
     with pytest.raises(ValueError, match=r"shape\.gguf: tensor blk\.0\.ffn_(gate|up|down)\.weight \(model\.layers\.0\.mlp\.\w+_proj\.weight\) has shape"):
         resolve_model(str(write_tiny_gguf(tmp_path / "shape.gguf", tiny_hf, ffn_override=ffn + 32)))

@@ -60,6 +60,11 @@ def scaled_inv_freq(head_dim: int, base: float, s: RopeScaling | None) -> tuple[
         return yarn_inv_freq(head_dim, base, s)
     if s.rope_type == "llama3":
         return llama3_inv_freq(head_dim, base, s), 1.0
+    if s.rope_type == "freq_factors":
+        factors = torch.tensor(s.freq_factors, dtype=torch.float32)
+        if factors.shape != (head_dim // 2,) or not bool((factors > 0).all()):
+            raise ValueError(f"rope freq_factors must be {head_dim // 2} positive numbers")
+        return plain_inv_freq(head_dim, base) / factors, 1.0
     return plain_inv_freq(head_dim, base) / s.factor, 1.0  # linear: positions divided by the factor
 
 

@@ -1,20 +1,24 @@
-"""Describes a qwen2-architecture GGUF file as an HF-style folder in the cache, once per file.
+"""Describes a qwen2- or llama-architecture GGUF file as an HF-style folder in the cache, once per file.
 
 The weights stay in the GGUF: the folder holds what the rest of the engine reads from a Hugging Face
 checkpoint, and an index of the file's tensors that `iter_gguf_weights` reads at load (plain reads at
 their offsets, no GGUF parsing, no converted copy):
-  config.json             Qwen2ForCausalLM hyperparameters from `qwen2.*` metadata, and a `gguf`
-                          quantization_config naming each weight's GGML type (layers/quantization/gguf.py)
+  config.json             Qwen2ForCausalLM / LlamaForCausalLM hyperparameters from `qwen2.*` / `llama.*`
+                          metadata, and a `gguf` quantization_config naming each weight's GGML type
+                          (layers/quantization/gguf.py)
   gguf_tensors.json       HF name -> GGML type, shape, offset and length in the GGUF; the file's path and size
-  tokenizer.json          byte-level BPE with Qwen2's pre-tokenizer regex, vocab + merges + added
-                          tokens from `tokenizer.ggml.*` (CONTROL tokens special, USER_DEFINED not)
+  tokenizer.json          byte-level BPE with the pre-tokenizer regex `tokenizer.ggml.pre` names (Qwen2's or
+                          Llama 3's), vocab + merges + added tokens from `tokenizer.ggml.*` (CONTROL tokens
+                          special, USER_DEFINED not), BOS added to raw text when the file says so
   tokenizer_config.json   special-token names and `tokenizer.chat_template`
   generation_config.json  bos / eos / pad ids (+ `general.sampling.*` defaults when the file has them)
 
 A tensor type qwen-serve cannot read is refused here, before any weight is read. The folder is built
 under a temporary name and renamed into place, so an interrupted conversion leaves no half cache.
-llama.cpp does not permute q/k for qwen2 (only for llama-style rope), so none is undone here; the
-demo-model logit parity test against transformers checks it.
+llama.cpp's converter permutes the rows of q and k (and their biases) of llama-architecture models into
+GGML's interleaved rotary layout, and not those of qwen2; the index marks the permuted tensors and
+`iter_gguf_weights` puts their rows back in order (whole rows, so quantized blocks move unchanged). Llama
+3.1's rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors, carried into config.json.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ GGUF_MAGIC = b"GGUF"
 CONVERTED_FORMAT = 2
 GGUF_INDEX = "gguf_tensors.json"
 
-# GGUF tensor names -> HF Qwen2 names ("{i}" is the layer index).
+# GGUF tensor names -> HF names ("{i}" is the layer index).
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -53,6 +57,7 @@ _LAYER_NAMES = {
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
@@ -70,7 +75,14 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_PRE_TOKENIZERS = ("qwen2", "deepseek-r1-qwen")
+# Llama 3's (tiktoken's cl100k pattern): as Qwen2's, but digits go in runs of up to three.
+LLAMA3_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# `tokenizer.ggml.pre` -> the split regex of that tokenizer.
+_PRE_TOKENIZERS = {"qwen2": QWEN2_SPLIT_REGEX, "deepseek-r1-qwen": QWEN2_SPLIT_REGEX, "llama-bpe": LLAMA3_SPLIT_REGEX}
+# general.architecture -> (HF architecture, model_type)
+_ARCHITECTURES = {"qwen2": ("Qwen2ForCausalLM", "qwen2"), "llama": ("LlamaForCausalLM", "llama")}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -189,13 +201,14 @@ def _metadata(reader, path: Path) -> dict[str, Any]:
 
 
 def gguf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]], path: Path) -> dict[str, Any]:
-    """config.json for a qwen2 GGUF (`tensor_shapes` in HF order, [out, in])."""
+    """config.json for a qwen2 or llama GGUF (`tensor_shapes` by GGUF name, in HF order, [out, in])."""
     arch = meta.get("general.architecture")
-    if arch != "qwen2":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported; qwen-serve converts qwen2 GGUF files only")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not supported; qwen-serve reads GGUF files of "
+                         f"{tuple(_ARCHITECTURES)}")
 
     def need(key: str) -> Any:
-        full = f"qwen2.{key}"
+        full = f"{arch}.{key}"
         if full not in meta:
             raise ValueError(f"{path}: GGUF metadata lacks {full!r}")
         return meta[full]
@@ -204,32 +217,40 @@ def gguf_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
     if "token_embd.weight" not in tensor_shapes:
         raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
     vocab = tensor_shapes["token_embd.weight"][0]
+    architecture, model_type = _ARCHITECTURES[arch]
     cfg: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get("qwen2.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get("qwen2.attention.key_length", hidden // heads)),
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(need("context_length")),
-        "rope_theta": _f32(meta.get("qwen2.rope.freq_base", 10000.0)),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
         "hidden_act": "silu",
         "tie_word_embeddings": "output.weight" not in tensor_shapes,  # llama.cpp drops output.weight when tied
         "use_sliding_window": False,
         "torch_dtype": "float32",
     }
-    if meta.get("qwen2.rope.scaling.type") == "yarn":
+    if arch == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling == "yarn":
         cfg["rope_scaling"] = {
             "rope_type": "yarn",
-            "factor": float(meta["qwen2.rope.scaling.factor"]),
+            "factor": float(meta[f"{arch}.rope.scaling.factor"]),
             "original_max_position_embeddings": int(
-                meta.get("qwen2.rope.scaling.original_context_length", cfg["max_position_embeddings"])
+                meta.get(f"{arch}.rope.scaling.original_context_length", cfg["max_position_embeddings"])
             ),
         }
+    elif scaling == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    elif scaling not in (None, "none"):
+        raise ValueError(f"{path}: rope scaling {scaling!r} is not supported (yarn, linear, or llama 3's rope_freqs)")
     for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         if f"tokenizer.ggml.{key}" in meta:
             cfg[name] = int(meta[f"tokenizer.ggml.{key}"])
@@ -242,19 +263,32 @@ def _f32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
+def _rope_freqs(reader, path: Path) -> list[float] | None:
+    """Llama 3.1's scaling as llama.cpp stores it: `rope_freqs.weight`, what each frequency is divided by."""
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            if t.tensor_type.name != "F32":
+                raise ValueError(f"{path}: rope_freqs.weight is {t.tensor_type.name}, not F32")
+            return [float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1)]
+    return None
+
+
 def hf_tensor_name(gguf_name: str, path: Path) -> str:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a Qwen2 model")
+    raise ValueError(f"{path}: tensor {gguf_name!r} has no place in a Qwen2 or Llama model")
 
 
 def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor a Qwen2 config implies, with its shape ([out, in] for weights)."""
+    """Every HF tensor a config implies, with its shape ([out, in] for weights): Qwen2 has biases on q, k
+    and v, Llama with `attention_bias` on o too."""
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    qkv_bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    o_bias = cfg["model_type"] == "llama" and cfg.get("attention_bias", False)
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (v, h)
@@ -262,12 +296,15 @@ def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
             p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
         })
+        if qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
     return shapes
 
 
@@ -280,9 +317,19 @@ def write_hf_folder(path: Path, out: Path) -> None:
     # GGUF lists dimensions innermost first ([in, out]); torch/HF order is the reverse.
     shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
     cfg = gguf_config(meta, shapes, path)
+    freqs = _rope_freqs(reader, path)
+    if freqs is not None:
+        if len(freqs) != cfg["head_dim"] // 2:
+            raise ValueError(f"{path}: rope_freqs.weight has {len(freqs)} values, not head_dim / 2 = {cfg['head_dim'] // 2}")
+        cfg["rope_scaling"] = {"rope_type": "freq_factors", "factor": 1.0, "freq_factors": freqs}
     wanted = expected_shapes(cfg)
+    # Rows of q and k (weights and biases) that llama.cpp interleaved per head, and how many heads each has.
+    permuted = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]} \
+        if cfg["model_type"] == "llama" else {}
     index: dict[str, dict[str, Any]] = {}
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
         name = hf_tensor_name(t.name, path)
         if name not in wanted:
             raise ValueError(f"{path}: tensor {t.name} ({name}) is not part of a model with this config")
@@ -299,6 +346,9 @@ def write_hf_folder(path: Path, out: Path) -> None:
             raise ValueError(f"{path}: tensor {t.name} is a vector stored as {type_name}; only float vectors are read")
         index[name] = {"type": type_name, "shape": list(wanted[name]), "offset": int(t.data_offset),
                        "nbytes": int(t.n_bytes)}
+        heads = permuted.get(name.split(".")[-2])
+        if heads is not None:
+            index[name]["interleaved_heads"] = heads
     missing = sorted(set(wanted) - set(index))
     if missing:
         raise ValueError(f"{path}: GGUF lacks tensors for {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
@@ -332,20 +382,32 @@ def iter_gguf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if f.readinto(memoryview(buf.numpy())) != e["nbytes"]:
                 raise ValueError(f"{path}: short read for tensor {name}")
             if e["type"] in _FLOAT_DTYPES:
-                yield name, buf.view(_FLOAT_DTYPES[e["type"]]).reshape(e["shape"])
+                tensor = buf.view(_FLOAT_DTYPES[e["type"]]).reshape(e["shape"])
             else:
-                yield name, buf.reshape(e["shape"][0], -1)
+                tensor = buf.reshape(e["shape"][0], -1)
+            if "interleaved_heads" in e:
+                tensor = rotary_rows_in_order(tensor, e["interleaved_heads"])
+            yield name, tensor
+
+
+def rotary_rows_in_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undoes llama.cpp's permutation of q/k rows: within each head, GGUF holds the rotary pairs interleaved
+    (row 2i, 2i + 1 = dimensions i and i + d/2); HF's rotate-half layout has the halves one after another."""
+    n = rows.shape[0]
+    return rows.reshape(heads, n // heads // 2, 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape).contiguous()
 
 
 def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
-    """The `tokenizers.Tokenizer` and tokenizer_config.json a qwen2 GGUF's metadata describes."""
+    """The `tokenizers.Tokenizer` and tokenizer_config.json a GGUF's byte-level BPE metadata describes."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not byte-level BPE ('gpt2')")
+        raise ValueError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported; qwen-serve "
+                         f"reads byte-level BPE ('gpt2') GGUF tokenizers, such as Qwen2's and Llama 3's (a "
+                         f"SentencePiece 'llama' one, as in Llama 2 or Mistral GGUFs, is not read yet)")
     pre = meta.get("tokenizer.ggml.pre")
-    if pre not in _QWEN2_PRE_TOKENIZERS:
-        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not Qwen2's ({', '.join(_QWEN2_PRE_TOKENIZERS)})")
+    if pre not in _PRE_TOKENIZERS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(_PRE_TOKENIZERS)}")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
     types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -360,13 +422,21 @@ def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, unk_token=None,
                                continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
-    # No normalizer: llama.cpp applies none for qwen2, and without one the round trip is exact.
+    # No normalizer: llama.cpp applies none to byte-level BPE, and without one the round trip is exact.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(_PRE_TOKENIZERS[pre]), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None and 0 <= int(bos_id) < len(tokens):
+        bos = tokens[int(bos_id)]  # raw text starts with BOS, as llama.cpp and Llama 3's tokenizer.json do
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, int(bos_id))]),
+        ])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
     control = [i for i, t in enumerate(types) if t == _TOKEN_CONTROL and set(tokens[i]) <= _ALPHABET]
     user = [i for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
     special = set(control)
@@ -378,7 +448,7 @@ def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
     config: dict[str, Any] = {
-        "tokenizer_class": "Qwen2Tokenizer",
+        "tokenizer_class": "Qwen2Tokenizer" if pre != "llama-bpe" else "PreTrainedTokenizerFast",
         "bos_token": token_at("bos_token_id"),
         "eos_token": token_at("eos_token_id"),
         "pad_token": token_at("padding_token_id"),

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 DEFAULT_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
-ROPE_SCALING_TYPES = ("yarn", "llama3", "linear")
+# "freq_factors": a divisor per frequency, as llama.cpp stores Llama 3.1's scaling in a GGUF (rope_freqs).
+ROPE_SCALING_TYPES = ("yarn", "llama3", "linear", "freq_factors")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class RopeScaling:
     truncate: bool = True
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0
+    freq_factors: tuple[float, ...] | None = None  # freq_factors
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,8 @@ def _parse_rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling | None:
     factor = float(block["factor"])
     if not math.isfinite(factor) or factor < 1:
         raise ValueError(f"{source}: rope_scaling factor must be a number >= 1, got {block['factor']!r}")
+    if kind == "freq_factors" and not isinstance(block.get("freq_factors"), list):
+        raise ValueError(f"{source}: rope_scaling of type freq_factors needs a list 'freq_factors'")
     out = RopeScaling(
         factor=factor,
         original_max_position_embeddings=int(
@@ -175,6 +179,7 @@ def _parse_rope_scaling(cfg: dict[str, Any], source: str) -> RopeScaling | None:
         truncate=bool(block.get("truncate", True)),
         low_freq_factor=float(block.get("low_freq_factor", 1.0)),
         high_freq_factor=float(block.get("high_freq_factor", 4.0)),
+        freq_factors=tuple(float(f) for f in block["freq_factors"]) if kind == "freq_factors" else None,
     )
     if kind == "llama3" and not out.high_freq_factor > out.low_freq_factor > 0:
         raise ValueError(f"{source}: llama3 rope scaling needs high_freq_factor > low_freq_factor > 0")
