@@ -102,17 +102,24 @@ def quantize_gptq(weight: torch.Tensor, bits: int, group_size: int, desc_act: bo
 
 def make_quantized_checkpoint(folder: Path, method: str, *, bits: int = 4, group_size: int = 32,
                               desc_act: bool = False, sym: bool = False, v1: bool = True,
-                              tied: bool = False, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny random Qwen2 quantized with `method` ('awq' or 'gptq') in `folder / "quantized"`, and
-    the same model with the dequantized weights, float32, in `folder / "dequantized"` (for transformers)."""
+                              tied: bool = False, seed: int = 0, llama: bool = False) -> tuple[Path, Path]:
+    """A tiny random Qwen2 (or, with `llama`, a Llama 3.1-style Llama) quantized with `method` ('awq' or
+    'gptq') in `folder / "quantized"`, and the same model with the dequantized weights, float32, in
+    `folder / "dequantized"` (for transformers)."""
+    import transformers
     from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=tied,
-                      rope_theta=10000.0, eos_token_id=319, bos_token_id=318)
-    model = Qwen2ForCausalLM(cfg).float().eval()
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=tied,
+                 rope_theta=10000.0, eos_token_id=319, bos_token_id=318)
+    if llama:
+        cfg = transformers.LlamaConfig(**shape, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16})
+        model = transformers.LlamaForCausalLM(cfg).float().eval()
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).float().eval()
     quantized: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -74,9 +74,9 @@ def _logits(folder: Path, dtype=torch.float32) -> torch.Tensor:
 
 
 def _transformers_logits(folder: Path) -> torch.Tensor:
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.arange(3, 40)[None]).logits[0]
 
@@ -88,6 +88,8 @@ CASES = {
     "gptq-4bit-desc_act-sym": dict(method="gptq", bits=4, group_size=64, desc_act=True, sym=True),
     "gptq-8bit-g128-v2": dict(method="gptq", bits=8, group_size=128, v1=False),
     "gptq-8bit-per-channel": dict(method="gptq", bits=8, group_size=-1),
+    "awq-g64-llama": dict(method="awq", group_size=64, llama=True),
+    "gptq-4bit-desc_act-llama": dict(method="gptq", bits=4, group_size=32, desc_act=True, llama=True),
 }
 
 
