@@ -274,3 +274,42 @@ def test_llama_gguf_matches_its_source(tmp_path, monkeypatch, quantize):
     assert (got - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item())
     tok = Tokenizer.from_folder(folder)
     assert tok.encode("hello", add_special_tokens=True)[0] == tok.bos_token_id
+
+
+def sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece BPE vocabulary as Llama 2 / Mistral GGUFs hold one: <unk>, <s>, </s>, the 256
+    byte pieces, '▁' and lowercase letters, then merged pieces, earlier ones scoring higher."""
+    merged = ["▁t", "he", "▁the", "in", "▁in", "▁w", "or", "ld", "▁wor", "▁world", "ll", "▁h", "▁he", "llo",
+              "▁hello", "er", "▁wh", "ere", "▁where", "▁a", "nd", "▁and"]
+    singles = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + singles + merged
+    scores = [0.0] * 259 + [-1000.0 - i for i in range(len(singles))] + [-float(i) for i in range(len(merged))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(singles) + len(merged))
+    return tokens, scores, types
+
+
+def test_sentencepiece_gguf_tokenizes_as_transformers_reads_it(tmp_path, monkeypatch):
+    """A llama GGUF with a SentencePiece vocabulary (Llama 2, Mistral, Yi): the same ids as transformers'
+    tokenizer made from the same file, BOS first, bytes without a piece spelled by <0xAB> pieces, and
+    decoding gives the text back."""
+    from transformers import AutoTokenizer
+
+    from qwen_serve.loader.resolve import resolve_model
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+    from test_loading import write_tiny_gguf
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    vocab = sentencepiece_vocab()
+    hf = make_llama_checkpoint(tmp_path / "hf", vocab=len(vocab[0]))
+    path = write_tiny_gguf(tmp_path / "spm.gguf", hf, arch="llama", sentencepiece=vocab)
+    ours = Tokenizer.from_folder(resolve_model(str(path)))
+    theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ("hello world", "where the  world\nand in", "Héllo wörld 😀", "the end"):
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == theirs(text).input_ids, text
+        assert ids[0] == 1 and ours.decode(ids) == text
+    piece = vocab[0].index
+    assert ours.encode("hello world") == [piece("▁hello"), piece("▁world")]
+    # A leading space: SentencePiece and llama.cpp put '▁' before the text whatever it starts with, so ' hello'
+    # is '▁▁hello' (Llama 2's well-known lone '▁' token); transformers' converter adds none before a space.
+    assert ours.encode(" hello") == [piece("▁"), piece("▁hello")] and ours.decode(ours.encode(" hello")) == " hello"

@@ -48,17 +48,31 @@ def llama_cpp_interleave(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def _gpt2_tokenizer(w, arch: str) -> None:
+    tokens, merges, types = _tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe" if arch == "llama" else "qwen2")
+    if arch == "llama":
+        w.add_add_bos_token(True)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+
+
 def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_override: int | None = None,
                     quantize: bool = True, drop_output: bool = False, blocks=None,
-                    rope_freqs: list[float] | None = None) -> Path:
+                    rope_freqs: list[float] | None = None,
+                    sentencepiece: tuple[list[str], list[float], list[int]] | None = None) -> Path:
     """A GGUF of the HF checkpoint in `hf_folder`, laid out as llama.cpp writes qwen2 (or llama) models: 2-D
     tensors in Q8_0 (`quantize`) or F16, or in what `blocks(gguf name, array)` returns: (type name, raw bytes
     [rows, bytes a row]) or None. For llama: q/k rows interleaved, Llama 3's BPE pre-tokenizer with BOS
-    added, and `rope_freqs` (Llama 3.1's scaling) as its tensor."""
+    added, or a SentencePiece vocabulary (pieces, scores, types) as Llama 2 / Mistral files have, and
+    `rope_freqs` (Llama 3.1's scaling) as its tensor."""
     import gguf
 
     cfg = json.loads((hf_folder / "config.json").read_text())
-    tokens, merges, types = _tiny_vocab()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -68,17 +82,19 @@ def write_tiny_gguf(path: Path, hf_folder: Path, *, arch: str = "qwen2", ffn_ove
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe" if arch == "llama" else "qwen2")
-    if arch == "llama":
+    if sentencepiece is not None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(sentencepiece[0])
+        w.add_token_scores(sentencepiece[1])
+        w.add_token_types(sentencepiece[2])
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
         w.add_add_bos_token(True)
+    else:
+        _gpt2_tokenizer(w, arch)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_chat_template(TEMPLATE)
     with safe_open(str(hf_folder / "model.safetensors"), "np") as f:
         for name in f.keys():

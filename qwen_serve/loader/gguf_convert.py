@@ -398,13 +398,16 @@ def rotary_rows_in_order(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
-    """The `tokenizers.Tokenizer` and tokenizer_config.json a GGUF's byte-level BPE metadata describes."""
+    """The `tokenizers.Tokenizer` and tokenizer_config.json a GGUF's tokenizer metadata describes: byte-level
+    BPE ('gpt2': Qwen2, Llama 3) or SentencePiece BPE ('llama': Llama 2, Mistral, Yi)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"{path}: tokenizer model {meta.get('tokenizer.ggml.model')!r} is not supported; qwen-serve "
-                         f"reads byte-level BPE ('gpt2') GGUF tokenizers, such as Qwen2's and Llama 3's (a "
-                         f"SentencePiece 'llama' one, as in Llama 2 or Mistral GGUFs, is not read yet)")
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return sentencepiece_tokenizer(meta, cfg, path)
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported; qwen-serve reads byte-level BPE ('gpt2') "
+                         f"and SentencePiece BPE ('llama') GGUF tokenizers")
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in _PRE_TOKENIZERS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(_PRE_TOKENIZERS)}")
@@ -463,6 +466,80 @@ def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
             str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": i in special}
             for i in sorted(control + user)
+        },
+    }
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return tok, config
+
+
+# llama.cpp's token types for SentencePiece vocabularies: 2 unknown, 3 control, 6 byte (<0xAB>).
+_TOKEN_UNKNOWN, _TOKEN_BYTE = 2, 6
+_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], usable: set[int]) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merges: a piece is made by joining two pieces of the vocabulary, and pieces of
+    higher score are made first (SentencePiece merges the best-scoring pair at each step). Each split of a
+    piece into two known pieces is a merge ranked by the piece's score (ties by the parts' ids)."""
+    ids = {tokens[i]: i for i in usable}
+    ranked = []
+    for i in usable:
+        piece = tokens[i]
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in ids and right in ids:
+                ranked.append((-scores[i], ids[left], ids[right], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def sentencepiece_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
+    """A SentencePiece BPE vocabulary ('llama' in GGUF: pieces, scores, types) as a `tokenizers` BPE with byte
+    fallback: spaces become '▁', one is put before the text when `add_space_prefix` (default) says so, bytes
+    with no piece are spelled by their <0xAB> tokens, and BOS starts raw text when `add_bos_token` says so."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    scores: list[float] = meta.get("tokenizer.ggml.scores") or []
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not tokens or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ValueError(f"{path}: GGUF lacks tokenizer.ggml.tokens, or its scores / token types do not match them")
+    special = [i for i, t in enumerate(types) if t in (_TOKEN_CONTROL, _TOKEN_UNKNOWN)]
+    user = [i for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
+    usable = {i for i, t in enumerate(types) if t not in (_TOKEN_CONTROL, _TOKEN_UNKNOWN, _TOKEN_USER_DEFINED, _TOKEN_BYTE)}
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, usable), unk_token=unk,
+                               fuse_unk=True, byte_fallback=True, dropout=None))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend(_SPACE)] if prefix else [])
+                                          + [normalizers.Replace(" ", _SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+
+    def token_at(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    bos = token_at("bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", True) and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, bos_id)])
+    config: dict[str, Any] = {
+        "tokenizer_class": "LlamaTokenizerFast",
+        "bos_token": bos, "eos_token": token_at("eos_token_id"), "unk_token": unk,
+        "pad_token": token_at("padding_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg["max_position_embeddings"],
+        "added_tokens_decoder": {
+            str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": i in special}
+            for i in sorted(special + user)
         },
     }
     if isinstance(meta.get("tokenizer.chat_template"), str):
