@@ -190,3 +190,17 @@ def test_responses_api_returns_thinking_as_a_reasoning_item(client):
     events = list(client.responses.create(model="r1", input=MESSAGES[0]["content"], max_output_tokens=8,
                                           temperature=0, stream=True))
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == resp.output[0].content[0].text
+
+
+def test_tool_calls_are_read_from_the_answer(client, server):
+    """tool_choice required: the grammar of <tool_call> blocks waits for </think> too, and the call is parsed
+    from the answer, never from the thinking."""
+    tools = [{"type": "function", "function": {"name": "paint", "parameters": {
+        "type": "object", "properties": {"colour": {"enum": ["blue", "grey"]}}, "required": ["colour"],
+        "additionalProperties": False}}}]
+    out = client.chat.completions.create(model="r1", messages=MESSAGES, max_tokens=60, temperature=0, tools=tools,
+                                         tool_choice="required", logit_bias={str(_end_id(server)): 100})
+    message = out.choices[0].message
+    assert message.reasoning_content == "" and out.choices[0].finish_reason == "tool_calls"
+    assert message.tool_calls[0].function.name == "paint"
+    assert json.loads(message.tool_calls[0].function.arguments)["colour"] in ("blue", "grey")
