@@ -450,7 +450,7 @@ def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-    config: dict[str, Any] = {
+    return tok, _tokenizer_config(meta, cfg, tokens, special, control + user, {
         "tokenizer_class": "Qwen2Tokenizer" if pre != "llama-bpe" else "PreTrainedTokenizerFast",
         "bos_token": token_at("bos_token_id"),
         "eos_token": token_at("eos_token_id"),
@@ -458,19 +458,27 @@ def build_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Path):
         "unk_token": token_at("unknown_token_id"),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "split_special_tokens": False,
+    })
+
+
+def _tokenizer_config(meta: dict[str, Any], cfg: dict[str, Any], tokens: list[str], special: set[int] | list[int],
+                      added: list[int], fields: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer_config.json: `fields`, the added tokens (which are special) and the file's chat template."""
+    config: dict[str, Any] = {
+        **fields,
+        "clean_up_tokenization_spaces": False,
         "model_max_length": cfg["max_position_embeddings"],
         "added_tokens_decoder": {
             str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
                      "single_word": False, "special": i in special}
-            for i in sorted(control + user)
+            for i in sorted(added)
         },
     }
     if isinstance(meta.get("tokenizer.chat_template"), str):
         config["chat_template"] = meta["tokenizer.chat_template"]
-    return tok, config
+    return config
 
 
 # llama.cpp's token types for SentencePiece vocabularies: 2 unknown, 3 control, 6 byte (<0xAB>).
@@ -529,22 +537,12 @@ def sentencepiece_tokenizer(meta: dict[str, Any], cfg: dict[str, Any], path: Pat
         bos_id = int(meta["tokenizer.ggml.bos_token_id"])
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
                                                            special_tokens=[(bos, bos_id)])
-    config: dict[str, Any] = {
+    return tok, _tokenizer_config(meta, cfg, tokens, special, special + user, {
         "tokenizer_class": "LlamaTokenizerFast",
         "bos_token": bos, "eos_token": token_at("eos_token_id"), "unk_token": unk,
         "pad_token": token_at("padding_token_id"),
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": cfg["max_position_embeddings"],
-        "added_tokens_decoder": {
-            str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                     "single_word": False, "special": i in special}
-            for i in sorted(special + user)
-        },
-    }
-    if isinstance(meta.get("tokenizer.chat_template"), str):
-        config["chat_template"] = meta["tokenizer.chat_template"]
-    return tok, config
+    })
 
 
 def generation_config(meta: dict[str, Any], tokenizer: Any) -> dict[str, Any]:

@@ -162,7 +162,16 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return APIError(400, message, param=param).response()
 
 
+class ClientDisconnected(Exception):
+    """The client went away before the response was ready; its engine requests were aborted. Answered 499
+    (nginx's "client closed request"; nobody reads it, the status counter does)."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        return JSONResponse({}, status_code=499)
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()

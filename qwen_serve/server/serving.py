@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from qwen_serve.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReady, EngineOverloaded
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
-from qwen_serve.server.errors import APIError, error_body
+from qwen_serve.server.errors import APIError, ClientDisconnected, error_body
 from qwen_serve.server.metrics import ServerMetrics
 from qwen_serve.server.protocol import PromptTokensDetails, UsageInfo, SamplingFields
 from qwen_serve.server.reasoning import ReasoningTags, check_parser_name
@@ -66,10 +66,6 @@ class ServerSettings:
         check_parser_name(self.reasoning_parser)
         if self.max_stored_responses < 0:
             raise ValueError(f"--max-stored-responses must be >= 0, got {self.max_stored_responses}")
-
-
-class ClientDisconnected(Exception):
-    """The client went away before the response was ready; its engine requests were aborted."""
 
 
 def random_id(prefix: str) -> str:
@@ -359,6 +355,14 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.gather(task, return_exceptions=True)
         raise ClientDisconnected()
     return task.result()
+
+
+async def first_output(request: Request, merged: AsyncIterator[T]) -> T:
+    """The first item of a request's merged engine streams (ClientDisconnected if the client left first)."""
+    try:
+        return await until_disconnected(request, anext(merged))
+    except StopAsyncIteration:
+        raise APIError(500, "the engine returned no output") from None
 
 
 def json_response(model: BaseModel) -> Response:

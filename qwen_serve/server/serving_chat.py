@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from qwen_serve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from qwen_serve.engine.sampling_params import SamplingParams
@@ -38,7 +38,7 @@ from qwen_serve.server.protocol import (
 from qwen_serve.server.serving import (
     SSE_DONE,
     SSEResponse,
-    ClientDisconnected,
+    first_output,
     Serving,
     finite,
     json_response,
@@ -260,19 +260,11 @@ class ChatServing(Serving):
         model, top_k, splitter = prep.model, prep.top_k, prep.splitter
         request_id = random_id("chatcmpl")
         merged = merge_streams([self.generate(prep.prompt_ids, prep.params, request_id)])
-        try:
-            first = await until_disconnected(request, anext(merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
-        except StopAsyncIteration:
-            raise APIError(500, "the engine returned no output") from None
+        first = await first_output(request, merged)
         first_out = first[1]
         if req.stream:
             return SSEResponse(self._stream(req, model, request_id, first_out, merged, top_k, splitter))
-        try:
-            final = await until_disconnected(request, self._collect(first_out, merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
+        final = await until_disconnected(request, self._collect(first_out, merged))
         return json_response(self._response(req, model, request_id, first_out, final, top_k, splitter))
 
     async def _collect(self, first: RequestOutput, rest: AsyncIterator[tuple[int, RequestOutput]]) -> dict[int, CompletionOutput]:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from qwen_serve.engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from qwen_serve.server.errors import APIError
@@ -33,9 +33,9 @@ from qwen_serve.server.protocol import (
 )
 from qwen_serve.server.serving import (
     SSE_DONE,
-    ClientDisconnected,
     Serving,
     SSEResponse,
+    first_output,
     finite,
     json_response,
     merge_streams,
@@ -122,18 +122,10 @@ class CompletionServing(Serving):
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             requests.append(self.generate(p.ids, params, rid))
         merged = merge_streams(requests)
-        try:
-            first = await until_disconnected(request, anext(merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
-        except StopAsyncIteration:
-            raise APIError(500, "the engine returned no output") from None
+        first = await first_output(request, merged)
         if req.stream:
             return SSEResponse(self._stream(req, model, base_id, prompts, first, merged))
-        try:
-            finals = await until_disconnected(request, self._collect(first, merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
+        finals = await until_disconnected(request, self._collect(first, merged))
         return json_response(self._response(req, model, base_id, prompts, finals))
 
     def _output_limit(self, prompt_len: int, limit: int | None) -> int:

@@ -31,9 +31,8 @@ from qwen_serve.server.errors import APIError, error_body
 from qwen_serve.server.protocol import ChatCompletionRequest, DeltaMessage, ResponsesRequest
 from qwen_serve.server.serving import (
     SSEResponse,
-    ClientDisconnected,
+    first_output,
     merge_streams,
-    random_id,
     until_disconnected,
 )
 from qwen_serve.server.serving_chat import ChatServing, MessageStream, PreparedChat
@@ -274,18 +273,10 @@ class ResponsesServing(ChatServing):
         response_id = _id("resp")
         merged = merge_streams([self.generate(prep.prompt_ids, prep.params, response_id)])
         shell = self._shell(req, prep, response_id)
-        try:
-            first = await until_disconnected(request, anext(merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
-        except StopAsyncIteration:
-            raise APIError(500, "the engine returned no output") from None
+        first = await first_output(request, merged)
         if req.stream:
             return SSEResponse(self._stream(req, prep, shell, turns, first[1], merged))
-        try:
-            final = await until_disconnected(request, self._collect(first[1], merged))
-        except ClientDisconnected:
-            return JSONResponse({}, status_code=499)
+        final = await until_disconnected(request, self._collect(first[1], merged))
         items = OutputItems()
         stream = MessageStream(prep.request, prep.splitter())
         output = final[0]
