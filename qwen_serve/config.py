@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from qwen_serve.engine.speculative import SpeculativeConfig
+
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
@@ -42,6 +44,11 @@ class EngineConfig:
     )
     rope_scaling: str | None = _opt(
         None, "add YaRN to a model whose config lacks it: 'yarn' (factor 4 over 32768) or a JSON object"
+    )
+    speculative_config: str | None = _opt(
+        None, "speculative decoding as a JSON object (vLLM's flag): "
+              '\'{"method": "ngram", "num_speculative_tokens": 4}\' proposes drafts by prompt lookup; optional '
+              "prompt_lookup_max (4), prompt_lookup_min (1), disable_by_batch_size (8)"
     )
     seed: int = _opt(0, "seed for requests that give none")
     tensor_parallel_size: int = _opt(1, "split the model over this many GPUs (or CPU processes), one process each")
@@ -83,6 +90,7 @@ class EngineConfig:
             raise ValueError("--nnodes > 1 needs --master-port (or MASTER_PORT), the same on every host")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in [1, 65535], got {self.master_port}")
+        SpeculativeConfig.parse(self.speculative_config)  # refused here, before anything loads
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError(f"--overlap-steps must be auto, on or off, got {self.overlap_steps!r}")
         if self.rope_scaling not in (None, "yarn"):

@@ -120,6 +120,21 @@ def test_sharded_model_matches_one_process_and_transformers(checkpoints, n):
             assert abs(lp.logprob - ref[-1, token].item()) < TOL
 
 
+def test_speculative_steps_run_on_every_rank(checkpoints):
+    """Drafted steps (several sampled rows a sequence) cross the executor like any other: N = 2 with
+    prompt-lookup speculation gives N = 1's greedy tokens without it."""
+    folder = checkpoints[2]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    whole = _run(_engine(folder, 1), params)
+    engine = _engine(folder, 2, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}')
+    try:
+        drafted = _run(engine, params)
+        assert engine.stats().spec_num_draft_tokens > 0
+    finally:
+        engine.close()
+    assert all(drafted[k].outputs[0].token_ids == whole[k].outputs[0].token_ids for k in whole)
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_quantized_checkpoints_shard_along_their_groups(tmp_path, method):
     q_folder, _ = make_quantized_checkpoint(tmp_path, method, group_size=32)

@@ -33,8 +33,10 @@ from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
+from qwen_serve.engine.speculative import SpeculationStats, SpeculativeConfig
 from qwen_serve.engine.step_builder import build_step_input
 from qwen_serve.models.config import ModelConfig
+from qwen_serve.worker.step_input import SampledToken
 from qwen_serve.worker.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -79,8 +81,10 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {num_blocks * config.block_size} tokens, less than "
                              f"max_model_len {self.max_model_len}: lower --max-model-len or give the cache more memory")
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.speculative = SpeculativeConfig.parse(config.speculative_config)
+        self.spec_stats = SpeculationStats()
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len, self.speculative)
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
@@ -155,7 +159,11 @@ class LLMEngine:
     # ---- one step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        # Speculation pays while decode is bound by reading the weights (few sequences); its steps are not
+        # overlapped, since drafts are proposed from each sequence's last token, which must be on the host.
+        speculate = (self.speculative is not None
+                     and len(self.scheduler.running) <= self.speculative.disable_by_batch_size)
+        sched = self.scheduler.schedule(speculate)
         now = time.time()
         for chunk in sched.chunks:
             request = chunk.seq.request
@@ -177,7 +185,7 @@ class LLMEngine:
         except BaseException:
             self._forget(handle)
             raise
-        if self.overlap and _can_overlap(handle.seqs):
+        if self.overlap and not speculate and _can_overlap(handle.seqs):
             self._in_flight = handle
         else:
             outputs += self._collect(handle)
@@ -192,16 +200,23 @@ class LLMEngine:
         now = time.time()
         self.outputs.add_prompt_logprobs([(handle.chunk_seq(p.seq_id), p) for p in result.prompt_logprobs])
         touched: dict[str, Request] = {}
-        for seq, s in zip(handle.seqs, result.sampled, strict=True):  # the step's sampling rows, in order
+        if len(result.sampled) != handle.num_rows:
+            raise RuntimeError(f"the step sampled {len(result.sampled)} rows, not {handle.num_rows}")
+        rows = iter(result.sampled)  # the step's sampling rows, in order: 1 + drafts for each sequence
+        for seq, drafts in handle.samples:
+            sampled = [next(rows) for _ in range(1 + len(drafts))]
             request = seq.request
             if seq.is_finished:  # aborted, or finished by the step before (overlapped): drop it
                 continue
-            if request.params.max_tokens != 0:  # 0: only prompt logprobs; the output processor finishes it
-                seq.token_ids.append(s.token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
-            if self.outputs.append(seq, s.token_id, s.logprob, s.rank, s.top):
-                self.scheduler.finish_sequence(seq)
+            accepted = self._append(seq, sampled, drafts)
+            if drafts:
+                self.spec_stats.num_drafts += 1
+                self.spec_stats.num_draft_tokens += len(drafts)
+                self.spec_stats.num_accepted_tokens += accepted
+                if not seq.is_finished:
+                    self.scheduler.rollback(seq, len(drafts) - accepted)
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
@@ -213,6 +228,20 @@ class LLMEngine:
                 continue
             outputs.append(self.outputs.make_output(request, finished))
         return outputs
+
+    def _append(self, seq: Sequence, sampled: list[SampledToken], drafts: list[int]) -> int:
+        """Appends a sequence's sampled tokens: its row's, or with drafts, each row's while the token sampled
+        there equals the next draft (then one more); stops where the sequence finishes. Returns how many
+        drafts were accepted."""
+        for j, s in enumerate(sampled):
+            if seq.request.params.max_tokens != 0:  # 0: only prompt logprobs; the output processor finishes it
+                seq.token_ids.append(s.token_id)
+            if self.outputs.append(seq, s.token_id, s.logprob, s.rank, s.top):
+                self.scheduler.finish_sequence(seq)
+                return j
+            if j == len(drafts) or s.token_id != drafts[j]:
+                return j
+        return len(drafts)
 
     @staticmethod
     def _forget(handle: "_Launched") -> None:
@@ -238,17 +267,24 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            speculative=self.speculative is not None,
+            spec_num_drafts=self.spec_stats.num_drafts,
+            spec_num_draft_tokens=self.spec_stats.num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_stats.num_accepted_tokens,
         )
 
 
 class _Launched:
     """A step handed to the executor: its ticket there and the sequences behind its rows."""
 
-    __slots__ = ("ticket", "seqs", "_chunks")
+    __slots__ = ("ticket", "seqs", "samples", "num_rows", "_chunks")
 
     def __init__(self, sched: SchedulerOutput, ticket: Any) -> None:
         self.ticket = ticket
-        self.seqs = [s for chunk in sched.chunks for s in chunk.sample_seqs]  # the sampling rows, in order
+        # The sampling sequences, in order, each with its drafts (it samples 1 + that many rows).
+        self.samples = [(s, chunk.draft_token_ids) for chunk in sched.chunks for s in chunk.sample_seqs]
+        self.seqs = [s for s, _ in self.samples]
+        self.num_rows = sum(1 + len(d) for _, d in self.samples)
         self._chunks = sched.chunks
 
     def chunk_seq(self, seq_id: int) -> Sequence:

@@ -76,3 +76,9 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found cached
     num_preemptions: int
+    # Speculative decoding (vLLM's spec_decode counters): whether it is on, sequences x steps that carried
+    # drafts, drafts proposed, drafts accepted.
+    speculative: bool = False
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0

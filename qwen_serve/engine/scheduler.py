@@ -7,6 +7,9 @@ first), then waiting ones are admitted while budget, `max_num_seqs` and free blo
 A sequence may be one token ahead of its `token_ids` (`num_pending_tokens`): with overlapped steps
 the engine schedules step N+1 while step N's sampled tokens are still on the device, and the runner
 reads such a token from there.
+With speculative decoding on for a step, a decoding sequence also gets the drafts its proposer finds
+(engine/speculative.py): its chunk is its last token and the drafts, every row of which samples, and
+the engine moves its computed count back past the drafts that were not accepted (`rollback`).
 When a running sequence cannot get a block, the newest running sequence is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later (its full blocks stay
 in the prefix cache, so the recompute is often cheap).
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 
 from qwen_serve.engine.block_manager import BlockManager
 from qwen_serve.engine.request import Request, Sequence, SequenceStatus
+from qwen_serve.engine.speculative import SpeculativeConfig
 
 
 @dataclass(slots=True)
@@ -34,10 +38,14 @@ class ScheduledChunk:
     # Sequences that sample their next token from this chunk's last row: [] for a prompt chunk
     # that does not reach the end; [seq, forked samples...] when a request with n > 1 forks.
     sample_seqs: list[Sequence]
+    # Speculative drafts, the chunk's last tokens (not in seq.token_ids): each row from the sequence's
+    # last token on samples.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start : self.start + self.num_tokens]
+        known = self.num_tokens - len(self.draft_token_ids)
+        return self.seq.token_ids[self.start : self.start + known] + self.draft_token_ids
 
 
 @dataclass(slots=True)
@@ -58,8 +66,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, speculative: SpeculativeConfig | None = None) -> None:
         self.bm = block_manager
+        self.speculative = speculative
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -74,7 +83,8 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, speculate: bool = False) -> SchedulerOutput:
+        """One step's chunks; with `speculate`, decoding sequences get drafts where their proposer finds some."""
         budget = self.max_num_batched_tokens
         out = SchedulerOutput([], finished_seq_ids=self._finished_ids)
         self._finished_ids = []
@@ -89,6 +99,8 @@ class Scheduler:
             if num_new == 0 or seq.ends_with_pending(self.max_model_len):
                 i += 1
                 continue
+            drafts = self._drafts(seq, budget) if speculate and num_new == 1 else []
+            num_new += len(drafts)
             copies = self.bm.allocate_slots(seq, num_new)
             while copies is None:
                 victim = self.running.pop()
@@ -100,7 +112,7 @@ class Scheduler:
             if copies is None:
                 break
             out.block_copies.extend(copies)
-            self._schedule_chunk(out, seq, num_new)
+            self._schedule_chunk(out, seq, num_new, drafts)
             budget -= num_new
             i += 1
 
@@ -131,11 +143,30 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _schedule_chunk(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Drafts for a sequence one known token behind, within the step's budget, its max_tokens and the
+        context; none for sequences whose rows cannot be sampled independently (grammar, penalties)."""
+        p = seq.request.params
+        if self.speculative is None or seq.num_pending_tokens or seq.constraint is not None \
+                or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+            return []
+        room = budget - 1  # a step adds up to drafts + 1 tokens; all must fit
+        if p.max_tokens is not None:
+            room = min(room, p.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - seq.num_tokens - 1)
+        return self.speculative.propose(seq.token_ids, room)
+
+    def rollback(self, seq: Sequence, num_rejected: int) -> None:
+        """`num_rejected` drafts of `seq`'s last step were not accepted: their KV entries are garbage that
+        the next step overwrites (its blocks stay; no hash ever covered a draft)."""
+        seq.num_computed_tokens -= num_rejected
+
+    def _schedule_chunk(self, out: SchedulerOutput, seq: Sequence, num_new: int, drafts: list[int] = ()) -> None:
         start = seq.num_computed_tokens
         seq.num_computed_tokens += num_new
         samples: list[Sequence] = []
-        if seq.num_computed_tokens == seq.num_tokens_with_pending:
+        if seq.num_computed_tokens == seq.num_tokens_with_pending + len(drafts):
             samples = [seq]
             request = seq.request
             if request.needs_fork and seq is request.sequences[0]:
@@ -146,7 +177,7 @@ class Scheduler:
                     request.sequences.append(child)
                     self.running.append(child)
                     samples.append(child)
-        out.chunks.append(ScheduledChunk(seq, start, num_new, samples))
+        out.chunks.append(ScheduledChunk(seq, start, num_new, samples, list(drafts)))
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free_sequence(seq)

@@ -42,8 +42,9 @@ def build_step_input(sched: SchedulerOutput, vocab_size: int) -> StepInput:
             rows.append(_sample_row(s))
             if s.constraint is not None and s.constraint_waits_for is None:
                 grammars.append((num_rows, s.constraint))
-            num_rows += 1
-        item = ChunkInput(seq.seq_id, chunk.start, chunk.num_tokens, chunk.token_ids, seq.block_ids, rows)
+            num_rows += 1 + len(chunk.draft_token_ids)  # a drafted chunk samples each of its last rows
+        item = ChunkInput(seq.seq_id, chunk.start, chunk.num_tokens, chunk.token_ids, seq.block_ids, rows,
+                          num_draft_tokens=len(chunk.draft_token_ids))
         _add_prompt_rows(item, chunk)
         chunks.append(item)
     bitmask = _grammar_bitmask(grammars, num_rows, vocab_size) if grammars else None

@@ -49,6 +49,20 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_prefix_cache_hit_rate", "prefix-cache hits / queries since start", value=rate)
         yield CounterMetricFamily(f"{PREFIX}_num_preemptions", "requests preempted for KV-cache space",
                                   value=s.num_preemptions)
+        if s.speculative:  # vLLM's spec_decode counters, and the two figures they give
+            yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_drafts", "sequence steps that verified drafts",
+                                      value=s.spec_num_drafts)
+            yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_draft_tokens", "draft tokens proposed",
+                                      value=s.spec_num_draft_tokens)
+            yield CounterMetricFamily(f"{PREFIX}_spec_decode_num_accepted_tokens", "draft tokens accepted",
+                                      value=s.spec_num_accepted_tokens)
+            rate = s.spec_num_accepted_tokens / s.spec_num_draft_tokens if s.spec_num_draft_tokens else 0.0
+            yield GaugeMetricFamily(f"{PREFIX}_spec_decode_acceptance_rate", "draft tokens accepted / proposed",
+                                    value=rate)
+            mean = 1 + s.spec_num_accepted_tokens / s.spec_num_drafts if s.spec_num_drafts else 0.0
+            yield GaugeMetricFamily(f"{PREFIX}_spec_decode_mean_acceptance_length",
+                                    "tokens a drafted step adds to a sequence, on average (1 + accepted / drafts)",
+                                    value=mean)
 
 
 class ServerMetrics:

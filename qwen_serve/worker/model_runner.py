@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,9 +274,10 @@ class ModelRunner:
             if chunk.samples:
                 out_chunks.append(len(tables) - 1)
             for s in chunk.samples:
-                sample_rows.append(query_start[-1] - 1)
-                sample_outs.append(len(out_chunks) - 1)
-                samples.append(s)
+                for j in range(chunk.num_draft_tokens + 1):
+                    sample_rows.append(query_start[-1] - 1 - chunk.num_draft_tokens + j)
+                    sample_outs.append(len(out_chunks) - 1)
+                    samples.append(replace(s, num_output_tokens=s.num_output_tokens + j) if j else s)
         input_ids = self._input_ids(ids, pending_at, pending_from)
 
         width = max(len(t) for t in tables)
@@ -292,7 +293,8 @@ class ModelRunner:
         else:
             # Unless prompt logprobs need every row, the model returns only the rows that sample
             # (the last layer skips the others), one per chunk in out_chunks.
-            only_outputs = len(out_chunks) < len(ids) and not wants_prompt_logprobs(step.chunks)
+            only_outputs = (len(out_chunks) < len(ids) and not wants_prompt_logprobs(step.chunks)
+                            and not any(c.num_draft_tokens for c in step.chunks))
             hidden = self._forward_eager(input_ids, positions, slots, query_start, seq_lens, padded_tables,
                                          max(c.num_tokens for c in step.chunks), out_chunks if only_outputs else None)
             prompt_logprobs = launch_prompt_logprobs(self.model, hidden, step.chunks, query_start, self._to_device)

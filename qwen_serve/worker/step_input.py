@@ -65,6 +65,9 @@ class ChunkInput:
     token_ids: list[int]
     block_ids: list[int]  # the sequence's block table
     samples: list[SampleRow]  # [] for a prompt chunk that does not reach the end
+    # Speculative drafts at the chunk's end: its one sample row samples each of the last drafts + 1 rows
+    # (row j as if j more tokens had been generated).
+    num_draft_tokens: int = 0
     # Prompt logprobs: how many of the chunk's rows predict a prompt token (0: none asked), the top-k
     # asked, and the tokens those rows predict.
     prompt_rows: int = 0

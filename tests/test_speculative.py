@@ -1,0 +1,155 @@
+"""Speculative decoding by prompt lookup (engine/speculative.py) on a tiny random model: greedy output token
+for token the same as without it (prefix cache, chunked prefill, preemption, stops, min_tokens, n > 1,
+logprobs), sampled output in the same distribution (a two-sample test on token frequencies), every KV
+block back at the end, the counters in /metrics, and bad --speculative-config refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_serve.config import EngineConfig
+from qwen_serve.engine.llm import LLM
+from qwen_serve.engine.llm_engine import LLMEngine
+from qwen_serve.engine.sampling_params import SamplingParams
+from qwen_serve.engine.speculative import SpeculativeConfig
+
+from conftest import make_tiny_checkpoint
+
+VOCAB = 320
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("spec") / "m", vocab=VOCAB, max_pos=512)
+
+
+class CharTokenizer:
+    """Token i decodes to one or two letters, so stop strings span tokens."""
+
+    eos_token_ids: list[int] = []
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) * (1 + i % 2) for i in ids)
+
+
+def _engine(folder: Path, spec: str | None, **overrides) -> LLMEngine:
+    cfg = dict(model=str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_model_len=256)
+    cfg.update(overrides)
+    return LLMEngine(EngineConfig(**cfg, speculative_config=spec), folder, tokenizer=overrides.pop("tokenizer", None))
+
+
+def _prompts() -> list[list[int]]:
+    """Prompts that repeat themselves (lookup finds drafts) and one that does not."""
+    gen = torch.Generator().manual_seed(0)
+    motif = torch.randint(0, VOCAB, (7,), generator=gen).tolist()
+    return [motif * 4, motif * 2 + motif[:3], torch.randint(0, VOCAB, (30,), generator=gen).tolist(), motif * 6]
+
+
+def _generate(engine: LLMEngine, prompts, params) -> list:
+    return LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+
+
+def _greedy(**kw) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": 40, "ignore_eos": True, **kw})
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"enable_prefix_caching": False},
+    {"max_num_batched_tokens": 7},
+    {"num_kv_blocks": 40, "max_model_len": 96},
+], ids=["prefix-cache", "no-prefix-cache", "small-budget", "preemption"])
+def test_greedy_output_is_unchanged(tiny, overrides):
+    plain, spec = _engine(tiny, None, **overrides), _engine(tiny, NGRAM, **overrides)
+    params = _greedy(logprobs=2)
+    expected, got = _generate(plain, _prompts(), params), _generate(spec, _prompts(), params)
+    for e, g in zip(expected, got):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+        for le, lg in zip(e.outputs[0].logprobs, g.outputs[0].logprobs):
+            assert le.keys() == lg.keys()
+            assert all(abs(le[t].logprob - lg[t].logprob) < 1e-4 for t in le)
+    stats = spec.stats()
+    assert stats.spec_num_draft_tokens > 0 and stats.spec_num_accepted_tokens > 0  # lookup found and hit
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks  # every block returned
+    again = _generate(spec, _prompts(), params)  # the prefix cache holds accepted tokens only
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_stops_max_tokens_min_tokens_and_n(tiny):
+    """Drafts never run past max_tokens or a stop: the step's extra tokens after a stop are dropped."""
+    prompt = _prompts()[0]
+    free = _generate(_engine(tiny, None, tokenizer=CharTokenizer()), [prompt], _greedy(max_tokens=30))[0].outputs[0]
+    stop_id = free.token_ids[9]
+    stop_text = free.text[len(CharTokenizer().decode(free.token_ids[:12])):][:3]
+    cases = [_greedy(max_tokens=n) for n in (1, 2, 5, 13)] + [
+        _greedy(stop_token_ids=[stop_id]), _greedy(stop=[stop_text]), _greedy(stop=[stop_text], include_stop_str_in_output=True),
+        SamplingParams(temperature=0.0, max_tokens=30, min_tokens=12, stop_token_ids=[stop_id]),
+        _greedy(n=3, max_tokens=20)]
+    for params in cases:
+        plain = _generate(_engine(tiny, None, tokenizer=CharTokenizer()), [prompt], params)[0].outputs
+        spec = _generate(_engine(tiny, NGRAM, tokenizer=CharTokenizer()), [prompt], params)[0].outputs
+        assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in spec] == \
+               [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in plain], params
+
+
+def test_sampled_tokens_keep_the_distribution(tiny):
+    """Seeded sampling draws in another order with speculation, so compare distributions: the tokens at
+    output positions 1-4 (later positions come from drafted steps) over 1,200 samples each way, by a
+    chi-square two-sample test per position (p > 0.001). Accepting every draft, or sampling the rejected
+    row again from the whole distribution (the draft's share then ~1.8x), skews them far beyond that."""
+    from scipy.stats import chi2_contingency
+
+    prompt = _prompts()[0]
+    params = [SamplingParams(temperature=0.7, top_k=3, max_tokens=5, ignore_eos=True, seed=i) for i in range(1200)]
+    big = dict(max_num_seqs=256, num_kv_blocks=4096)
+    spec_engine = _engine(tiny, NGRAM.replace("}", ', "disable_by_batch_size": 100000}'), **big)
+    runs = {}
+    for name, engine in (("plain", _engine(tiny, None, **big)), ("spec", spec_engine)):
+        runs[name] = [o.outputs[0].token_ids for o in _generate(engine, [prompt] * len(params), params)]
+    stats = spec_engine.stats()  # enough drafts accepted and rejected for the test to see a wrong rule
+    assert stats.spec_num_drafts > 600 and 150 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens - 300
+    for pos in range(1, 5):
+        tokens = sorted({r[pos] for name in runs for r in runs[name]})
+        table = [[sum(r[pos] == t for r in runs[name]) for t in tokens] for name in runs]
+        assert chi2_contingency(table).pvalue > 0.001, (pos, table)
+
+
+def test_counters_reach_metrics(tiny):
+    from qwen_serve.server.metrics import ServerMetrics
+
+    engine = _engine(tiny, NGRAM)
+    _generate(engine, _prompts()[:1], _greedy())
+    text = ServerMetrics(engine.stats).render().decode()
+    s = engine.stats()
+    assert f"qwen_serve_spec_decode_num_draft_tokens_total {float(s.spec_num_draft_tokens)}" in text
+    assert f"qwen_serve_spec_decode_num_accepted_tokens_total {float(s.spec_num_accepted_tokens)}" in text
+    assert "qwen_serve_spec_decode_acceptance_rate" in text and "qwen_serve_spec_decode_mean_acceptance_length" in text
+    assert "spec_decode" not in ServerMetrics(_engine(tiny, None).stats).render().decode()
+
+
+def test_proposals():
+    spec = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=2)
+    assert spec.propose([1, 2, 3, 4, 9, 1, 2, 3], 10) == [4, 9, 1]  # the 3-gram [1, 2, 3] seen before
+    assert spec.propose([5, 2, 3, 7, 8, 2, 3], 10) == [7, 8, 2]  # only a 2-gram matches
+    assert spec.propose([1, 2, 1, 2, 3, 1, 2], 10) == [3, 1, 2]  # the latest earlier occurrence
+    assert spec.propose([1, 2, 3, 4, 1, 2, 3], 1) == [4] and spec.propose([1, 2, 3, 4], 10) == []
+    assert spec.propose([7, 7, 7], 0) == []
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"method": "ngram"}', "num_speculative_tokens is required"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be a positive integer"),
+    ('{"method": "ngram", "num_speculative_tokens": 17}', r"num_speculative_tokens must be 1\.\.16"),
+    ('{"method": "eagle", "num_speculative_tokens": 2}', "method 'eagle' is not supported"),
+    ('{"model": "Qwen/Qwen2.5-0.5B", "num_speculative_tokens": 2}', "draft model 'Qwen/Qwen2.5-0.5B' is not supported"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}', r"unknown keys \['lookahead'\]"),
+    ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}', "prompt_lookup_min \\(5\\) exceeds"),
+    ("ngram", "not a JSON object"),
+])
+def test_bad_configs_are_refused_at_start(text, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(model="demo", speculative_config=text)
