@@ -153,3 +153,27 @@ def test_proposals():
 def test_bad_configs_are_refused_at_start(text, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(model="demo", speculative_config=text)
+
+
+def test_structured_output_verifies_only_drafts_its_grammar_allows(tiny_chat_checkpoint):
+    """A JSON schema whose answer repeats itself (a list of the same objects): drafts are cut to what the
+    grammar allows, each verifying row is masked by the grammar after the drafts before it, and the output
+    is the one without speculation, token for token, and valid."""
+    import json
+
+    from qwen_serve.tokenizer.tokenizer import Tokenizer
+
+    schema = {"type": "array", "minItems": 6, "maxItems": 6, "items": {
+        "type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "size": {"enum": [1, 2]}},
+        "required": ["colour", "size"], "additionalProperties": False}}
+    tok = Tokenizer.from_folder(tiny_chat_checkpoint)
+    prompt = tok.encode("List six shapes as JSON:")
+    params = SamplingParams(temperature=0.0, max_tokens=200, structured_output={"type": "json_schema", "schema": schema})
+    outs = {}
+    for name, spec in (("plain", None), ("spec", NGRAM)):
+        engine = _engine(tiny_chat_checkpoint, spec, tokenizer=tok, max_model_len=1024)
+        outs[name] = _generate(engine, [prompt], params)[0].outputs[0]
+        if spec:
+            assert engine.stats().spec_num_accepted_tokens > 0
+    assert outs["spec"].token_ids == outs["plain"].token_ids
+    assert len(json.loads(outs["spec"].text)) == 6

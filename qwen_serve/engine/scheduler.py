@@ -145,9 +145,9 @@ class Scheduler:
 
     def _drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Drafts for a sequence one known token behind, within the step's budget, its max_tokens and the
-        context; none for sequences whose rows cannot be sampled independently (grammar, penalties)."""
+        context, and that its grammar allows; none where rows cannot be sampled independently (penalties)."""
         p = seq.request.params
-        if self.speculative is None or seq.num_pending_tokens or seq.constraint is not None \
+        if self.speculative is None or seq.num_pending_tokens \
                 or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             return []
         room = budget - 1  # a step adds up to drafts + 1 tokens; all must fit
@@ -155,7 +155,13 @@ class Scheduler:
             room = min(room, p.max_tokens - seq.num_output_tokens - 1)
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - seq.num_tokens - 1)
-        return self.speculative.propose(seq.token_ids, room)
+        drafts = self.speculative.propose(seq.token_ids, room)
+        if seq.constraint is None or not drafts:
+            return drafts
+        if seq.constraint_waits_for is not None:  # thinking: unconstrained up to (not past) the end of thinking
+            end = seq.constraint_waits_for
+            return drafts[: drafts.index(end)] if end in drafts else drafts
+        return drafts[: seq.constraint.valid_prefix(drafts)]
 
     def rollback(self, seq: Sequence, num_rejected: int) -> None:
         """`num_rejected` drafts of `seq`'s last step were not accepted: their KV entries are garbage that

@@ -18,8 +18,11 @@ The KV entries the rejected drafts wrote are left where they are: the sequence's
 moved back, so they are never read and the next step overwrites them. Drafts never enter the
 sequence's tokens until accepted, so the prefix cache only ever hashes accepted tokens.
 
-Not speculated: requests with a grammar (structured output), with repetition / frequency / presence
-penalties (they count the tokens before each row), and steps with more running sequences than
+With a grammar (structured output), drafts are cut to the longest run the grammar allows, and each
+verifying row is masked by what the grammar allows after the drafts before it (engine/step_builder.py);
+while a reasoning model thinks, drafts stop before the end of thinking, after which the grammar applies.
+Not speculated: requests with repetition / frequency / presence penalties (they count the tokens before
+each row), and steps with more running sequences than
 `disable_by_batch_size` (vLLM's key; default 8), where decode is no longer bound by reading weights and
 verifying drafts costs more than it saves. Proposing from a draft model is not supported yet.
 """

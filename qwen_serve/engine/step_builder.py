@@ -33,7 +33,7 @@ def sampling_settings(request: Request) -> SamplingSettings:
 
 def build_step_input(sched: SchedulerOutput, vocab_size: int) -> StepInput:
     chunks = []
-    grammars: list[tuple[int, object]] = []  # (sample row, constraint)
+    grammars: list[tuple[int, object, list[int]]] = []  # (first sample row, constraint, drafts it verifies)
     num_rows = 0
     for chunk in sched.chunks:
         seq = chunk.seq
@@ -41,7 +41,7 @@ def build_step_input(sched: SchedulerOutput, vocab_size: int) -> StepInput:
         for s in chunk.sample_seqs:
             rows.append(_sample_row(s))
             if s.constraint is not None and s.constraint_waits_for is None:
-                grammars.append((num_rows, s.constraint))
+                grammars.append((num_rows, s.constraint, chunk.draft_token_ids))
             num_rows += 1 + len(chunk.draft_token_ids)  # a drafted chunk samples each of its last rows
         item = ChunkInput(seq.seq_id, chunk.start, chunk.num_tokens, chunk.token_ids, seq.block_ids, rows,
                           num_draft_tokens=len(chunk.draft_token_ids))
@@ -73,17 +73,21 @@ def _add_prompt_rows(item: ChunkInput, chunk: ScheduledChunk) -> None:
         item.prompt_targets = seq.token_ids[chunk.start + 1 : chunk.start + 1 + n]
 
 
-def _grammar_bitmask(grammars: list[tuple[int, object]], num_rows: int, vocab_size: int) -> np.ndarray:
-    """int32 [num_rows, ceil(vocab / 32)]: every bit set for rows without a grammar."""
+def _grammar_bitmask(grammars: list[tuple[int, object, list[int]]], num_rows: int, vocab_size: int) -> np.ndarray:
+    """int32 [num_rows, ceil(vocab / 32)]: every bit set for rows without a grammar; a grammar verifying
+    speculative drafts fills its row and one more per draft, each with what is allowed after the drafts before."""
     bitmask = np.full((num_rows, (vocab_size + 31) // 32), -1, dtype=np.int32)
     view = torch.from_numpy(bitmask)  # shares the memory: llguidance writes through it
-    if all(hasattr(c, "fill_bitmask") for _, c in grammars):
+    if all(hasattr(c, "fill_bitmask") for _, c, _ in grammars):
         from qwen_serve.structured.constraint import fill_bitmasks
 
-        fill_bitmasks([(c, row) for row, c in grammars], view)
+        fill_bitmasks([(c, row) for row, c, drafts in grammars if not drafts], view)
+        for row, c, drafts in grammars:
+            if drafts:
+                c.fill_draft_bitmasks(drafts, view, row)
         return bitmask
     allowed = torch.zeros(bitmask.shape[1] * 32, dtype=torch.bool)
-    for row, c in grammars:  # constraints that only fill a bool row
+    for row, c, _ in grammars:  # constraints that only fill a bool row (never drafted: no valid_prefix)
         allowed.zero_()
         c.fill_mask(allowed)
         bitmask[row] = np.packbits(allowed.numpy(), bitorder="little").view(np.int32)

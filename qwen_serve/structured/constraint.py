@@ -76,6 +76,21 @@ class TokenConstraint:
             allowed[: self.vocab_size].copy_(torch.from_numpy(bits.view(np.bool_)), non_blocking=False)
             allowed[self.vocab_size:] = False
 
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of `token_ids`, in order, the grammar allows next (its state unchanged): speculative drafts
+        past that are not proposed."""
+        return self._matcher.validate_tokens(token_ids)
+
+    def fill_draft_bitmasks(self, drafts: list[int], bitmask: torch.Tensor, first_row: int) -> None:
+        """`bitmask[first_row + j]`: the ids allowed after the first j drafts, j = 0..len(drafts), for the rows
+        that verify them (drafts the grammar allows: `valid_prefix`). The state is the same after as before."""
+        for j, token in enumerate(drafts):
+            self.fill_bitmask(bitmask, first_row + j)
+            if not self._matcher.consume_token(token):
+                raise ValueError(f"draft token {token} is not allowed by the grammar")
+        self.fill_bitmask(bitmask, first_row + len(drafts))
+        self._matcher.rollback(len(drafts))
+
     def accept(self, token_id: int) -> bool:
         """Advance past the sampled token. False if the grammar forbids it (the constraint then stays in error)."""
         return self._matcher.consume_token(token_id)
