@@ -18,11 +18,10 @@ import torch
 
 
 class EveryStepDrafts:
-    """Stands in for a SpeculativeConfig: k drafts each step (copies of the last token)."""
+    """Stands in for the proposer: k drafts each step (copies of the last token)."""
 
     def __init__(self, k: int) -> None:
         self.num_speculative_tokens = k
-        self.disable_by_batch_size = 1 << 30
 
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         return token_ids[-1:] * min(self.num_speculative_tokens, max_tokens)
@@ -39,7 +38,7 @@ def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int) -> tuple[float
     engine = LLMEngine(EngineConfig(model="random", device="cuda", dtype="bfloat16", max_model_len=4096,
                                     speculative_config=spec), folder=None, model_config=random_model_config(shape))
     if k:
-        engine.speculative = engine.scheduler.speculative = EveryStepDrafts(k)
+        engine.scheduler.proposer = EveryStepDrafts(k)
     prompt = torch.randint(0, 150000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     result = None

@@ -14,7 +14,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm import LLM
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.sampling_params import SamplingParams
-from qwen_serve.engine.speculative import SpeculativeConfig
+from qwen_serve.engine.speculative import NgramProposer, SpeculativeConfig
 
 from conftest import make_tiny_checkpoint
 
@@ -132,7 +132,7 @@ def test_counters_reach_metrics(tiny):
 
 
 def test_proposals():
-    spec = SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=2)
+    spec = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=2))
     assert spec.propose([1, 2, 3, 4, 9, 1, 2, 3], 10) == [4, 9, 1]  # the 3-gram [1, 2, 3] seen before
     assert spec.propose([5, 2, 3, 7, 8, 2, 3], 10) == [7, 8, 2]  # only a 2-gram matches
     assert spec.propose([1, 2, 1, 2, 3, 1, 2], 10) == [3, 1, 2]  # the latest earlier occurrence
@@ -145,8 +145,9 @@ def test_proposals():
     ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens must be a positive integer"),
     ('{"method": "ngram", "num_speculative_tokens": 17}', r"num_speculative_tokens must be 1\.\.16"),
     ('{"method": "eagle", "num_speculative_tokens": 2}', "method 'eagle' is not supported"),
-    ('{"model": "Qwen/Qwen2.5-0.5B", "num_speculative_tokens": 2}', "draft model 'Qwen/Qwen2.5-0.5B' is not supported"),
+    ('{"method": "draft_model", "num_speculative_tokens": 2}', "method draft_model needs \"model\""),
     ('{"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}', r"unknown keys \['lookahead'\]"),
+    ('{"model": "demo", "num_speculative_tokens": 2, "prompt_lookup_max": 3}', r"unknown keys \['prompt_lookup_max'\]"),
     ('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}', "prompt_lookup_min \\(5\\) exceeds"),
     ("ngram", "not a JSON object"),
 ])
@@ -177,3 +178,28 @@ def test_structured_output_verifies_only_drafts_its_grammar_allows(tiny_chat_che
             assert engine.stats().spec_num_accepted_tokens > 0
     assert outs["spec"].token_ids == outs["plain"].token_ids
     assert len(json.loads(outs["spec"].text)) == 6
+
+
+def test_draft_model_proposes_and_output_is_unchanged(tiny, tmp_path):
+    """A draft model of the same vocabulary: the served model itself as its own draft has every draft
+    accepted under greedy decoding (its argmax is the draft), another random model some; the output is
+    the one without speculation in both cases, and the draft's engine is closed with the served one's."""
+    other = make_tiny_checkpoint(tmp_path / "other", vocab=VOCAB, max_pos=512, seed=3)
+    prompts = _prompts()[1:3]
+    plain = _generate(_engine(tiny, None), prompts, _greedy(max_tokens=12))
+    for draft, all_accepted in ((tiny, True), (other, False)):
+        engine = _engine(tiny, f'{{"model": "{draft}", "num_speculative_tokens": 3}}')
+        outs = _generate(engine, prompts, _greedy(max_tokens=12))
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+        s = engine.stats()
+        assert s.spec_num_draft_tokens > 0
+        assert (s.spec_num_accepted_tokens == s.spec_num_draft_tokens) == all_accepted
+        draft_engine = engine.scheduler.proposer.engine
+        engine.close()
+        assert draft_engine.block_manager.num_free_blocks == draft_engine.block_manager.num_blocks
+
+
+def test_draft_model_of_another_vocabulary_is_refused(tiny, tmp_path):
+    other = make_tiny_checkpoint(tmp_path / "v", vocab=VOCAB + 64, max_pos=512)
+    with pytest.raises(ValueError, match=r"draft model '.*' has another vocabulary \(384 logits, the served model 320\)"):
+        _engine(tiny, f'{{"model": "{other}", "num_speculative_tokens": 3}}')

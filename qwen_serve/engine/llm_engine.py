@@ -33,7 +33,7 @@ from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
-from qwen_serve.engine.speculative import SpeculationStats, SpeculativeConfig
+from qwen_serve.engine.speculative import SpeculationStats, SpeculativeConfig, make_proposer
 from qwen_serve.engine.step_builder import build_step_input
 from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.step_input import SampledToken
@@ -84,7 +84,13 @@ class LLMEngine:
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
         self.spec_stats = SpeculationStats()
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, self.speculative)
+                                   self.max_model_len)
+        if self.speculative is not None:
+            try:
+                self.scheduler.proposer = make_proposer(self.speculative, self)
+            except BaseException:
+                self.executor.close()
+                raise
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
@@ -256,6 +262,8 @@ class LLMEngine:
             self.abort_request(request_id)
         self._in_flight = None
         self.executor.close()
+        if hasattr(self.scheduler.proposer, "close"):  # a draft model's engine
+            self.scheduler.proposer.close()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from qwen_serve.engine.block_manager import BlockManager
 from qwen_serve.engine.request import Request, Sequence, SequenceStatus
-from qwen_serve.engine.speculative import SpeculativeConfig
+from qwen_serve.engine.speculative import Proposer
 
 
 @dataclass(slots=True)
@@ -66,9 +66,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None, speculative: SpeculativeConfig | None = None) -> None:
+                 max_model_len: int | None = None, proposer: Proposer | None = None) -> None:
         self.bm = block_manager
-        self.speculative = speculative
+        self.proposer = proposer
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -147,7 +147,7 @@ class Scheduler:
         """Drafts for a sequence one known token behind, within the step's budget, its max_tokens and the
         context, and that its grammar allows; none where rows cannot be sampled independently (penalties)."""
         p = seq.request.params
-        if self.speculative is None or seq.num_pending_tokens \
+        if self.proposer is None or seq.num_pending_tokens \
                 or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
             return []
         room = budget - 1  # a step adds up to drafts + 1 tokens; all must fit
@@ -155,7 +155,7 @@ class Scheduler:
             room = min(room, p.max_tokens - seq.num_output_tokens - 1)
         if self.max_model_len is not None:
             room = min(room, self.max_model_len - seq.num_tokens - 1)
-        drafts = self.speculative.propose(seq.token_ids, room)
+        drafts = self.proposer.propose(seq.token_ids, room)
         if seq.constraint is None or not drafts:
             return drafts
         if seq.constraint_waits_for is not None:  # thinking: unconstrained up to (not past) the end of thinking

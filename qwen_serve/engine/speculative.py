@@ -1,14 +1,16 @@
-"""Speculative decoding by prompt lookup (`--speculative-config '{"method": "ngram", ...}'`, vLLM's flag).
+"""Speculative decoding (`--speculative-config`, vLLM's flag): drafts by prompt lookup or from a draft model.
 
-A decoding sequence whose last tokens (an n-gram of `prompt_lookup_max` down to `prompt_lookup_min`
-tokens) occurred earlier in its prompt or output proposes the tokens that followed that earlier
-occurrence as drafts, up to `num_speculative_tokens`. One forward pass then computes the sequence's
+`{"method": "ngram", ...}`: a decoding sequence whose last tokens (an n-gram of `prompt_lookup_max` down to
+`prompt_lookup_min` tokens) occurred earlier in its prompt or output proposes the tokens that followed that
+earlier occurrence, up to `num_speculative_tokens`. `{"model": ..., ...}`: a small model of the same
+vocabulary (its own engine and KV cache, prefix caching on, so each proposal recomputes little) continues
+the sequence greedily for that many tokens. One forward pass of the served model then computes the sequence's
 last token and its drafts, and each of those k + 1 rows is sampled with the request's own settings.
 Draft i is accepted while the token sampled at the row before it equals it; the first row whose
 sample differs (or the row after the last draft) gives one more token. So a step adds 1..k + 1 tokens.
 
-Why this keeps the model's distribution exactly: a draft from lookup is one token with probability 1,
-and for such a draft the rejection sampling of the speculative-decoding papers (accept d with
+Why this keeps the model's distribution exactly: either proposer's draft is one token with probability 1
+(the draft model proposes its argmax), and for such a draft the rejection sampling of the speculative-decoding papers (accept d with
 probability min(1, p(d) / q(d)) = p(d), else sample from p with d removed) is the same as sampling
 x ~ p and accepting when x == d, which is what the rows do. Greedy output is therefore token for token
 the output without speculation; seeded sampling draws its random numbers in another order, so the same
@@ -24,19 +26,25 @@ while a reasoning model thinks, drafts stop before the end of thinking, after wh
 Not speculated: requests with repetition / frequency / presence penalties (they count the tokens before
 each row), and steps with more running sequences than
 `disable_by_batch_size` (vLLM's key; default 8), where decode is no longer bound by reading weights and
-verifying drafts costs more than it saves. Proposing from a draft model is not supported yet.
+verifying drafts costs more than it saves. A draft model proposes for one sequence at a time, and not
+under tensor parallelism.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from itertools import count
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from qwen_serve.engine.llm_engine import LLMEngine
+
 MAX_SPECULATIVE_TOKENS = 16
-_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"}
+_COMMON = {"method", "num_speculative_tokens", "disable_by_batch_size"}
+_KEYS = {"ngram": _COMMON | {"prompt_lookup_max", "prompt_lookup_min"}, "draft_model": _COMMON | {"model"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     disable_by_batch_size: int = 8
     method: str = "ngram"
+    model: str | None = None  # draft_model: a folder, .gguf file, hub id or "demo"
 
     @classmethod
     def parse(cls, text: str | None) -> "SpeculativeConfig | None":
@@ -60,20 +69,22 @@ class SpeculativeConfig:
         if not isinstance(spec, dict):
             raise ValueError(f"{flag}: must be a JSON object such as "
                              f'{{"method": "ngram", "num_speculative_tokens": 4}}')
-        if "model" in spec or spec.get("method", "ngram") not in ("ngram",):
-            what = f"draft model {spec['model']!r}" if "model" in spec else f"method {spec.get('method')!r}"
-            raise ValueError(f"{flag}: {what} is not supported; qwen-serve proposes drafts by prompt lookup "
-                             f'("method": "ngram")')
-        unknown = sorted(set(spec) - _KEYS)
+        method = spec.get("method", "draft_model" if "model" in spec else "ngram")
+        if method not in _KEYS:
+            raise ValueError(f"{flag}: method {method!r} is not supported; supported: {sorted(_KEYS)} "
+                             f'("draft_model" is also what a "model" key alone asks for)')
+        unknown = sorted(set(spec) - _KEYS[method])
         if unknown:
-            raise ValueError(f"{flag}: unknown keys {unknown}; known: {sorted(_KEYS)}")
-        values: dict[str, Any] = {k: v for k, v in spec.items() if k != "method"}
+            raise ValueError(f"{flag}: unknown keys {unknown} for method {method!r}; known: {sorted(_KEYS[method])}")
+        values: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("method", "model")}
         if "num_speculative_tokens" not in values:
             raise ValueError(f"{flag}: num_speculative_tokens is required")
+        if method == "draft_model" and (not isinstance(spec.get("model"), str) or not spec["model"]):
+            raise ValueError(f"{flag}: method draft_model needs \"model\": a folder, .gguf file, hub id or \"demo\"")
         for key, value in values.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{flag}: {key} must be a positive integer, got {value!r}")
-        config = cls(**values)
+        config = cls(**values, method=method, model=spec.get("model"))
         if config.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"{flag}: num_speculative_tokens must be 1..{MAX_SPECULATIVE_TOKENS}, "
                              f"got {config.num_speculative_tokens}")
@@ -82,14 +93,26 @@ class SpeculativeConfig:
                              f"({config.prompt_lookup_max})")
         return config
 
+
+
+class Proposer(Protocol):
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
-        """Up to `max_tokens` drafts: what followed the latest earlier occurrence of the longest final
-        n-gram (prompt_lookup_max down to prompt_lookup_min tokens) that occurred before; [] if none did."""
-        k = min(self.num_speculative_tokens, max_tokens)
-        if k <= 0 or len(token_ids) < self.prompt_lookup_min + 1:
+        """Up to `max_tokens` (and num_speculative_tokens) drafts to follow `token_ids`; [] for none."""
+
+
+@dataclass(frozen=True, slots=True)
+class NgramProposer:
+    config: SpeculativeConfig
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """What followed the latest earlier occurrence of the longest final n-gram (prompt_lookup_max down to
+        prompt_lookup_min tokens) that occurred before; [] if none did."""
+        c = self.config
+        k = min(c.num_speculative_tokens, max_tokens)
+        if k <= 0 or len(token_ids) < c.prompt_lookup_min + 1:
             return []
         tokens = np.asarray(token_ids, dtype=np.int64)
-        for n in range(min(self.prompt_lookup_max, len(tokens) - 1), self.prompt_lookup_min - 1, -1):
+        for n in range(min(c.prompt_lookup_max, len(tokens) - 1), c.prompt_lookup_min - 1, -1):
             # Windows starting before the final n-gram's own start, so that some token follows each.
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
             hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
@@ -97,6 +120,62 @@ class SpeculativeConfig:
                 start = int(hits[-1]) + n
                 return tokens[start : start + k].tolist()
         return []
+
+
+class DraftModelProposer:
+    """Greedy continuations from a draft model's own engine (built by `make_proposer`)."""
+
+    def __init__(self, engine: "LLMEngine", config: SpeculativeConfig) -> None:
+        self.engine = engine
+        self.k = config.num_speculative_tokens
+        self._ids = count()
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        k = min(self.k, max_tokens, self.engine.max_model_len - len(token_ids))
+        if k <= 0:
+            return []
+        from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams
+
+        request_id, drafts = f"draft-{next(self._ids)}", []
+        self.engine.add_request(request_id, token_ids, SamplingParams(
+            temperature=0.0, max_tokens=k, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY))
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.request_id == request_id and out.finished:
+                    drafts = list(out.outputs[0].token_ids)
+        return drafts
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_proposer(config: SpeculativeConfig, target: "LLMEngine") -> Proposer:
+    """The proposer `config` asks for; a draft model is loaded here, on the target's device, and refused
+    when its vocabulary is not the target's or the target is split over several GPUs."""
+    if config.method == "ngram":
+        return NgramProposer(config)
+    from dataclasses import replace
+
+    from qwen_serve.engine.llm_engine import LLMEngine
+
+    flag = "--speculative-config"
+    if target.config.tensor_parallel_size > 1:
+        raise ValueError(f"{flag}: a draft model is not supported with --tensor-parallel-size > 1")
+    draft_config = replace(target.config, model=config.model, tokenizer=None, speculative_config=None,
+                           quantization=None, enable_prefix_caching=True, overlap_steps="off",
+                           max_num_seqs=1, num_kv_blocks=None, kv_cache_gb=0.5, gpu_memory_utilization=0.05,
+                           max_model_len=None)
+    draft = LLMEngine.from_config(draft_config)
+    problem = None
+    if draft.model_config.vocab_size != target.model_config.vocab_size:
+        problem = f"{draft.model_config.vocab_size} logits, the served model {target.model_config.vocab_size}"
+    elif target.tokenizer is not None and draft.tokenizer is not None \
+            and draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+        problem = "its tokenizer's vocabulary differs from the served model's"
+    if problem is not None:
+        draft.close()
+        raise ValueError(f"{flag}: draft model {config.model!r} has another vocabulary ({problem})")
+    return DraftModelProposer(draft, config)
 
 
 @dataclass(slots=True)
