@@ -11,6 +11,8 @@ import pytest
 
 from qwen_serve.server.reasoning import ReasoningSplitter, ReasoningTags
 
+from conftest import make_tiny_checkpoint
+
 CASES = [
     # (starts in reasoning, output text, expected reasoning, expected content)
     (True, "I add 2 and 2.</think>\n\nIt is 4.", "I add 2 and 2.", "It is 4."),
@@ -78,8 +80,6 @@ def reasoning_checkpoint(demo_folder: Path, tmp_path_factory) -> Path:
     import shutil
 
     from tokenizers import AddedToken, Tokenizer
-
-    from conftest import make_tiny_checkpoint
 
     tok = Tokenizer.from_file(str(demo_folder / "tokenizer.json"))
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
