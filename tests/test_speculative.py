@@ -203,3 +203,17 @@ def test_draft_model_of_another_vocabulary_is_refused(tiny, tmp_path):
     other = make_tiny_checkpoint(tmp_path / "v", vocab=VOCAB + 64, max_pos=512)
     with pytest.raises(ValueError, match=r"draft model '.*' has another vocabulary \(384 logits, the served model 320\)"):
         _engine(tiny, f'{{"model": "{other}", "num_speculative_tokens": 3}}')
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_on_cuda_greedy_output_is_unchanged(tiny, spec):
+    """On a GPU (verify steps eager beside graph-captured decode steps; a draft model's engine with a KV cache
+    of fixed size next to the served model's profiled one): the same greedy tokens as without speculation."""
+    config = NGRAM if spec == "ngram" else f'{{"model": "{tiny}", "num_speculative_tokens": 3}}'
+    cuda = dict(device="cuda", num_kv_blocks=None, gpu_memory_utilization=0.5)
+    plain = _generate(_engine(tiny, None, **cuda), _prompts(), _greedy(max_tokens=24))
+    engine = _engine(tiny, config, **cuda)
+    outs = _generate(engine, _prompts(), _greedy(max_tokens=24))
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    assert engine.stats().spec_num_accepted_tokens > 0
