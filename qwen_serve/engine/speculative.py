@@ -94,7 +94,6 @@ class SpeculativeConfig:
         return config
 
 
-
 class Proposer(Protocol):
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to `max_tokens` (and num_speculative_tokens) drafts to follow `token_ids`; [] for none."""
