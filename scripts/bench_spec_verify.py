@@ -27,7 +27,7 @@ class EveryStepDrafts:
         return token_ids[-1:] * min(self.num_speculative_tokens, max_tokens)
 
 
-def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int, device: str) -> tuple[float, float]:
     """(ms a decode step, tokens a step) for batch 1 with k drafts a step."""
     from qwen_serve.bench.offline import random_model_config
     from qwen_serve.config import EngineConfig
@@ -35,7 +35,7 @@ def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int) -> tuple[float
     from qwen_serve.engine.sampling_params import SamplingParams
 
     spec = None if k == 0 else json.dumps({"method": "ngram", "num_speculative_tokens": k})
-    engine = LLMEngine(EngineConfig(model="random", device="cuda", dtype="bfloat16", max_model_len=4096,
+    engine = LLMEngine(EngineConfig(model="random", device=device, dtype="bfloat16", max_model_len=4096,
                                     speculative_config=spec), folder=None, model_config=random_model_config(shape))
     if k:
         engine.scheduler.proposer = EveryStepDrafts(k)
@@ -47,7 +47,8 @@ def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int) -> tuple[float
         steps, first = 0, None
         while engine.has_unfinished_requests():
             engine.step()
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             steps += 1
             if first is None:
                 first = time.perf_counter()
@@ -56,7 +57,8 @@ def step_ms(k: int, shape: str, prompt_len: int, new_tokens: int) -> tuple[float
     engine.close()
     del engine
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -67,11 +69,12 @@ def main() -> None:
     parser.add_argument("--shape", default="7b")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=129)
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of a small shape")
     args = parser.parse_args()
     alphas = [float(a) for a in args.alpha.split(",")]
     base = None
     for k in (int(x) for x in args.k.split(",")):
-        ms, per_step = step_ms(k, args.shape, args.prompt_len, args.new_tokens)
+        ms, per_step = step_ms(k, args.shape, args.prompt_len, args.new_tokens, args.device)
         base = base or ms
         implied = "  ".join(f"alpha {a:.2f}: {(1 - a ** (k + 1)) / (1 - a) / ms * 1e3:6.1f} tok/s" for a in alphas)
         print(f"k={k}: {ms:6.2f} ms a step ({ms / base:.2f}x plain), {per_step:.2f} tokens a step here; "

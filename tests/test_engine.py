@@ -636,12 +636,13 @@ def test_overlapped_steps_survive_aborts(tiny):
     assert all(s.num_pending_tokens == 0 for r in requests for s in r.sequences)
 
 
-def test_close_frees_weights_and_cache_despite_lingering_references(tiny):
-    engine = _engine(tiny)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: CPU weights packed for oneDNN
+def test_close_frees_weights_and_cache_despite_lingering_references(tiny, dtype):
+    engine = _engine(tiny, dtype=dtype)
     _generate(engine, [_prompts()[1]], _greedy(max_tokens=2))
     model, runner = engine.executor.runner.model, engine.executor.runner  # references that outlive the engine's use
     engine.add_request("left", _prompts()[2], _greedy())
     engine.close()
     assert not engine.has_unfinished_requests()
-    assert all(p.device.type == "meta" for p in model.parameters())
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
     assert runner.kv_cache.device.type == "meta" and runner.graphs is None

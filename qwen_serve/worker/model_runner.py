@@ -154,6 +154,11 @@ class ModelRunner:
         self.graphs = None
         bind_kv_cache(self.model, None)
         self.kv_cache = torch.empty(0, device="meta")
+        for module in self.model.modules():  # oneDNN-packed CPU weights cannot move to meta: drop them
+            for tensors in (module._parameters, module._buffers):
+                for name, t in tensors.items():
+                    if t is not None and t.is_mkldnn:
+                        tensors[name] = torch.empty(0, device="meta")
         self.model.to(torch.device("meta"))  # the parameters' storage goes, whoever holds the module
         self._last_tokens = torch.empty(0, dtype=torch.long, device="meta")
 
