@@ -26,7 +26,8 @@ class EngineConfig:
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id, when it differs from the model's")
     dtype: str = _opt("auto", "weights and activations: auto, float32, bfloat16, float16")
     quantization: str | None = _opt(
-        None, "weight quantization: awq, gptq or gguf (default: what the checkpoint says, if anything)"
+        None, "weight quantization: awq, gptq, gguf, fp8 (also applied to a bf16 checkpoint as it loads) or "
+        "compressed-tensors (default: what the checkpoint says, if anything)"
     )
     device: str = _opt("auto", "auto (cuda when available), cuda, cuda:N or cpu")
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context length)")

@@ -112,12 +112,14 @@ class ModelRunner:
         """Loads the folder's weights (this rank's slice of them under tensor parallelism), or random ones
         (benchmarks of a shape) when `folder` is None. The quantization method (`--quantization`, or the
         checkpoint's) is read and checked before any weight."""
-        from qwen_serve.layers.quantization import quantization_config, release_config
+        from qwen_serve.layers.quantization import AT_LOAD_METHODS, quantization_config, release_config
 
         raw = model_config.raw
-        if folder is None and config.quantization:  # random weights: the layout of Qwen's own releases
+        if folder is None and config.quantization not in (None, *AT_LOAD_METHODS):  # codes in Qwen's release layout
             raw = {**raw, "quantization_config": release_config(config.quantization)}
         quant = quantization_config(config.quantization, raw, f"{folder or 'the model'}/config.json")
+        if quant is not None:
+            quant.check_device(device, dtype)
         opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels, parallel=parallel or ParallelContext())
         check_kernel_dtype(device, dtype, model_config.head_dim, opts)
         if folder is None:

@@ -46,6 +46,9 @@ class QuantizationConfig(ABC):
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method of the linear layer named `prefix` (e.g. `model.layers.0.mlp.down_proj`)."""
 
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Refuses, before any weight is read, a device or dtype the method's kernels cannot run on."""
+
     def embedding_method(self, prefix: str) -> LinearMethod:
         """The method of the embedding table / lm_head named `prefix`: unquantized unless the format
         stores them quantized (GGUF)."""
