@@ -184,9 +184,24 @@ def test_fp8_matmul_matches_the_reference(rows):
     w, scale = fp8.quantize_weight(torch.randn(768, 1024, device="cuda", generator=gen) * 0.02)
     bias = torch.randn(768, device="cuda", generator=gen).bfloat16()
     for input_scale in (None, torch.tensor(4.0 / fp8.FP8_MAX, device="cuda")):
-        out = fp8.linear(x, w, scale, bias, input_scale)
-        ref = fp8.linear_reference(x.float(), w, scale, bias, input_scale)
-        assert out.dtype == torch.bfloat16 and _rel(out.float(), ref) < 4e-3
+        for fused in (True, False):
+            out = fp8.linear(x, w, scale, bias, input_scale, fused=fused)
+            ref = fp8.linear_reference(x.float(), w, scale, bias, input_scale)
+            assert out.dtype == torch.bfloat16 and _rel(out.float(), ref) < 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cols", [64, 3584, 18944])
+def test_fused_activation_quantization_equals_the_reference(cols):
+    gen = torch.Generator(device="cuda").manual_seed(cols)
+    x = (torch.randn(37, cols, device="cuda", generator=gen) * torch.logspace(-4, 2, 37, device="cuda")[:, None]).bfloat16()
+    x[3] = 0.0
+    from qwen_serve.kernels.fused import fp8_quantize_rows
+
+    for static in (None, torch.tensor(0.01, device="cuda")):
+        q, s = fp8_quantize_rows(x, static)
+        q_ref, s_ref = fp8.quantize_rows(x, static)
+        assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 @pytest.mark.gpu

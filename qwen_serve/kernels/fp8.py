@@ -36,9 +36,15 @@ def quantize_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-           input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] in bfloat16, weight float8 [N, K], weight_scale [N] -> [M, N] in x's dtype. CUDA only."""
-    xq, x_scale = quantize_rows(x, input_scale)
+           input_scale: torch.Tensor | None = None, fused: bool = True) -> torch.Tensor:
+    """x [M, K] in bfloat16, weight float8 [N, K], weight_scale [N] -> [M, N] in x's dtype. CUDA only; with
+    `fused`, the activations are quantized by one Triton kernel (kernels/fused.py), else by `quantize_rows`."""
+    if fused:
+        from qwen_serve.kernels.fused import fp8_quantize_rows
+
+        xq, x_scale = fp8_quantize_rows(x, input_scale)
+    else:
+        xq, x_scale = quantize_rows(x, input_scale)
     # The second operand must be column-major: the transposed view of the row-major [N, K] weight is.
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
     return out if bias is None else out + bias

@@ -142,8 +142,11 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        run = fp8.linear if x.is_cuda else fp8.linear_reference
-        out = run(x, layer.weight, layer.weight_scale, bias, getattr(layer, "input_scale", None))
+        input_scale = getattr(layer, "input_scale", None)
+        if x.is_cuda:
+            out = fp8.linear(x.contiguous(), layer.weight, layer.weight_scale, bias, input_scale, fused=layer.fused)
+        else:
+            out = fp8.linear_reference(x, layer.weight, layer.weight_scale, bias, input_scale)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
