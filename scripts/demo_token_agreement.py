@@ -44,15 +44,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from qwen_serve.kernels import cpu_linear
+    from qwen_serve.kernels import int4pack
 
     served = greedy("bfloat16", args.tokens)
-    supported = cpu_linear.int4pack_supported
-    cpu_linear.int4pack_supported = lambda group, dtype: False  # every layer a plain dequantized weight
+    supported = int4pack.supported
+    int4pack.supported = lambda *args: False  # every layer a plain dequantized weight
     try:
         plain_bf16 = greedy("bfloat16", args.tokens)
     finally:
-        cpu_linear.int4pack_supported = supported
+        int4pack.supported = supported
     plain_fp32 = greedy("float32", args.tokens)
     for name, ref in (("dequantized bfloat16", plain_bf16), ("dequantized float32", plain_fp32)):
         share, first = agreement(served, ref)

@@ -127,7 +127,7 @@ def test_engine_serves_quantized_checkpoint_as_detected(quantized):
 def test_bfloat16_quantized_model_stays_close(quantized):
     """bfloat16 activations (the CPU default) on the same checkpoint: within bfloat16's rounding. 4-bit
     layers in groups torch's CPU int4 matmul takes run through it (scales and zeros in bfloat16)."""
-    from qwen_serve.kernels import cpu_linear
+    from qwen_serve.kernels import int4pack
 
     q_folder, _ = quantized
     ours32, ours16 = _logits(q_folder), _logits(q_folder, torch.bfloat16)
@@ -135,8 +135,9 @@ def test_bfloat16_quantized_model_stays_close(quantized):
     qc = json.loads((q_folder / "config.json").read_text())["quantization_config"]
     cfg = load_model_config(q_folder)
     model = load_model(q_folder, cfg, torch.bfloat16, "cpu")
-    int4 = qc["bits"] == 4 and cpu_linear.int4pack_supported(qc["group_size"], torch.bfloat16)
-    assert all(hasattr(m, "int4_weight") == int4 for m in model.modules() if hasattr(m, "input_perm"))
+    layers = [m for m in model.modules() if hasattr(m, "input_perm")]
+    assert layers and all(hasattr(m, "int4_weight") == (qc["bits"] == 4 and int4pack.supported(
+        qc["group_size"], m.in_features, m.out_features, torch.bfloat16, torch.device("cpu"))) for m in layers)
 
 
 # ---- bad input: refused before any weight is read, naming what is wrong and what is supported ----

@@ -138,34 +138,3 @@ def add_float32_copies(model: nn.Module, max_memory_fraction: float = 0.25) -> i
     log.info("no bfloat16 packing on this CPU: float32 copies of %d linear weights (%.2f GiB extra memory) "
              "for matmuls of %d rows or more", len(layers), extra / 2**30, FLOAT32_MIN_ROWS)
     return len(layers)
-
-
-# Group sizes torch's packed int4 matmul for CPUs takes (aten's _weight_int4pack_mm_for_cpu).
-INT4PACK_GROUPS = (32, 64, 128, 256)
-
-
-def int4pack_supported(group: int, dtype: torch.dtype) -> bool:
-    """Whether 4-bit codes in groups of `group` can run through torch's packed int4 matmul in `dtype`
-    (bfloat16 or float16 only: its float32 path was ~30x slower than a bfloat16 matmul here)."""
-    return (group in INT4PACK_GROUPS and dtype in (torch.bfloat16, torch.float16)
-            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
-
-
-def int4pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """codes [N, K] in 0..15, zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] ->
-    (packed weight, scales_and_zeros [groups, N, 2] in `dtype`) for torch's CPU int4 matmul, which computes
-    w = (q - 8) * scale + zero: so zero = (8 - z) * s, or 8 * s - minimum. Scale and zero are rounded to
-    `dtype` (a bfloat16 scale keeps 8 of float16's 11 bits): the result differs from the exact weights by
-    about what a bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer here)."""
-    s = scales.float()
-    zero = 8 * s - zeros.float() if zeros.dtype.is_floating_point else (8 - zeros.float()) * s
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    return packed, torch.stack([s.t(), zero.t()], dim=-1).to(dtype).contiguous()
-
-
-def int4pack_linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] -> [M, N] (measured 0.33 ms for 4864 x 896 at one row, 2 threads: 160x the torch reference)."""
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
-    return out if bias is None else out + bias

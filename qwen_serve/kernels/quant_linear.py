@@ -68,40 +68,44 @@ def _gemv_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """y[m, n] for BLOCK_N output rows and every input: words [BLOCK_N, BLOCK_KW] unpacked as
-    [BLOCK_N, BLOCK_KW, P] codes (P = 32 / BITS values a word), times x as [BLOCK_M, BLOCK_KW, P]."""
+    """y[m, n] for BLOCK_N output rows and every input, words [BLOCK_N, BLOCK_KW] at a time. A word's P codes
+    share one group, so its part of the dot product is s * (sum_j q_j x_j) - z' * (sum_j x_j), with z' = z * s
+    (or GGUF's minimum): per code one shift, mask, convert and multiply-add, and no reduction until the end
+    (the elementwise partial sums stay in registers, [BLOCK_M, BLOCK_N, BLOCK_KW])."""
     P: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     words = tl.arange(0, BLOCK_KW)
-    lanes = tl.arange(0, P)
-    shifts = (lanes * BITS)[None, None, :]
     ms = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    m_ok = ms < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.float32)
     w_row = w_ptr + rows[:, None].to(tl.int64) * stride_w
+    x_row = x_ptr + ms[:, None] * stride_x
     wait_for_previous(USE_PDL)
     for k0 in range(0, K // P, BLOCK_KW):
         kw = k0 + words  # [BLOCK_KW] word index along K
         kw_ok = kw < K // P
-        packed = tl.load(w_row + kw[None, :], mask=row_ok[:, None] & kw_ok[None, :], other=0)  # [BN, BKW]
-        q = ((packed[:, :, None] >> shifts) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BKW, P]
-        g = (kw * P) // GROUP  # every code of a word lies in one group (GROUP is a multiple of P)
-        zs_off = rows[:, None] * stride_g + g[None, :]
-        zs_ok = row_ok[:, None] & kw_ok[None, :]
-        z = tl.load(z_ptr + zs_off, mask=zs_ok, other=0).to(tl.float32)
-        s = tl.load(s_ptr + zs_off, mask=zs_ok, other=0.0).to(tl.float32)
-        if MIN_FORM:
-            w = q * s[:, :, None] - z[:, :, None]  # [BN, BKW, P]
-        else:
-            w = (q - z[:, :, None]) * s[:, :, None]
-        k = kw[:, None] * P + lanes[None, :]  # [BKW, P]
-        xv = tl.load(x_ptr + ms[:, None, None] * stride_x + k[None, :, :],
-                     mask=(ms < M)[:, None, None] & kw_ok[None, :, None], other=0.0).to(tl.float32)  # [BM, BKW, P]
-        acc += tl.sum(tl.sum(w[None, :, :, :] * xv[:, None, :, :], axis=3), axis=2)
+        ok = row_ok[:, None] & kw_ok[None, :]
+        packed = tl.load(w_row + kw[None, :], mask=ok, other=0)  # [BN, BKW] int32
+        zs_off = rows[:, None] * stride_g + ((kw * P) // GROUP)[None, :]  # each word lies in one group
+        s = tl.load(s_ptr + zs_off, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + zs_off, mask=ok, other=0).to(tl.float32)
+        t = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum_j q_j x_j
+        xs = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)  # sum_j x_j
+        for j in tl.static_range(P):
+            q = ((packed >> (j * BITS)) & MASK).to(tl.float32)  # [BN, BKW]
+            xj = tl.load(x_row + (kw * P + j)[None, :], mask=m_ok[:, None] & kw_ok[None, :], other=0.0)
+            xj = xj.to(tl.float32)  # [BM, BKW]
+            t += q[None, :, :] * xj[:, None, :]
+            xs += xj
+        shift = z if MIN_FORM else z * s
+        acc += s[None, :, :] * t - shift[None, :, :] * xs[:, None, :]
+    y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(ms < M)[:, None] & row_ok[None, :])
+        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + ms[:, None] * stride_y + rows[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit

@@ -84,3 +84,64 @@ def test_dequantize_kernel_is_exact(bits, min_form):
         torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=ulp.item())
     else:
         assert torch.equal(out.cpu(), ref)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="torch's int4 matmul is a CUDA kernel, not Triton")
+@pytest.mark.parametrize("group,min_form", [(32, False), (128, False), (32, True)])
+@pytest.mark.parametrize("rows", [1, 4, 17, 300])
+@pytest.mark.parametrize("shape", [(4608, 3584), (3584, 18944), (256, 384)])
+def test_int4pack_matches_reference(shape, rows, group, min_form):
+    """torch's packed int4 matmul on CUDA (kernels/int4pack.py) against the float32 reference of the same
+    codes with scale and zero rounded to bfloat16 as packing does: what remains is bfloat16's rounding of x
+    and of the output (relative ~2e-3 each) and the order of accumulation."""
+    from qwen_serve.kernels import int4pack
+
+    n, k = shape
+    assert int4pack.supported(group, k, n, torch.bfloat16, torch.device(DEVICE))
+    qweight, zeros, scales = random_packed(n, k, 4, group, seed=rows + n, min_form=min_form)
+    codes = ql.unpack_along_k(qweight, 4)
+    packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
+    s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
+    weight = (codes.float() - 8) * s + z
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    bias = torch.randn(n).bfloat16()
+    out = int4pack.linear(x.to(DEVICE), packed, group, scales_zeros, bias.to(DEVICE))
+    ref = x.float() @ weight.t() + bias.float()
+    assert rel_err(out, ref) < 5e-3
+    exact = ql.linear_reference(x.float(), qweight, zeros, scales, group, 4, bias.float())
+    assert rel_err(out, exact) < 1e-2  # and the rounding of scale and zero costs no more than bfloat16 weights would
+
+
+@pytest.mark.parametrize("tiles", [2, 8])
+def test_int4pack_dequantize_kernel_is_its_reference(tiles):
+    """The Triton pass that serves more than int4pack.ROWS_MAX rows reads every nibble where the torch
+    reference does (arbitrary words, so every bit pattern of the layout). In float32, up to the last bit:
+    the GPU fuses (q - 8) * scale + zero into one multiply-add, the reference rounds twice."""
+    from qwen_serve.kernels import int4pack
+
+    n, k, group = (16, 256, 32) if INTERPRETED else (4608, 3584, 128)
+    g = torch.Generator().manual_seed(tiles)
+    packed = torch.randint(-2**31, 2**31 - 1, (n // 8, k // (16 * tiles), 32, tiles // 2), generator=g,
+                           dtype=torch.int32)
+    scales_zeros = torch.randn(k // group, n, 2, generator=g)
+    out = int4pack.dequantize(packed.to(DEVICE), scales_zeros.to(DEVICE), group)
+    torch.testing.assert_close(out.cpu(), int4pack.dequantize_reference(packed, scales_zeros, group),
+                               rtol=2e-7, atol=1e-6)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="torch's int4 packing is a CUDA kernel, not Triton")
+@pytest.mark.parametrize("tiles", [2, 4, 8])
+def test_int4pack_layout_is_torchs(tiles, monkeypatch):
+    """dequantize_reference undoes torch's own CUDA packing: the codes come back where they were."""
+    from qwen_serve.kernels import int4pack
+
+    monkeypatch.setattr(int4pack, "INNER_K_TILES", tiles)
+    n, k, group = 4608, 3584, 128
+    qweight, zeros, scales = random_packed(n, k, 4, group, seed=tiles)
+    codes = ql.unpack_along_k(qweight, 4)
+    packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
+    unit = torch.stack([torch.ones(k // group, n), torch.full((k // group, n), 8.0)], dim=-1)
+    assert torch.equal(int4pack.dequantize_reference(packed.cpu(), unit, group), codes.float())
+    s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
+    weight = int4pack.dequantize(packed, scales_zeros, group)
+    torch.testing.assert_close(weight.cpu(), ((codes.float() - 8) * s + z).bfloat16())  # one bfloat16 rounding

@@ -87,4 +87,4 @@ class AWQLinearMethod(PackedIntMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         codes = unpack_columns(layer.qweight.data).t()  # [N, K]
         zeros = unpack_columns(layer.qzeros.data).t()  # [N, K / G]
-        repack(layer, codes, zeros, layer.scales.data.t(), self.bits, cpu_dtype=layer.params_dtype)
+        repack(layer, codes, zeros, layer.scales.data.t(), self.bits, int4_dtype=layer.params_dtype)

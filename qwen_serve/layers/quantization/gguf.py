@@ -7,12 +7,13 @@ w = code * scale - minimum per group, with small integer codes and float32 scale
 times a small integer), so `decode` returns (codes, scales, minimums) that reproduce the gguf package's own
 dequantization bit for bit (tests/test_gguf.py checks every format against it).
 
-Served on a GPU, the decoded codes are packed (4 bits for Q4_0 / Q4_K, 8 for the others) for the kernels of
-kernels/quant_linear.py in their "min form"; the shards of a merged layer (q|k|v, gate|up) of different formats
-share the wider code and the smaller group, which is exact too. On the CPU, linears whose shards are all 4-bit
-go to torch's int4 matmul in bfloat16 / float16 (kernels/cpu_linear.py); no torch kernel computes from the
-other formats' codes faster than from a plain weight, so those layers (and the embedding table) are
-dequantized once at load into the compute dtype and served as unquantized. F32 / F16 / BF16 tensors, and
+Linears whose shards are all 4-bit go to torch's int4 matmul where it runs (kernels/int4pack.py: bfloat16 on
+a GPU, bfloat16 / float16 on the CPU). Otherwise, served on a GPU, the decoded codes are packed (4 bits for
+Q4_0 / Q4_K, 8 for the others) for the kernels of kernels/quant_linear.py in their "min form"; the shards of a
+merged layer (q|k|v, gate|up) of different formats share the wider code and the smaller group, which is exact
+too. On the CPU no torch kernel computes from the other formats' codes faster than from a plain weight, so
+those layers (and the embedding table) are dequantized once at load into the compute dtype and served as
+unquantized. F32 / F16 / BF16 tensors, and
 the formats the gguf package dequantizes but this file does not decode (Q4_1, Q5_1, Q2_K, Q3_K, the IQ types),
 are served plain on every device.
 """
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qwen_serve.kernels import cpu_linear
+from qwen_serve.kernels import int4pack
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig, new_param
 from qwen_serve.layers.quantization.packed import PackedIntMethod, repack
 from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
@@ -259,12 +260,12 @@ class GGUFLinearMethod(LinearMethod):
         names = list(self._shards(layer))
         types = [shards[s][0] for s in names]
         blocks = all(t in BLOCK_FORMATS for t in types)
-        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul on the CPU.
+        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs.
         multiplies_only = not getattr(layer, "used_for_lookup", False) and not hasattr(layer, "vocab_size")
-        cpu_int4 = (device.type == "cpu" and blocks and multiplies_only
-                    and all(BLOCK_FORMATS[t].bits == 4 for t in types)
-                    and cpu_linear.int4pack_supported(min(BLOCK_FORMATS[t].group for t in types), layer.compute_dtype))
-        if not blocks or not (self.keeps_codes(device) or cpu_int4):
+        int4 = (blocks and multiplies_only and all(BLOCK_FORMATS[t].bits == 4 for t in types)
+                and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
+                                       sum(self._shards(layer).values()), layer.compute_dtype, device))
+        if not blocks or not (self.keeps_codes(device) or int4):
             sizes = self._shards(layer)
             weight = torch.empty(sum(sizes.values()), layer.in_features, dtype=layer.compute_dtype, device=device)
             start = 0
@@ -281,5 +282,5 @@ class GGUFLinearMethod(LinearMethod):
         scales = torch.cat([d[1].repeat_interleave(d[3] // group, 1) for d in decoded])
         mins = torch.cat([d[2].repeat_interleave(d[3] // group, 1) for d in decoded])
         del layer.weight, layer.gguf_shards
-        repack(layer, codes, mins, scales, bits, cpu_dtype=layer.compute_dtype if cpu_int4 else None)
+        repack(layer, codes, mins, scales, bits, int4_dtype=layer.compute_dtype if int4 else None)
         layer.quant_method = PackedIntMethod(bits)

@@ -121,7 +121,7 @@ class GPTQLinearMethod(PackedIntMethod):
         if perm is not None:
             codes = codes[:, perm]
         zeros = (unpack(layer.qzeros.data, c.bits, dim=1) + c.zero_offset).t()  # [N, groups]
-        repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm, cpu_dtype=layer.params_dtype)
+        repack(layer, codes, zeros, layer.scales.data.t(), c.bits, perm, int4_dtype=layer.params_dtype)
 
 
 def _load_g_idx(layer: nn.Module, groups: int, param: nn.Parameter, loaded: torch.Tensor, shard: str | None = None) -> None:

@@ -2,9 +2,10 @@
 
 `repack` turns a checkpoint's codes, zero points and scales into the layout of kernels/quant_linear.py
 (exactly: the same numbers). `PackedIntMethod.apply` sends CUDA inputs to its Triton kernels when the
-layer's fused kernels are on. On the CPU, 4-bit codes in bfloat16 or float16 models are packed instead for
-torch's int4 matmul (kernels/cpu_linear.py; scale and zero rounded to the compute dtype), and everything
-else runs the kernels' torch reference (the weight dequantized at each call: correct, slow).
+layer's fused kernels are on. 4-bit codes in groups torch's packed int4 matmul takes, in a compute dtype it
+takes on the layer's device, are packed for it instead (kernels/int4pack.py; scale and zero rounded to the
+compute dtype). Everything else on the CPU runs the kernels' torch reference (the weight dequantized at each
+call: correct, slow).
 """
 
 from __future__ import annotations
@@ -12,25 +13,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwen_serve.kernels import cpu_linear, quant_linear
+from qwen_serve.kernels import int4pack, quant_linear
 from qwen_serve.layers.quantization.base import LinearMethod
 
 
 def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, bits: int,
-           input_perm: torch.Tensor | None = None, cpu_dtype: torch.dtype | None = None) -> None:
+           input_perm: torch.Tensor | None = None, int4_dtype: torch.dtype | None = None) -> None:
     """codes [N, K], zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] -> the
     layer's `qweight`, `zeros`, `scales` in the kernels' layout, replacing the checkpoint's parameters.
     `input_perm` (GPTQ's act order) reorders the inputs so that each group's are contiguous; it is applied
-    to x at run time. On the CPU, with `cpu_dtype` (the compute dtype of a layer that only multiplies),
-    4-bit codes in groups torch's int4 matmul takes are packed for it instead (`int4_weight`)."""
+    to x at run time. With `int4_dtype` (the compute dtype of a layer that only multiplies), 4-bit codes that
+    torch's int4 matmul takes on their device are packed for it instead (`int4_weight`)."""
     for name in ("qweight", "qzeros", "scales", "g_idx"):
         if hasattr(layer, name):
             delattr(layer, name)
     layer.register_buffer("input_perm", input_perm, persistent=False)  # None: the inputs in order
-    group = codes.shape[1] // scales.shape[1]
-    on_cpu = codes.device.type == "cpu" and cpu_dtype is not None
-    if on_cpu and bits == 4 and cpu_linear.int4pack_supported(group, cpu_dtype):
-        packed, scales_and_zeros = cpu_linear.int4pack(codes, zeros, scales, cpu_dtype)
+    (n, k), group = codes.shape, codes.shape[1] // scales.shape[1]
+    if bits == 4 and int4_dtype is not None and int4pack.supported(group, k, n, int4_dtype, codes.device):
+        packed, scales_and_zeros = int4pack.pack(codes, zeros, scales, int4_dtype)
         layer.register_buffer("int4_weight", packed, persistent=False)
         layer.register_buffer("int4_scales_zeros", scales_and_zeros, persistent=False)
         return
@@ -66,9 +66,9 @@ class PackedIntMethod(LinearMethod):
         x = x.reshape(-1, shape[-1])
         if layer.input_perm is not None:
             x = x.index_select(1, layer.input_perm)  # [tokens, K] in the repacked order
-        if hasattr(layer, "int4_weight"):  # CPU, 4 bits
+        if hasattr(layer, "int4_weight"):
             group = shape[-1] // layer.int4_scales_zeros.shape[0]
-            out = cpu_linear.int4pack_linear(x.contiguous(), layer.int4_weight, group, layer.int4_scales_zeros, bias)
+            out = int4pack.linear(x.contiguous(), layer.int4_weight, group, layer.int4_scales_zeros, bias)
             return out.reshape(*shape[:-1], out.shape[-1])
         group = shape[-1] // layer.scales.shape[1]  # GPTQ's -1 is one group of every input
         if x.is_cuda and layer.fused:

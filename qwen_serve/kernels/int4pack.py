@@ -1,0 +1,121 @@
+"""4-bit weights through torch's packed int4 matmul ("tinygemm"): aten's `_weight_int4pack_mm` on CUDA
+(tensor cores, sm80 and later) and `_weight_int4pack_mm_for_cpu` on the CPU.
+
+Both compute w = (q - 8) * scale + zero per group of inputs, with scale and zero in the compute dtype, so an
+AWQ/GPTQ zero point z becomes zero = (8 - z) * s and a GGUF minimum m becomes 8 * s - m. That rounding (a
+bfloat16 scale keeps 8 of float16's 11 bits) makes the result differ from the exact weights by about what a
+bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer). The two devices take their codes in
+different layouts; `pack` makes the one `linear` will read on the codes' device.
+
+tinygemm pays per row (run 40: 39 us for the 7B's gate_up at one row, 150 at 16, 2.3 ms at 256), so on CUDA
+more than ROWS_MAX rows dequantize the packed codes into a scratch bfloat16 weight for cuBLAS instead
+(`dequantize`, one Triton pass; `dequantize_reference` is its torch twin, the layout written out).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qwen_serve.kernels.pdl import launch_options, wait_for_previous
+
+# Group sizes the packed int4 matmul takes (both devices).
+GROUPS = (32, 64, 128, 256)
+# CUDA's layout tiles K by INNER_K_TILES * 16 inputs; 8 is what the published int4 decoders use.
+INNER_K_TILES = 8
+# CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 40's per-op times).
+ROWS_MAX = 16
+
+
+def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether 4-bit codes of a [out_features, in_features] layer in groups of `group` can run here in `dtype`.
+    CUDA: bfloat16 only, compute capability 8.0+, outputs a multiple of 8 and inputs of INNER_K_TILES * 16.
+    CPU: bfloat16 or float16 (its float32 path was ~30x slower than a bfloat16 matmul)."""
+    if group not in GROUPS or in_features % group:
+        return False
+    if device.type == "cuda":
+        return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+                and out_features % 8 == 0 and in_features % (INNER_K_TILES * 16) == 0
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes [N, K] in 0..15, zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] ->
+    (packed weight, scales_and_zeros [groups, N, 2] in `dtype`) on the codes' device."""
+    s = scales.float()
+    zero = 8 * s - zeros.float() if zeros.dtype.is_floating_point else (8 - zeros.float()) * s
+    codes = codes.to(torch.int32).contiguous()
+    if codes.is_cuda:  # two codes a byte, the even input in the high nibble
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return packed, torch.stack([s.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+def dequantize_reference(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """CUDA's packed codes [N / 8, K / (16 T), 32, T / 2] (T inner k-tiles) -> float32 weight [N, K].
+
+    A tile of 8 outputs x 16 T inputs is one warp's m16n8k16 B fragments: lane t = 4 a + b holds output
+    a's inputs, and nibble s = i + 4 h of its word j is input 32 j + 8 i + 2 b + h of the tile (torch's
+    matrix_to_m16n8k16_Bint4_layout)."""
+    n_tiles, k_tiles, _, words = packed.shape
+    nibbles = (packed[..., None] >> torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)) & 0xF
+    # [nt, kt, a, b, j, h, i] -> [nt, a, kt, j, i, b, h]
+    codes = nibbles.reshape(n_tiles, k_tiles, 8, 4, words, 2, 4).permute(0, 2, 1, 4, 6, 3, 5)
+    codes = codes.reshape(n_tiles * 8, k_tiles * words * 32)
+    scale, zero = (t.float().t().repeat_interleave(group, dim=1) for t in scales_and_zeros.unbind(-1))
+    return (codes.float() - 8) * scale + zero
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, WORDS: tl.constexpr,
+                    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    """Outputs [8, BLOCK_K] of one n-tile: each input's word and nibble as `dequantize_reference` lays
+    them out (a word is read by the 8 inputs it holds; the stores are whole rows)."""
+    SPAN: tl.constexpr = WORDS * 32  # inputs of one k-tile group
+    a = tl.arange(0, 8)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n = tl.program_id(0) * 8 + a
+    r = k % SPAN
+    lane = 4 * a[:, None] + ((r // 2) % 4)[None, :]
+    word = ((tl.program_id(0) * (K // SPAN) + k // SPAN)[None, :] * 32 + lane) * WORDS + (r // 32)[None, :]
+    shift = 4 * ((r // 8) % 4 + 4 * (r % 2))
+    ok = (k < K)[None, :]
+    wait_for_previous(USE_PDL)
+    q = (tl.load(w_ptr + word, mask=ok, other=0) >> shift[None, :]) & 0xF
+    sz = sz_ptr + ((k // GROUP)[None, :] * N + n[:, None]) * 2
+    scale = tl.load(sz, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(sz + 1, mask=ok, other=0.0).to(tl.float32)
+    w = (q.to(tl.float32) - 8.0) * scale + zero
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """CUDA's packed codes -> the weight [N, K] in the scales' dtype (`dequantize_reference`, rounded once)."""
+    n_tiles, k_tiles, _, words = packed.shape
+    n, k = n_tiles * 8, k_tiles * words * 32
+    out = torch.empty(n, k, dtype=scales_and_zeros.dtype, device=packed.device)
+    block_k = 512
+    _dequant_kernel[(n_tiles, triton.cdiv(k, block_k))](
+        packed, scales_and_zeros, out, n, k, GROUP=group, WORDS=words, BLOCK_K=block_k, num_warps=4,
+        **launch_options(packed.device))
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (contiguous) -> [M, N]. CPU: 0.33 ms for 4864 x 896 at one row, 2 threads (160x the torch
+    reference)."""
+    if x.is_cuda and x.shape[0] > ROWS_MAX:
+        return F.linear(x, dequantize(packed, scales_and_zeros, group), bias)
+    if x.is_cuda:
+        out = torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+    return out if bias is None else out + bias
