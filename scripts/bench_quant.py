@@ -1,8 +1,12 @@
 """The dequantize-matmul paths (kernels/quant_linear.py) on the Qwen2.5-7B shapes, beside cuBLAS in bfloat16:
-every GEMV tile setting below at decode's row counts, dequantize + cuBLAS beyond. Fixed seeds; CUDA only.
+every GEMV tile setting below at decode's row counts, dequantize + cuBLAS beyond, and (4 bits) torch's packed
+int4 matmul (tinygemm) at two of its K tilings and the dequantization of its layout (kernels/int4pack.py)
+for cuBLAS, and FP8 W8A8 (kernels/fp8.py: the activations'
+per-token quantization included). Fixed seeds; CUDA only.
 
   python3 scripts/bench_quant.py --out run.json
-Rows: op (shape), rows M, path/setting, ms (median of CUDA-graph replays), effective GB/s (weight bytes read).
+Rows: op (shape), rows M, path/setting, ms (median of CUDA-graph replays), effective GB/s (weight bytes read);
+printed: the best setting of each path.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from qwen_serve.kernels import fp8, int4pack
 from qwen_serve.kernels import quant_linear as ql
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
@@ -57,19 +62,35 @@ def main() -> None:
             ms = graph_ms(lambda: F.linear(x, w16))
             rows.append({"op": op, "rows": m, "path": "cublas-bf16", "ms": ms, "GB_s": n * k * 2 / ms / 1e6})
             settings = [("gemv", c) for c in GEMV] if m <= ql.GEMV_MAX_ROWS else [("dequant+cublas", None)]
+            if args.bits == 4:
+                settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
             for path, c in settings:
-                kw = {} if c is None else {f"{path}_config": c}
+                kw = {} if c is None or path.startswith(("tinygemm", "int4pack")) else {f"{path}_config": c}
                 try:
-                    ms = graph_ms(lambda: ql.quant_linear(x, qweight, zeros, scales, 128, args.bits, None, **kw))
+                    if path == "tinygemm":
+                        int4pack.INNER_K_TILES = c
+                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
+                        ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
+                    elif path == "int4pack-dequant+cublas":
+                        int4pack.INNER_K_TILES = c
+                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
+                        ms = graph_ms(lambda: F.linear(x, int4pack.dequantize(packed, sz, 128)))
+                    else:
+                        ms = graph_ms(lambda: ql.quant_linear(x, qweight, zeros, scales, 128, args.bits, None, **kw))
                 except Exception as e:  # a tile setting that does not fit this GPU
                     rows.append({"op": op, "rows": m, "path": path, "config": c, "error": str(e)[:200]})
                     continue
                 rows.append({"op": op, "rows": m, "path": path, "config": c, "ms": ms, "GB_s": qbytes / ms / 1e6})
-            best = min((r for r in rows if r["op"] == op and r["rows"] == m and r["path"] != "cublas-bf16"
-                        and "ms" in r), key=lambda r: r["ms"])
-            cublas = next(r for r in rows if r["op"] == op and r["rows"] == m and r["path"] == "cublas-bf16")
-            print(f"{op:8s} M={m:5d}  cuBLAS bf16 {cublas['ms']*1e3:8.1f} us  best {best['path']} {best.get('config')} "
-                  f"{best['ms']*1e3:8.1f} us  ({best['GB_s']:.0f} GB/s)", flush=True)
+            w8, s8 = fp8.quantize_weight(w16)
+            ms = graph_ms(lambda: fp8.linear(x, w8, s8, None))
+            rows.append({"op": op, "rows": m, "path": "fp8-scaled-mm", "ms": ms, "GB_s": n * k / ms / 1e6})
+            here = [r for r in rows if r["op"] == op and r["rows"] == m and "ms" in r]
+            best = {}
+            for r in here:
+                if r["path"] not in best or r["ms"] < best[r["path"]]["ms"]:
+                    best[r["path"]] = r
+            print(f"{op:8s} M={m:5d}  " + "  ".join(f"{p} {r.get('config') or ''} {r['ms']*1e3:.1f} us ({r['GB_s']:.0f} GB/s)"
+                                                  for p, r in best.items()), flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 
