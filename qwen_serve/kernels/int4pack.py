@@ -7,7 +7,7 @@ bfloat16 scale keeps 8 of float16's 11 bits) makes the result differ from the ex
 bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer). The two devices take their codes in
 different layouts; `pack` makes the one `linear` will read on the codes' device.
 
-tinygemm pays per row (run 40: 39 us for the 7B's gate_up at one row, 150 at 16, 2.3 ms at 256), so on CUDA
+tinygemm pays per row (run 37: 39 us for the 7B's gate_up at one row, 150 at 16, 2.3 ms at 256), so on CUDA
 more than ROWS_MAX rows dequantize the packed codes into a scratch bfloat16 weight for cuBLAS instead
 (`dequantize`, one Triton pass; `dequantize_reference` is its torch twin, the layout written out).
 """
@@ -25,7 +25,7 @@ from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 GROUPS = (32, 64, 128, 256)
 # CUDA's layout tiles K by INNER_K_TILES * 16 inputs; 8 is what the published int4 decoders use.
 INNER_K_TILES = 8
-# CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 40's per-op times).
+# CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
 ROWS_MAX = 16
 
 
