@@ -11,7 +11,8 @@ Four kernels, each checked against the torch reference (`layers.attention.TorchA
   per group (BLOCK_M = BLOCK_Q * heads_per_kv rows; 126 of 128 rows used at GQA 7). The program finds
   its sequence by a binary search over query_start_loc, so the grid depends only on num_tokens and
   num_seqs: fixed per CUDA-graph bucket. Causal within the chunk, online softmax in fp32 (exp2).
-- Split-KV decode (flash-decoding): for decode-only batches with too few (sequence, kv head) pairs to
+- Split-KV decode (flash-decoding): for decode-only batches (and verify steps of speculative decoding,
+  whose short queries take one program per token too: AttentionMetadata.per_token_queries) with too few (sequence, kv head) pairs to
   fill the GPU, axis 2 of the grid splits each sequence's keys into NUM_SPLITS ranges whose partial
   outputs and log-sum-exps `_merge_splits_kernel` combines. The ranges are computed on the device from
   seq_lens (at least min_split_tiles tiles each; surplus splits exit at once), so one captured graph
@@ -31,7 +32,7 @@ their log-sum-exps.
 
 Everything reads the metadata's device tensors (query_start_loc_t, seq_lens_t, block_tables,
 slot_mapping) and nothing calls .item(): decode is CUDA-graph capturable. The host values that pick
-the launch shape (max_query_len == 1, num_tokens, num_seqs) are fixed per batch-size bucket.
+the launch shape (max_query_len == 1 or per_token_queries, num_tokens, num_seqs) are fixed per CUDA graph.
 """
 
 from __future__ import annotations
@@ -543,8 +544,8 @@ class TritonAttentionBackend:
         if num_tokens == 0:
             return out
 
-        if meta.max_query_len == 1:
-            # Decode: one query token per program, the GQA group's heads as the tile rows.
+        if meta.max_query_len == 1 or meta.per_token_queries:
+            # Decode (and verify steps): one query token per program, the GQA group's heads as the tile rows.
             block_m, block_q, pad = max(16, triton.next_power_of_2(qpk)), 1, 0
             block_n = self.decode_tile_for(device, num_tokens, num_kv_heads)
             dense = []

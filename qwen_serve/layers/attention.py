@@ -45,6 +45,10 @@ class AttentionMetadata:
     # program per (sequence, KV head): the split count is a kernel constant, so eager calls with varying
     # batches would compile a kernel variant for each count they meet.
     split_kv: bool = True
+    # Queries of several tokens computed as decode computes one: a program per query token (split-KV
+    # allowed), each token's keys bounded by its position. For verify steps (a few short queries over
+    # long contexts), which the CUDA graphs run; other steps take the tiled launch for queries > 1 token.
+    per_token_queries: bool = False
     # Tensors the torch backend derives from the above, computed by the first layer that needs them
     # and reused by the others in the same forward pass (CPU only; see `_derived`).
     derived: dict = field(default_factory=dict, repr=False, compare=False)

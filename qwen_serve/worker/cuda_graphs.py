@@ -1,12 +1,21 @@
-"""CUDA graphs for decode-only steps: one graph per batch-size bucket, all sharing one memory pool.
+"""CUDA graphs for decode and verify steps: one graph per (batch-size bucket, tokens per sequence), all
+sharing one memory pool.
 
 A decode step of a few sequences launches hundreds of small kernels; replaying a captured graph
 removes their per-launch host cost. Every graph reads static buffers that `run` fills before each
 replay (token ids, positions, KV slots, block tables, sequence lengths) and writes two static
 outputs: every row's float32 logits and their argmax (the greedy token, which the sampler takes
 as is when nothing changes the logits). A batch of n sequences replays the smallest bucket >= n;
-rows n..bucket are padding: slot -1 (the KV write skips it), sequence length 1, position 0, and
-whatever token id an earlier replay left there.
+rows n..bucket are padding: slot -1 (the KV write skips it), position 0, and whatever token id an
+earlier replay left there.
+
+Verify steps of speculative decoding (each sequence's last token and its drafts, `q` = 2..max_query
+tokens) have graphs of their own for the batches speculation runs at (up to `verify_max_seqs`): without
+them the step ran eagerly at 2.9x a decode step's time for one draft (BENCHMARKS.md, run 40). Every sequence
+of such a step is laid out over q rows; a sequence with fewer tokens is padded after its last one
+(slot -1; those rows' outputs are never read), and its length counts the padding, so that its real rows
+keep their positions and causal masks. Their attention runs one program per query token with split-KV,
+as decode does (AttentionMetadata.per_token_queries).
 
 Captured after the KV cache is bound, with meta.max_seq_len = max_model_len: the Triton backend picks
 its split-KV count on the host from max_seq_len at capture time and reads the real lengths on the
@@ -46,79 +55,100 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, vocab_size: int) -> None:
+                 block_size: int, vocab_size: int, max_query: int = 1, verify_max_seqs: int = 0) -> None:
         self.model = model
         self.device = device
         self.buckets = batch_buckets(max_num_seqs)
+        # Verify steps: q = 2..max_query tokens a sequence, batches up to verify_max_seqs.
+        self.verify_buckets = batch_buckets(min(verify_max_seqs, max_num_seqs)) if max_query > 1 and verify_max_seqs else []
+        self.max_query = max_query if self.verify_buckets else 1
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         b = self.buckets[-1]
-        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)  # [B]
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)  # [B]
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)  # [B]; -1 = no KV write
+        rows = max(b, self.verify_buckets[-1] * self.max_query if self.verify_buckets else 0)
+        self.input_ids = torch.zeros(rows, dtype=torch.long, device=device)  # [R]
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)  # [R]
+        self.slot_mapping = torch.full((rows,), -1, dtype=torch.long, device=device)  # [R]; -1 = no KV write
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)  # [B]
         # [B, max_blocks]: rows are overwritten up to each step's width; stale entries past a
-        # sequence's length are never read, and padding rows read only block entry 0 (a valid id).
+        # sequence's length are never read, and padding rows read only their first entries (valid ids).
         self.block_tables = torch.zeros(b, self.max_blocks, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)  # one token per sequence
-        self.logits = torch.zeros(b, vocab_size, dtype=torch.float32, device=device)  # [B, V] graph output
-        self.greedy = torch.zeros(b, dtype=torch.long, device=device)  # [B] graph output
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # q tokens a sequence: sequence i's rows start at q * i.
+        self.query_start_loc = {q: torch.arange(0, q * b + 1, q, dtype=torch.int32, device=device)
+                                for q in range(1, self.max_query + 1)}
+        self.logits = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)  # [R, V] graph output
+        self.greedy = torch.zeros(rows, dtype=torch.long, device=device)  # [R] graph output
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket, q) -> graph
 
-    def _meta(self, n: int) -> AttentionMetadata:
+    def _meta(self, n: int, q: int) -> AttentionMetadata:
         return AttentionMetadata(
-            query_start_loc=list(range(n + 1)), seq_lens=[1] * n, slot_mapping=self.slot_mapping[:n],
-            block_tables=self.block_tables[:n], max_query_len=1, max_seq_len=self.max_model_len,
-            query_start_loc_t=self.query_start_loc[: n + 1], seq_lens_t=self.seq_lens[:n],
+            query_start_loc=list(range(0, n * q + 1, q)), seq_lens=[q] * n, slot_mapping=self.slot_mapping[: n * q],
+            block_tables=self.block_tables[:n], max_query_len=q, max_seq_len=self.max_model_len,
+            query_start_loc_t=self.query_start_loc[q][: n + 1], seq_lens_t=self.seq_lens[:n],
+            per_token_queries=True,
         )
 
-    def _forward(self, n: int) -> None:
-        with forward_context(self._meta(n)):
-            hidden = self.model(self.input_ids[:n], self.positions[:n])
-        self.model.compute_logits(hidden, out=self.logits[:n])
-        torch.argmax(self.logits[:n], dim=-1, out=self.greedy[:n])
+    def _forward(self, n: int, q: int) -> None:
+        rows = n * q
+        with forward_context(self._meta(n, q)):
+            hidden = self.model(self.input_ids[:rows], self.positions[:rows])
+        self.model.compute_logits(hidden, out=self.logits[:rows])
+        torch.argmax(self.logits[:rows], dim=-1, out=self.greedy[:rows])
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Largest bucket first, so the smaller graphs fit in the pool it leaves. The static inputs
-        hold padding values (slot -1) throughout, so neither warm-up nor capture touches the cache."""
+        """Most rows first, so the smaller graphs fit in the pool it leaves. The static inputs hold
+        padding values (slot -1) throughout, so neither warm-up nor capture touches the cache."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
-        for n in reversed(self.buckets):
+        shapes = [(n, 1) for n in self.buckets]
+        shapes += [(n, q) for n in self.verify_buckets for q in range(2, self.max_query + 1)]
+        for n, q in sorted(shapes, key=lambda s: (-s[0] * s[1], -s[1])):
+            self.seq_lens.fill_(q)  # each padding sequence: its q tokens and no cached ones
             # Warm-up outside the graph, on a side stream: Triton compiles and lazy allocations happen here.
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._forward(n)
+                self._forward(n, q)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._forward(n)
-            self.graphs[n] = graph
+                self._forward(n, q)
+            self.graphs[n, q] = graph
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.buckets, time.perf_counter() - start)
+        log.info("captured %d CUDA graphs (decode: batch sizes %s; verify: batch sizes %s x 2..%d tokens) in %.1f s",
+                 len(self.graphs), self.buckets, self.verify_buckets, self.max_query, time.perf_counter() - start)
 
-    def fits(self, num_seqs: int, width: int) -> bool:
-        return num_seqs <= self.buckets[-1] and width <= self.max_blocks
+    def fits(self, num_seqs: int, width: int, q: int = 1, longest: int = 0) -> bool:
+        """Whether a step of num_seqs sequences of q tokens (block tables `width` wide; padded, the
+        longest reaches position `longest` - 1) has a graph."""
+        if q == 1:
+            return num_seqs <= self.buckets[-1] and width <= self.max_blocks
+        return (q <= self.max_query and bool(self.verify_buckets) and num_seqs <= self.verify_buckets[-1]
+                and width <= self.max_blocks and longest <= self.max_model_len)
 
     def run(self, ids: torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: np.ndarray) -> DecodeOutput:
-        """One decode step of n sequences (ids [n] on the device, one token each; tables int32 [n, width])
-        -> their logits and greedy tokens (views of the static outputs: queue their use before the
-        next replay)."""
-        n = len(positions)
-        bucket = next(b for b in self.buckets if b >= n)
-        pad = bucket - n
+            tables: np.ndarray, q: int = 1, rows: torch.Tensor | None = None) -> DecodeOutput:
+        """One step of n sequences of q tokens each -> the logits and greedy tokens of its n * q rows
+        (views of the static outputs: queue their use before the next replay). positions and slots are
+        laid out q a sequence (padded); ids [num_tokens] on the device are the real tokens, which go to
+        `rows` (device int64 [num_tokens]) of that layout (all of them when None); tables int32 [n, width]."""
+        n = len(seq_lens)
+        bucket = next(b for b in (self.buckets if q == 1 else self.verify_buckets) if b >= n)
+        pad = (bucket - n) * q
         # Padding rows keep whatever ids an earlier replay left: any valid id will do, since they
         # write no KV (slot -1) and their outputs are never read.
-        self.input_ids[:n].copy_(ids)
+        if rows is None:
+            self.input_ids[: n * q].copy_(ids)
+        else:
+            self.input_ids.index_copy_(0, rows, ids)
         # Host -> device through pinned memory, queued on the stream before the replay.
-        self._fill(self.positions[:bucket], positions + [0] * pad, torch.long)
-        self._fill(self.slot_mapping[:bucket], slots + [-1] * pad, torch.long)
-        self._fill(self.seq_lens[:bucket], seq_lens + [1] * pad, torch.int32)
+        self._fill(self.positions[: bucket * q], positions + [0] * pad, torch.long)
+        self._fill(self.slot_mapping[: bucket * q], slots + [-1] * pad, torch.long)
+        self._fill(self.seq_lens[:bucket], seq_lens + [q] * (bucket - n), torch.int32)
         self._fill(self.block_tables[:n, : tables.shape[1]], tables, torch.int32)
-        self.graphs[bucket].replay()
-        return DecodeOutput(self.logits[:n], self.greedy[:n])
+        self.graphs[bucket, q].replay()
+        return DecodeOutput(self.logits[: n * q], self.greedy[: n * q])
 
     @staticmethod
     def _fill(dst: torch.Tensor, values: list | np.ndarray, dtype: torch.dtype) -> None:

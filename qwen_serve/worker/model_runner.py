@@ -10,9 +10,10 @@ The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads,
 CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memory_utilization`
 leaves after a profiling forward pass at the largest step the scheduler can make.
 
-On CUDA with the Triton attention backend, decode-only steps replay CUDA graphs captured once the KV
-cache is bound (worker/cuda_graphs.py), unless `enforce_eager`; the graph also computes every row's
-logits and argmax, which the sampler takes as the greedy choice. Prefill and mixed steps run eagerly;
+On CUDA with the Triton attention backend, decode-only steps (and the verify steps of speculative
+decoding) replay CUDA graphs captured once the KV cache is bound (worker/cuda_graphs.py), unless
+`enforce_eager`; the graph also computes every row's logits and argmax, which the sampler takes as the
+greedy choice. Prefill and mixed steps run eagerly;
 one of each kind runs at start-up (worker/warm_up.py), so no Triton compile is left for the requests.
 With `enforce_eager` decode steps run eagerly too, and their kernel variants (one per split count)
 compile on first use.
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from qwen_serve.config import EngineConfig
+from qwen_serve.engine.speculative import SpeculativeConfig
 from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
 from qwen_serve.layers.options import LayerOptions, triton_available
@@ -167,8 +169,11 @@ class ModelRunner:
     def _capture_graphs(self) -> "DecodeGraphs":
         from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
+        spec = SpeculativeConfig.parse(self.config.speculative_config)
+        # Verify steps: up to k drafts after each sequence's last token, at the batches speculation runs at.
+        max_query, verify_seqs = (1 + spec.num_speculative_tokens, spec.disable_by_batch_size) if spec else (1, 0)
         graphs = DecodeGraphs(self.model, self.device, self.config.max_num_seqs, self.max_model_len,
-                              self.block_size, self.cfg.vocab_size)
+                              self.block_size, self.cfg.vocab_size, max_query, verify_seqs)
         graphs.capture()
         return graphs
 
@@ -290,13 +295,20 @@ class ModelRunner:
         width = max(len(t) for t in tables)
         padded_tables = block_table_array(tables, width)
         greedy = None  # each sampling row's argmax, when the decode graph computed it
-        if self.graphs is not None and len(ids) == len(step.chunks) and self.graphs.fits(len(ids), width):
-            # Decode only (one token per sequence, so no prompt logprobs): replay the captured graph,
-            # which also computes every row's logits and argmax.
+        # Decode and verify steps (each sequence's last token and its drafts; no prompt logprobs) may replay a graph.
+        q = max(c.num_tokens for c in step.chunks)
+        graphed = (self.graphs is not None and all(c.num_tokens == 1 + c.num_draft_tokens for c in step.chunks)
+                   and self.graphs.fits(len(step.chunks), width, q, max(c.start for c in step.chunks) + q))
+        if graphed and q == 1:
+            # The graph also computes every row's logits and argmax.
             logits, greedy = self.graphs.run(input_ids, positions, slots, seq_lens, padded_tables)
             prompt_logprobs = None
             if sample_rows != list(range(len(ids))):
                 logits, greedy = logits[self._to_device(sample_rows, torch.long)], None
+        elif graphed:
+            logits, greedy = self._run_verify_graph(step, q, input_ids, positions, slots, query_start,
+                                                    padded_tables, sample_rows)
+            prompt_logprobs = None
         else:
             # Unless prompt logprobs need every row, the model returns only the rows that sample
             # (the last layer skips the others), one per chunk in out_chunks.
@@ -314,6 +326,22 @@ class ModelRunner:
         self._last_tokens = pending.token_ids
         self._last_rows = {s.seq_id: i for i, s in enumerate(samples)}
         return StepHandle(pending, prompt_logprobs)
+
+    def _run_verify_graph(self, step: StepInput, q: int, input_ids: torch.Tensor, positions: list[int],
+                          slots: list[int], query_start: list[int], tables: np.ndarray,
+                          sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A verify step through the graph of q tokens a sequence: each chunk padded to q rows (slot -1,
+        its last position repeated) -> the sampling rows' logits and argmax."""
+        padded_pos, padded_slots, rows = [], [], []
+        for i in range(len(step.chunks)):
+            s, e = query_start[i], query_start[i + 1]
+            rows.extend(range(i * q, i * q + e - s))
+            padded_pos += positions[s:e] + positions[e - 1:e] * (q - (e - s))
+            padded_slots += slots[s:e] + [-1] * (q - (e - s))
+        lens = [c.start + q for c in step.chunks]  # the padding counts: real rows keep their positions
+        out = self.graphs.run(input_ids, padded_pos, padded_slots, lens, tables, q, self._to_device(rows, torch.long))
+        picked = self._to_device([rows[r] for r in sample_rows], torch.long)
+        return out.logits[picked], out.greedy[picked]
 
     def collect(self, handle: StepHandle) -> RunnerOutput:
         """Waits for a launched step and returns its sampled tokens."""

@@ -202,6 +202,24 @@ def test_split_kv_decode_matches_reference(num_splits, head_dim, min_split_tiles
     assert rel_err(out, ref_out) < TOL[dtype]
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_verify_steps_one_program_per_query_token_match_reference(num_splits):
+    """Verify steps (a sequence's last token and its drafts) launched as decode is, one program per query
+    token (AttentionMetadata.per_token_queries): each token's keys end at its own position, split or not."""
+    from dataclasses import replace
+
+    specs = [(700, 5), (2, 5), (300, 2), (64, 1)] if not INTERPRETED else [(300, 5), (2, 3), (64, 1)]
+    dtype = DTYPES[0]
+    batch = random_paged_batch(specs, 14, 2, 128, 16, dtype, DEVICE, seed=5 + (num_splits or 0))
+    ref_out, _, _ = reference_attention(batch)
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    poison_allocator()
+    backend = TritonAttentionBackend(num_splits=num_splits, decode_block_n=32)
+    meta = replace(batch.meta, per_token_queries=True)
+    out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
 def test_wide_decode_tiles_match_reference():
     # 70 sequences x 2 KV heads cover an H100's 132 SMs (the count assumed off CUDA): 128-wide key tiles.
     specs = [((i * 37) % 300, 1) for i in range(70)]
