@@ -20,6 +20,10 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# --kv-cache-dtype names -> the cache's torch dtype names (auto: the model's dtype).
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str = _opt("demo", "model to serve: a HF folder, a .gguf file, a hub id, or 'demo' (Qwen2.5-Coder-0.5B-Instruct)")
@@ -35,6 +39,10 @@ class EngineConfig:
     max_num_batched_tokens: int = _opt(2048, "token budget of one step; longer prompts are prefilled in chunks")
     block_size: int = _opt(16, "tokens per KV-cache block")
     gpu_memory_utilization: float = _opt(0.90, "fraction of GPU memory the engine may use (weights, activations, KV cache)")
+    kv_cache_dtype: str = _opt(
+        "auto", "KV-cache element type (vLLM's flag): auto (the model's dtype), fp8 (= fp8_e4m3) or fp8_e5m2, "
+                "half a bfloat16 cache's bytes; stored unscaled and saturated at the format's range (GPU: compute capability 8.9+)"
+    )
     kv_cache_gb: float = _opt(2.0, "KV-cache size in GiB on the CPU (the GPU sizes it from --gpu-memory-utilization)")
     num_kv_blocks: int | None = _opt(None, "force this many KV-cache blocks (tests, debugging)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
@@ -68,6 +76,9 @@ class EngineConfig:
             raise ValueError(f"--max-model-len must be at least 1, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported; choose "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"--kv-cache-gb must be positive, got {self.kv_cache_gb}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -3,7 +3,8 @@ unquantized, over a long greedy run of the unquantized float32 model: teacher-fo
 given the run's tokens before it (free-running outputs part at the first differing token and are not
 compared after it). The CPU has no FP8 matmul, so the FP8 side runs the method's float32 reference (the very values
 the FP8 matmul multiplies, dequantized): the engine's refusal of the CPU is lifted for this script only.
-The unquantized model is the demo GGUF as transformers dequantizes it, saved as a bfloat16 folder.
+The unquantized model is the demo GGUF as transformers dequantizes it, saved as a bfloat16 folder. The last
+rows add the float8 KV cache (--kv-cache-dtype fp8), which the CPU runs as it is.
 
     python3 scripts/fp8_token_agreement.py [--tokens 256]
 """
@@ -39,10 +40,11 @@ def dequantized_demo(folder: Path) -> Path:
     return folder
 
 
-def make_llm(folder: Path, dtype: str, quantization: str | None):
+def make_llm(folder: Path, dtype: str, quantization: str | None, kv_cache_dtype: str = "auto"):
     from qwen_serve.engine.llm import LLM
 
-    return LLM(str(folder), device="cpu", dtype=dtype, max_model_len=1024, kv_cache_gb=0.25, quantization=quantization)
+    return LLM(str(folder), device="cpu", dtype=dtype, max_model_len=1024, kv_cache_gb=0.25, quantization=quantization,
+               kv_cache_dtype=kv_cache_dtype)
 
 
 def top1_agreement(llm, sequences: list[list[int]], first_scored: list[int]) -> float:
@@ -78,9 +80,11 @@ def main() -> None:
         ref.engine.close()
         print(f"greedy run: float32 unquantized, {len(PROMPTS)} prompts x {args.tokens} tokens; teacher-forced top-1 "
               "agreement with it:", flush=True)
-        for dtype, quant in (("float32", "fp8"), ("bfloat16", None), ("bfloat16", "fp8")):
-            llm = make_llm(folder, dtype, quant)
-            print(f"  {dtype} {quant or 'unquantized'}: {top1_agreement(llm, sequences, first):.2%}", flush=True)
+        for dtype, quant, kv in (("float32", "fp8", "auto"), ("bfloat16", None, "auto"), ("bfloat16", "fp8", "auto"),
+                                 ("bfloat16", None, "fp8"), ("bfloat16", "fp8", "fp8")):
+            llm = make_llm(folder, dtype, quant, kv)
+            cache = "" if kv == "auto" else f", {kv} KV cache"
+            print(f"  {dtype} {quant or 'unquantized'}{cache}: {top1_agreement(llm, sequences, first):.2%}", flush=True)
             llm.engine.close()
 
 

@@ -443,7 +443,7 @@ def _build_engine(session: _Session, config: EngineConfig, model_config: ModelCo
             engine = LLMEngine(config, None, model_config=model_config)
     kv_tokens = engine.stats().num_kv_blocks_total * config.block_size
     session.results["qwen_serve"][key] = {
-        "quantization": config.quantization,
+        "quantization": config.quantization, "kv_cache_dtype": config.kv_cache_dtype,
         "weights_gb": _weights_gb(engine),
         "max_model_len": config.max_model_len, "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens, "build_s": time.perf_counter() - start,

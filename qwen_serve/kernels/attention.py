@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qwen_serve.kernels.kv_store import cache_max, to_cache
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, gather_kv
 
@@ -57,7 +58,7 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    CACHE_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     wait_for_previous(USE_PDL)
@@ -69,8 +70,8 @@ def _write_kv_kernel(
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
         k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=ok)
         v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=ok)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr, CACHE_MAX), mask=ok)
+        tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr, CACHE_MAX), mask=ok)
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
     else:
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
-    s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+    s = tl.dot(q, k.to(q.dtype)) * scale_log2  # a float8 cache is read in the queries' dtype  # [BLOCK_M, BLOCK_N], log2 domain
     if MASKED:
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -123,7 +124,7 @@ def _attend_tile(
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None], other=0.0)  # [N, D]
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return m_new, l_i, acc
 
 
@@ -412,7 +413,7 @@ def write_kv_cache(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=num_kv_heads,
-        HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, CACHE_MAX=cache_max(k_cache),
         num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **launch_options(k.device),
     )
 
@@ -581,10 +582,10 @@ class TritonAttentionBackend:
             if fa3:
                 # The chunk's keys are in the cache already (written before attention): gather them with the prefix.
                 seq_k, seq_v = (k[s:e], v[s:e]) if ctx == 0 else (
-                    gather_kv(k_cache, table, ctx + e - s), gather_kv(v_cache, table, ctx + e - s))
+                    gather_kv(k_cache, table, ctx + e - s).to(q.dtype), gather_kv(v_cache, table, ctx + e - s).to(q.dtype))
                 _fa3_attention(q[s:e], seq_k, seq_v, scale, out[s:e])
                 continue
-            prefix = (gather_kv(k_cache, table, ctx), gather_kv(v_cache, table, ctx)) if ctx > 0 else None
+            prefix = (gather_kv(k_cache, table, ctx).to(q.dtype), gather_kv(v_cache, table, ctx).to(q.dtype)) if ctx > 0 else None
             _dense_attention(q[s:e], k[s:e], v[s:e], prefix, scale, out[s:e])
         if splits > 1:
             _merge_splits_kernel[(num_tokens, num_heads)](

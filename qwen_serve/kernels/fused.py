@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen_serve.kernels.kv_store import cache_max, to_cache
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 
 
@@ -114,7 +115,7 @@ def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, table_ptr,
     stride_q, stride_k, stride_v, stride_table, stride_cb, stride_cs, num_q_heads, num_k_heads,
     Q_HEADS_POW2: tl.constexpr, K_HEADS_POW2: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, CACHE_MAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     wait_for_previous(USE_PDL)
@@ -137,12 +138,12 @@ def _rotary_kernel(
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:
             cache = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs
-            tl.store(k_cache_ptr + cache, a.to(k_cache_ptr.dtype.element_ty), mask=ok)
-            tl.store(k_cache_ptr + cache + HALF, b.to(k_cache_ptr.dtype.element_ty), mask=ok)
+            tl.store(k_cache_ptr + cache, to_cache(a, k_cache_ptr, CACHE_MAX), mask=ok)
+            tl.store(k_cache_ptr + cache + HALF, to_cache(b, k_cache_ptr, CACHE_MAX), mask=ok)
             v1 = tl.load(v_ptr + tok * stride_v + offs, mask=ok)
             v2 = tl.load(v_ptr + tok * stride_v + offs + HALF, mask=ok)
-            tl.store(v_cache_ptr + cache, v1.to(v_cache_ptr.dtype.element_ty), mask=ok)
-            tl.store(v_cache_ptr + cache + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=ok)
+            tl.store(v_cache_ptr + cache, to_cache(v1, v_cache_ptr, CACHE_MAX), mask=ok)
+            tl.store(v_cache_ptr + cache + HALF, to_cache(v2, v_cache_ptr, CACHE_MAX), mask=ok)
 
 
 def rotary_reference(
@@ -171,7 +172,8 @@ def _launch_rotary(positions, q, k, table, head_dim, v=None, k_cache=None, v_cac
             q.stride(0), k.stride(0), v.stride(0) if write else 0, table.stride(0),
             k_cache.stride(0) if write else 0, k_cache.stride(1) if write else 0, hq, hk,
             Q_HEADS_POW2=triton.next_power_of_2(hq), K_HEADS_POW2=triton.next_power_of_2(hk), HALF=head_dim // 2,
-            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, num_warps=4, **launch_options(q.device),
+            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, CACHE_MAX=cache_max(k_cache) if write else 0.0,
+            num_warps=4, **launch_options(q.device),
         )
     return q_out, k_out
 

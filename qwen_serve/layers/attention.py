@@ -147,26 +147,36 @@ class AttentionBackend(Protocol):
         ...
 
 
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as uint8 (a view): torch has no index_copy_ / index_put for float8."""
+    return t.view(torch.uint8) if t.dtype in FLOAT8_DTYPES else t
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatters this step's keys and values into their cache slots (torch reference of the fused kernel)."""
     num_blocks, block_size = k_cache.shape[:2]
-    flat_k = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
-    flat_v = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+    flat_k = raw_bytes(k_cache).view(num_blocks * block_size, *k_cache.shape[2:])
+    flat_v = raw_bytes(v_cache).view(num_blocks * block_size, *v_cache.shape[2:])
+    # torch's casts to float8 saturate at the format's range.
+    k, v = raw_bytes(k.to(k_cache.dtype)), raw_bytes(v.to(v_cache.dtype))
     if slot_mapping.is_cpu:  # the same answer for every layer of the step: check once
         all_valid = _derived(slot_mapping, "all_valid", lambda: bool((slot_mapping >= 0).all()))
         if all_valid:
-            flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-            flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+            flat_k.index_copy_(0, slot_mapping, k)
+            flat_v.index_copy_(0, slot_mapping, v)
             return
     valid = slot_mapping >= 0
     if bool(valid.all()):
-        flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        flat_k.index_copy_(0, slot_mapping, k)
+        flat_v.index_copy_(0, slot_mapping, v)
     else:
-        flat_k[slot_mapping[valid]] = k[valid].to(k_cache.dtype)
-        flat_v[slot_mapping[valid]] = v[valid].to(v_cache.dtype)
+        flat_k[slot_mapping[valid]] = k[valid]
+        flat_v[slot_mapping[valid]] = v[valid]
 
 
 def _derived(anchor: torch.Tensor, key: str, make):

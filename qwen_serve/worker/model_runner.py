@@ -6,7 +6,8 @@ the rows that sample, unless prompt logprobs need them all), logits only for tho
 sampling, and a single device->host copy of the results; `collect(handle)` waits for that copy and
 returns the sampled tokens.
 
-The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: on the
+The KV cache is one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim] of the model's
+dtype or `--kv-cache-dtype` (float8: written saturated, read cast to the model's dtype): on the
 CPU sized from `kv_cache_gb` (or `num_kv_blocks`); on a GPU from what `gpu_memory_utilization`
 leaves after a profiling forward pass at the largest step the scheduler can make.
 
@@ -31,10 +32,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from qwen_serve.config import EngineConfig
+from qwen_serve.config import KV_CACHE_DTYPES, EngineConfig
 from qwen_serve.engine.speculative import SpeculativeConfig
 from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
-from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context
+from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context, raw_bytes
 from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
@@ -64,13 +65,25 @@ class StepHandle:
 MAX_FLOAT32_HEAD_DIM = 64
 
 
-def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int, opts: LayerOptions) -> None:
+def check_kernel_dtype(device: torch.device, dtype: torch.dtype, head_dim: int, opts: LayerOptions,
+                       kv_cache_dtype: str = "auto") -> None:
     """Refuses, before any weight is loaded, a dtype the GPU kernels cannot run for this model."""
     uses_kernels = device.type == "cuda" and opts.fused
     if uses_kernels and dtype == torch.float32 and head_dim > MAX_FLOAT32_HEAD_DIM:
         raise ValueError(f"--dtype float32 on a GPU needs head_dim <= {MAX_FLOAT32_HEAD_DIM} (this model has "
                          f"{head_dim}): the attention kernel's float32 tiles do not fit in shared memory; "
                          "use --dtype bfloat16 or float16")
+    # Triton converts float8 in hardware from Ada / Hopper on (compute capability 8.9).
+    if device.type == "cuda" and kv_cache_dtype != "auto" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} needs a GPU of compute capability 8.9 or newer "
+                         f"(Ada, Hopper); this one is {major}.{minor}: use --kv-cache-dtype auto")
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype -> the cache tensor's dtype (auto: the model's)."""
+    name = KV_CACHE_DTYPES[kv_cache_dtype]
+    return dtype if name is None else getattr(torch, name)
 
 
 class ModelRunner:
@@ -89,6 +102,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         self.max_model_len = max_model_len
+        self.cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)
         self.sampler = StepSampler(device, config.seed, eos_token_ids, self._to_device)
         # The last launch's sampled tokens on the device, and each sampling sequence's row in them.
         self._last_tokens = torch.zeros(0, dtype=torch.long, device=device)
@@ -96,7 +110,7 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         # [2, layers, blocks, block_size, kv_heads, head_dim]: keys then values, sliced per layer.
         self.kv_cache = torch.zeros(2, model_config.num_hidden_layers, self.num_blocks, self.block_size,
-                                    self.num_kv_heads, model_config.head_dim, dtype=dtype, device=device)
+                                    self.num_kv_heads, model_config.head_dim, dtype=self.cache_dtype, device=device)
         backend = self._attention_backend()
         bind_kv_cache(model, self.kv_cache, backend)
         if backend is not None:
@@ -123,7 +137,7 @@ class ModelRunner:
         if quant is not None:
             quant.check_device(device, dtype)
         opts = LayerOptions(quant_config=quant, fused_kernels=config.fused_kernels, parallel=parallel or ParallelContext())
-        check_kernel_dtype(device, dtype, model_config.head_dim, opts)
+        check_kernel_dtype(device, dtype, model_config.head_dim, opts, config.kv_cache_dtype)
         if folder is None:
             from qwen_serve.loader.weights import build_model, random_weights
 
@@ -207,7 +221,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         c = self.cfg
-        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.block_size * self.num_kv_heads * c.head_dim * self.cache_dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         if self.config.num_kv_blocks is not None:
@@ -255,7 +269,8 @@ class ModelRunner:
         if step.block_copies:
             src = self._to_device([s for s, _ in step.block_copies], torch.long)
             dst = self._to_device([d for _, d in step.block_copies], torch.long)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            cache = raw_bytes(self.kv_cache)  # float8 has no index_put
+            cache[:, :, dst] = cache[:, :, src]
         if not step.chunks:
             return StepHandle(None)
 

@@ -248,6 +248,61 @@ def test_write_kv_cache_skips_negative_slots():
     assert not torch.equal(batch.k_cache.cpu(), before_k)
 
 
+FLOAT8_CACHES = [torch.float8_e4m3fn, torch.float8_e5m2]
+# Triton's interpreter converts to float8 wrongly (125.4 -> 64), and GPUs before Ada have no float8 conversion.
+needs_float8 = pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability() < (8, 9),
+                                  reason="float8 KV cache: a GPU of compute capability 8.9+")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return ref_attention.raw_bytes(t).cpu()
+
+
+@needs_float8
+@pytest.mark.parametrize("cache_dtype", FLOAT8_CACHES)
+@pytest.mark.parametrize("specs", [DECODE, MIXED, [(300, 5), (2, 3), (64, 1)]], ids=["decode", "mixed", "verify"])
+def test_float8_kv_cache_is_written_and_read_as_the_reference_does(specs, cache_dtype):
+    """--kv-cache-dtype fp8: the write kernel stores what torch's saturating cast stores (keys scaled past
+    e4m3's 448 so that some saturate), bit for bit; attention reads the float8 cache in the queries'
+    dtype, within bfloat16's bound of the reference over the same float8 values."""
+    from dataclasses import replace
+
+    batch = random_paged_batch(specs, 14, 2, 128, 16, torch.bfloat16, DEVICE, seed=len(specs))
+    batch = replace(batch, k=batch.k * 200, k_cache=batch.k_cache.to(cache_dtype), v_cache=batch.v_cache.to(cache_dtype),
+                    scale=batch.scale / 200)
+    ref_out, ref_kc, ref_vc = reference_attention(batch)
+    assert (ref_kc.float().abs() == 448).any() or cache_dtype != torch.float8_e4m3fn  # saturation happened
+    poison_allocator()
+    write_kv_cache(batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta.slot_mapping)
+    assert torch.equal(_bits(batch.k_cache), _bits(ref_kc)) and torch.equal(_bits(batch.v_cache), _bits(ref_vc))
+    meta = replace(batch.meta, per_token_queries=specs[0] == (300, 5))
+    out = TritonAttentionBackend().forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, meta, batch.scale)
+    assert rel_err(out, ref_out) < TOL[torch.bfloat16]
+
+
+@needs_float8
+def test_rotary_and_write_kv_into_a_float8_cache():
+    heads, kv_heads, head_dim = 28, 4, 128
+    batch = random_paged_batch([(5, 3), (0, 20), (40, 1)], heads, kv_heads, head_dim, 16, torch.bfloat16, DEVICE, seed=3)
+    k_cache, v_cache = batch.k_cache.to(torch.float8_e4m3fn), batch.v_cache.to(torch.float8_e4m3fn)
+    n = batch.q.shape[0]
+    rope = RotaryEmbedding(head_dim, 1024, 1e6, None)
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=torch.bfloat16, generator=g) * 100
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 1024, (n,), device=DEVICE, generator=g)
+    slots = batch.meta.slot_mapping
+    _, ref_k = rope.forward(positions.cpu(), q.cpu(), k.cpu())
+    ref_kc, ref_vc = k_cache.cpu().clone(), v_cache.cpu().clone()
+    ref_attention.write_kv_cache(ref_k.view(n, kv_heads, head_dim), v.cpu().reshape(n, kv_heads, head_dim), ref_kc, ref_vc, slots.cpu())
+    fused.rotary_and_write_kv(positions, q, k, v, rope.table(q.device), head_dim, k_cache, v_cache, slots)
+    assert torch.equal(_bits(v_cache), _bits(ref_vc))
+    # Keys: the kernel's rotation matches the reference's to bfloat16's last bit, so a key near a float8 rounding
+    # boundary may land one float8 step (1/8 of it at most for e4m3) the other way.
+    got, want = k_cache.float().cpu(), ref_kc.float()
+    assert ((got - want).abs() <= want.abs() / 8 + 2**-9).all() and rel_err(got, want) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 3584), (7, 896), (300, 64), (5, 100)])
 @pytest.mark.parametrize("with_residual", [False, True])
