@@ -47,6 +47,30 @@ class DecodeOutput(NamedTuple):
     greedy: torch.Tensor  # [n] int64: each row's argmax
 
 
+class PaddedStep(NamedTuple):
+    """A step's sequences laid out over q rows each."""
+
+    positions: list[int]  # [n * q]
+    slots: list[int]  # [n * q]; -1 on padding rows
+    seq_lens: list[int]  # [n]: each sequence's cached tokens + q
+    rows: list[int]  # each real input's row in the layout
+
+
+def pad_to_query_len(starts: list[int], query_start: list[int], positions: list[int], slots: list[int],
+                     q: int) -> PaddedStep:
+    """Sequence i's inputs query_start[i]:query_start[i + 1] (its cached tokens: starts[i]) at rows q * i on,
+    then padding up to q rows: no KV write, its last position repeated (any in-range value would do: those
+    rows are never read), and a length that counts the padding, so the real rows keep their positions and
+    causal masks."""
+    padded_pos, padded_slots, rows = [], [], []
+    for i in range(len(starts)):
+        s, e = query_start[i], query_start[i + 1]
+        rows.extend(range(i * q, i * q + e - s))
+        padded_pos += positions[s:e] + positions[e - 1:e] * (q - (e - s))
+        padded_slots += slots[s:e] + [-1] * (q - (e - s))
+    return PaddedStep(padded_pos, padded_slots, [start + q for start in starts], rows)
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 below max_num_seqs, then max_num_seqs itself."""
     small = [b for b in (1, 2, 4, 8) if b < max_num_seqs]

@@ -44,6 +44,8 @@ from qwen_serve.worker.step_input import RunnerOutput, SampleRow, StepInput
 from qwen_serve.worker.step_sampler import PendingSample, StepSampler
 from qwen_serve.worker.warm_up import eager_warm_up_steps
 
+from qwen_serve.worker.cuda_graphs import pad_to_query_len
+
 if TYPE_CHECKING:
     from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
@@ -345,17 +347,11 @@ class ModelRunner:
     def _run_verify_graph(self, step: StepInput, q: int, input_ids: torch.Tensor, positions: list[int],
                           slots: list[int], query_start: list[int], tables: np.ndarray,
                           sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A verify step through the graph of q tokens a sequence: each chunk padded to q rows (slot -1,
-        its last position repeated) -> the sampling rows' logits and argmax."""
-        padded_pos, padded_slots, rows = [], [], []
-        for i in range(len(step.chunks)):
-            s, e = query_start[i], query_start[i + 1]
-            rows.extend(range(i * q, i * q + e - s))
-            padded_pos += positions[s:e] + positions[e - 1:e] * (q - (e - s))
-            padded_slots += slots[s:e] + [-1] * (q - (e - s))
-        lens = [c.start + q for c in step.chunks]  # the padding counts: real rows keep their positions
-        out = self.graphs.run(input_ids, padded_pos, padded_slots, lens, tables, q, self._to_device(rows, torch.long))
-        picked = self._to_device([rows[r] for r in sample_rows], torch.long)
+        """A verify step through the graph of q tokens a sequence -> the sampling rows' logits and argmax."""
+        layout = pad_to_query_len([c.start for c in step.chunks], query_start, positions, slots, q)
+        out = self.graphs.run(input_ids, layout.positions, layout.slots, layout.seq_lens, tables, q,
+                              self._to_device(layout.rows, torch.long))
+        picked = self._to_device([layout.rows[r] for r in sample_rows], torch.long)
         return out.logits[picked], out.greedy[picked]
 
     def collect(self, handle: StepHandle) -> RunnerOutput:
