@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qwen_serve.kernels.kv_store import cache_max, to_cache
+from qwen_serve.kernels.kv_store import cache_format, to_cache
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 from qwen_serve.layers.attention import AttentionMetadata, TorchAttentionBackend, gather_kv
 
@@ -58,7 +58,8 @@ def _write_kv_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CACHE_MAX: tl.constexpr, USE_PDL: tl.constexpr,
+    CACHE_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     wait_for_previous(USE_PDL)
@@ -70,8 +71,8 @@ def _write_kv_kernel(
         dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + heads[:, None] * stride_ch + dims[None, :]
         k = tl.load(k_ptr + tok * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=ok)
         v = tl.load(v_ptr + tok * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=ok)
-        tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr, CACHE_MAX), mask=ok)
-        tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr, CACHE_MAX), mask=ok)
+        tl.store(k_cache_ptr + dst, to_cache(k, k_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
+        tl.store(v_cache_ptr + dst, to_cache(v, v_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
 
 
 @triton.jit
@@ -408,12 +409,14 @@ def write_kv_cache(
         return
     if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("write_kv_cache needs a contiguous last dimension and contiguous caches")
+    fmt = cache_format(k_cache)
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], NUM_KV_HEADS=num_kv_heads,
-        HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, CACHE_MAX=cache_max(k_cache),
+        HEADS_POW2=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim, CACHE_MAX=fmt.max,
+        MANTISSA_BITS=fmt.mantissa_bits, MIN_EXPONENT=fmt.min_exponent,
         num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **launch_options(k.device),
     )
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen_serve.kernels.kv_store import cache_max, to_cache
+from qwen_serve.kernels.kv_store import cache_format, to_cache
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 
 
@@ -115,7 +115,8 @@ def _rotary_kernel(
     q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, table_ptr,
     stride_q, stride_k, stride_v, stride_table, stride_cb, stride_cs, num_q_heads, num_k_heads,
     Q_HEADS_POW2: tl.constexpr, K_HEADS_POW2: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, CACHE_MAX: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, CACHE_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+    MIN_EXPONENT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     wait_for_previous(USE_PDL)
@@ -138,12 +139,12 @@ def _rotary_kernel(
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:
             cache = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs
-            tl.store(k_cache_ptr + cache, to_cache(a, k_cache_ptr, CACHE_MAX), mask=ok)
-            tl.store(k_cache_ptr + cache + HALF, to_cache(b, k_cache_ptr, CACHE_MAX), mask=ok)
+            tl.store(k_cache_ptr + cache, to_cache(a, k_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
+            tl.store(k_cache_ptr + cache + HALF, to_cache(b, k_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
             v1 = tl.load(v_ptr + tok * stride_v + offs, mask=ok)
             v2 = tl.load(v_ptr + tok * stride_v + offs + HALF, mask=ok)
-            tl.store(v_cache_ptr + cache, to_cache(v1, v_cache_ptr, CACHE_MAX), mask=ok)
-            tl.store(v_cache_ptr + cache + HALF, to_cache(v2, v_cache_ptr, CACHE_MAX), mask=ok)
+            tl.store(v_cache_ptr + cache, to_cache(v1, v_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
+            tl.store(v_cache_ptr + cache + HALF, to_cache(v2, v_cache_ptr, CACHE_MAX, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
 
 
 def rotary_reference(
@@ -164,6 +165,7 @@ def _launch_rotary(positions, q, k, table, head_dim, v=None, k_cache=None, v_cac
     if write and (v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
         raise ValueError("the KV write needs contiguous value rows and contiguous caches")
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    fmt = cache_format(k_cache if write else k)
     if n:
         hq, hk = q.shape[1] // head_dim, k.shape[1] // head_dim
         _rotary_kernel[(n,)](
@@ -172,7 +174,8 @@ def _launch_rotary(positions, q, k, table, head_dim, v=None, k_cache=None, v_cac
             q.stride(0), k.stride(0), v.stride(0) if write else 0, table.stride(0),
             k_cache.stride(0) if write else 0, k_cache.stride(1) if write else 0, hq, hk,
             Q_HEADS_POW2=triton.next_power_of_2(hq), K_HEADS_POW2=triton.next_power_of_2(hk), HALF=head_dim // 2,
-            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, CACHE_MAX=cache_max(k_cache) if write else 0.0,
+            BLOCK_SIZE=k_cache.shape[1] if write else 1, WRITE_KV=write, CACHE_MAX=fmt.max,
+            MANTISSA_BITS=fmt.mantissa_bits, MIN_EXPONENT=fmt.min_exponent,
             num_warps=4, **launch_options(q.device),
         )
     return q_out, k_out

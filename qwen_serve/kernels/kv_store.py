@@ -1,27 +1,55 @@
 """Stores into the paged KV cache from Triton, in the cache's element type.
 
-A float8 cache (`--kv-cache-dtype fp8`) holds the values unscaled: a cast saturates at the format's
-largest finite value (448 for e4m3), as torch's casts in the reference `layers.attention.write_kv_cache`
-do, rather than leaving it to the conversion instruction's handling of out-of-range values.
+A float8 cache (`--kv-cache-dtype fp8`) holds the values unscaled: they saturate at the format's largest
+finite value (448 for e4m3) and round to nearest, ties to even, as torch's casts in the reference
+`layers.attention.write_kv_cache` do. The rounding is done here, onto the float8 grid in float32, so that the
+final conversion is exact whatever rounding Triton's lowering applies: its float8e4nv conversion of
+bfloat16-born keys differed from torch's in the last bit on an H100 (BENCHMARKS.md, run 41), e5m2 matched.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from qwen_serve.layers.attention import FLOAT8_DTYPES
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
 
 
-def cache_max(cache: torch.Tensor) -> float:
-    """The saturation bound `to_cache` takes: the float8 format's largest finite value, else 0 (none)."""
-    return float(torch.finfo(cache.dtype).max) if cache.dtype in FLOAT8_DTYPES else 0.0
+class CacheFormat(NamedTuple):
+    """What `to_cache` needs of the cache's element type (all 0 for a cache in the model's dtype)."""
+
+    max: float  # largest finite value; 0: no float8 rounding
+    mantissa_bits: int
+    min_exponent: int  # of the smallest normal value
+
+
+_FLOAT8_FORMATS = {torch.float8_e4m3fn: CacheFormat(448.0, 3, -6), torch.float8_e5m2: CacheFormat(57344.0, 2, -14)}
+
+
+def cache_format(cache: torch.Tensor) -> CacheFormat:
+    return _FLOAT8_FORMATS.get(cache.dtype, CacheFormat(0.0, 0, 0))
 
 
 @triton.jit
-def to_cache(x, cache_ptr, CACHE_MAX: tl.constexpr):
-    """x in the element type of cache_ptr; clamped to +-CACHE_MAX first when CACHE_MAX > 0."""
+def round_to_float8_grid(x, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """float32 x (within the format's range) -> the nearest float8 value (ties to even), still in float32."""
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step = tl.maximum(exponent, MIN_EXPONENT) - MANTISSA_BITS  # log2 of the grid's spacing around x
+    inv_step = ((127 - step) << 23).to(tl.float32, bitcast=True)
+    step_size = ((127 + step) << 23).to(tl.float32, bitcast=True)
+    units = (x * inv_step + _RNE_MAGIC) - _RNE_MAGIC  # powers of two: only the add rounds
+    rounded = units * step_size
+    return tl.where(rounded == 0.0, x * 0.0, rounded)  # what rounds to zero keeps its sign, as torch's cast
+
+
+@triton.jit
+def to_cache(x, cache_ptr, CACHE_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """x in the element type of cache_ptr; a float8 cache (CACHE_MAX > 0) gets it saturated and rounded first."""
     if CACHE_MAX > 0:
         x = tl.minimum(tl.maximum(x.to(tl.float32), -CACHE_MAX), CACHE_MAX)
+        x = round_to_float8_grid(x, MANTISSA_BITS, MIN_EXPONENT)
     return x.to(cache_ptr.dtype.element_ty)

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from qwen_serve.kernels import fused  # noqa: E402
 from qwen_serve.kernels.attention import (  # noqa: E402
     TritonAttentionBackend, fa3_forward, fa3_supported, merge_two, merge_two_reference, padded_rows, write_kv_cache,
 )
+from qwen_serve.kernels.kv_store import cache_format, round_to_float8_grid  # noqa: E402
 from qwen_serve.kernels.random_batch import random_paged_batch  # noqa: E402
 from qwen_serve.layers import attention as ref_attention  # noqa: E402
 from qwen_serve.layers.activation import silu_and_mul_reference  # noqa: E402
@@ -256,6 +259,33 @@ needs_float8 = pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capa
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return ref_attention.raw_bytes(t).cpu()
+
+
+@triton.jit
+def _float8_grid_kernel(x_ptr, out_ptr, n, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, round_to_float8_grid(x, MANTISSA_BITS, MIN_EXPONENT), mask=ok)
+
+
+@pytest.mark.parametrize("cache_dtype", FLOAT8_CACHES)
+def test_float8_grid_rounding_is_torchs_cast(cache_dtype):
+    """The float8 cache's rounding (kernels/kv_store.py), still in float32: every bfloat16 value in the format's
+    range (ties to even included: bfloat16 keeps more bits than float8) and random float32 values of every
+    magnitude land where torch's cast puts them, signed zeros and subnormals included."""
+    fmt = cache_format(torch.empty(0, dtype=cache_dtype))
+    every_bf16 = torch.from_numpy(np.arange(2**16, dtype=np.uint16).view(np.int16)).view(torch.bfloat16).float()
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-20, 16, (200_000,), generator=gen).float())
+    x = torch.cat([every_bf16, spread])
+    x = x[x.isfinite() & (x.abs() <= fmt.max)]
+    out = torch.empty_like(x, device=DEVICE)
+    _float8_grid_kernel[(triton.cdiv(len(x), 1024),)](x.to(DEVICE), out, len(x), MANTISSA_BITS=fmt.mantissa_bits,
+                                                        MIN_EXPONENT=fmt.min_exponent, BLOCK=1024)
+    expected = x.to(cache_dtype).float()
+    assert torch.equal(out.cpu(), expected) and torch.equal(out.cpu().signbit(), expected.signbit())
 
 
 @needs_float8
