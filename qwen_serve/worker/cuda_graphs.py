@@ -11,7 +11,7 @@ earlier replay left there.
 
 Verify steps of speculative decoding (each sequence's last token and its drafts, `q` = 2..max_query
 tokens) have graphs of their own for the batches speculation runs at (up to `verify_max_seqs`): without
-them the step ran eagerly at 2.9x a decode step's time for one draft (BENCHMARKS.md, run 40). Every sequence
+them the step ran eagerly at 3.4x a decode step's time for one draft (BENCHMARKS.md, run 40). Every sequence
 of such a step is laid out over q rows; a sequence with fewer tokens is padded after its last one
 (slot -1; those rows' outputs are never read), and its length counts the padding, so that its real rows
 keep their positions and causal masks. Their attention runs one program per query token with split-KV,
