@@ -1,7 +1,7 @@
 """The cost of a speculative verify step on the device: batch-1 decode of random weights of a shape (7B by
-default) with k = 0 (plain decode, CUDA graphs) and with k drafts every step (an eager forward of 1 + k
-rows, each sampled), and the batch-1 tok/s that implies at a per-draft acceptance rate `alpha`:
-(1 - alpha^(k + 1)) / (1 - alpha) tokens a step. The proposer is replaced by one that always proposes k
+default) with k = 0 (plain decode, CUDA graphs) and with k drafts every step (one forward of 1 + k rows,
+each sampled, replayed from the verify graphs), and the batch-1 tok/s that implies at a per-draft acceptance
+rate `alpha`: (1 - alpha^(k + 1)) / (1 - alpha) tokens a step. The proposer is replaced by one that always proposes k
 tokens (random weights accept almost none), so every step verifies k drafts.
 
     python3 scripts/bench_spec_verify.py --k 0,1,2,4,8 --alpha 0.83,0.21
