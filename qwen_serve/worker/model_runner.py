@@ -39,6 +39,7 @@ from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_c
 from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
+from qwen_serve.worker.host_memory import trim_heap
 from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, wants_prompt_logprobs
 from qwen_serve.worker.step_input import RunnerOutput, SampleRow, StepInput
 from qwen_serve.worker.step_sampler import PendingSample, StepSampler
@@ -153,6 +154,7 @@ class ModelRunner:
             from qwen_serve.kernels.cpu_linear import pack_linears
 
             pack_linears(model)
+            trim_heap()  # the load's temporaries leave their pages with the allocator otherwise
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids, parallel)
 
     def _attention_backend(self):
