@@ -12,11 +12,11 @@ Four kernels, each checked against the torch reference (`layers.attention.TorchA
   its sequence by a binary search over query_start_loc, so the grid depends only on num_tokens and
   num_seqs: fixed per CUDA-graph bucket. Causal within the chunk, online softmax in fp32 (exp2).
 - Split-KV decode (flash-decoding): for decode-only batches (and verify steps of speculative decoding,
-  whose short queries take one program per token too: AttentionMetadata.per_token_queries) with too few (sequence, kv head) pairs to
-  fill the GPU, axis 2 of the grid splits each sequence's keys into NUM_SPLITS ranges whose partial
-  outputs and log-sum-exps `_merge_splits_kernel` combines. The ranges are computed on the device from
-  seq_lens (at least min_split_tiles tiles each; surplus splits exit at once), so one captured graph
-  serves any context length.
+  whose short queries take one program per token too: AttentionMetadata.per_token_queries) with too few
+  (sequence, kv head) pairs to fill the GPU, axis 2 of the grid splits each sequence's keys into
+  NUM_SPLITS ranges whose partial outputs and log-sum-exps `_merge_splits_kernel` combines. The ranges
+  are computed on the device from seq_lens (at least min_split_tiles tiles each; surplus splits exit at
+  once), so one captured graph serves any context length.
 
 - `_merge_two_kernel`: two attention results over disjoint keys, combined by their log-sum-exps
   (reference `merge_two_reference`), for the long chunks below.
@@ -110,7 +110,7 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :], other=0.0)  # [D, N]
     else:
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None])
-    s = tl.dot(q, k.to(q.dtype)) * scale_log2  # a float8 cache is read in the queries' dtype  # [BLOCK_M, BLOCK_N], log2 domain
+    s = tl.dot(q, k.to(q.dtype)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 domain; a float8 cache read in q's dtype
     if MASKED:
         s = tl.where(n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))

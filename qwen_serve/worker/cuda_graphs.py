@@ -84,7 +84,8 @@ class DecodeGraphs:
         self.device = device
         self.buckets = batch_buckets(max_num_seqs)
         # Verify steps: q = 2..max_query tokens a sequence, batches up to verify_max_seqs.
-        self.verify_buckets = batch_buckets(min(verify_max_seqs, max_num_seqs)) if max_query > 1 and verify_max_seqs else []
+        verifies = max_query > 1 and verify_max_seqs > 0
+        self.verify_buckets = batch_buckets(min(verify_max_seqs, max_num_seqs)) if verifies else []
         self.max_query = max_query if self.verify_buckets else 1
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
