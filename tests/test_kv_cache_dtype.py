@@ -110,7 +110,7 @@ def test_float8_cache_is_refused_on_a_gpu_before_ada(monkeypatch):
 def test_on_cuda_the_kernels_read_the_float8_cache_as_the_reference_does(tiny):
     """The engine on CUDA (Triton write and attention kernels, decode CUDA graphs) against the torch path
     on the same device with the same float8 cache: prompt logprobs and greedy tokens."""
-    cuda = dict(device="cuda", dtype="bfloat16", kv_cache_gb=None, num_kv_blocks=512)
+    cuda = dict(device="cuda", dtype="bfloat16", num_kv_blocks=512)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     results = []
     for fused in (True, False):

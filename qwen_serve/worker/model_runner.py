@@ -14,8 +14,8 @@ leaves after a profiling forward pass at the largest step the scheduler can make
 On CUDA with the Triton attention backend, decode-only steps (and the verify steps of speculative
 decoding) replay CUDA graphs captured once the KV cache is bound (worker/cuda_graphs.py), unless
 `enforce_eager`; the graph also computes every row's logits and argmax, which the sampler takes as the
-greedy choice. Prefill and mixed steps run eagerly;
-one of each kind runs at start-up (worker/warm_up.py), so no Triton compile is left for the requests.
+greedy choice. Prefill and mixed steps run eagerly; one of each kind runs at start-up
+(worker/warm_up.py), so no Triton compile is left for the requests.
 With `enforce_eager` decode steps run eagerly too, and their kernel variants (one per split count)
 compile on first use.
 """
@@ -27,28 +27,23 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from qwen_serve.config import KV_CACHE_DTYPES, EngineConfig
-from qwen_serve.engine.speculative import SpeculativeConfig
 from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
+from qwen_serve.engine.speculative import SpeculativeConfig
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context, raw_bytes
 from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import ModelConfig
+from qwen_serve.worker.cuda_graphs import DecodeGraphs, pad_to_query_len
 from qwen_serve.worker.host_arrays import block_table_array, host_tensor
 from qwen_serve.worker.host_memory import trim_heap
 from qwen_serve.worker.prompt_logprobs import PendingPromptLogprobs, launch_prompt_logprobs, wants_prompt_logprobs
 from qwen_serve.worker.step_input import RunnerOutput, SampleRow, StepInput
 from qwen_serve.worker.step_sampler import PendingSample, StepSampler
 from qwen_serve.worker.warm_up import eager_warm_up_steps
-
-from qwen_serve.worker.cuda_graphs import pad_to_query_len
-
-if TYPE_CHECKING:
-    from qwen_serve.worker.cuda_graphs import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +179,7 @@ class ModelRunner:
         self.model.to(torch.device("meta"))  # the parameters' storage goes, whoever holds the module
         self._last_tokens = torch.empty(0, dtype=torch.long, device="meta")
 
-    def _capture_graphs(self) -> "DecodeGraphs":
-        from qwen_serve.worker.cuda_graphs import DecodeGraphs
-
+    def _capture_graphs(self) -> DecodeGraphs:
         spec = SpeculativeConfig.parse(self.config.speculative_config)
         # Verify steps: up to k drafts after each sequence's last token, at the batches speculation runs at.
         max_query, verify_seqs = (1 + spec.num_speculative_tokens, spec.disable_by_batch_size) if spec else (1, 0)
