@@ -529,8 +529,34 @@ def section_gemv(rows: list[dict]) -> None:
         rows.append(row)
         print(f"gemv {row}", flush=True)
         del ws
+        if name != "lm_head":  # the FP8 method leaves the lm_head in bfloat16
+            rows.append(_gemv_fp8_row(name, n, k, has_bias, g))
     rows.append({"shape": "all matmuls of a decode step", "cuBLAS_ms": total_cublas, "best_of_both_ms": total_best,
-                 "configs_used_by_model": {f"{n}x{k}": c for (n, k), c in fused.GEMV_CONFIGS.items()}})
+                 "configs_used_by_model": {f"{n}x{k}": c for (n, k), c in fused.GEMV_CONFIGS.items()},
+                 "fp8_configs_used_by_model": {f"{n}x{k}": c for (n, k), c in fused.FP8_GEMV_CONFIGS.items()}})
+
+
+def _gemv_fp8_row(name: str, n: int, k: int, has_bias: bool, g: torch.Generator) -> dict:
+    """One row through the FP8 method's two paths: the GEMV on float8 weights (each config) and torch's
+    scaled matmul with the activations quantized (what more rows take)."""
+    from qwen_serve.kernels import fp8
+
+    configs = [(4, 1024, 4), (8, 1024, 4), (4, 2048, 4), (2, 2048, 4), (8, 512, 4), (16, 1024, 8), (4, 512, 4),
+               (8, 2048, 8), (2, 1024, 2)]
+    nbytes = n * k
+    copies = max(2, min(28, math.ceil(300e6 / nbytes)))
+    ws = [fp8.quantize_weight(torch.randn(n, k, device="cuda", dtype=BF16, generator=g)) for _ in range(copies)]
+    bias = torch.randn(n, device="cuda", dtype=BF16, generator=g) if has_bias else None
+    x = torch.randn(1, k, device="cuda", dtype=BF16, generator=g)
+    row = {"shape": f"{name} fp8", "MB": nbytes / 1e6, "floor_us": nbytes / READ_BW * 1e6,
+           "scaled_mm_us": graph_ms([lambda w=w, s=s: fp8.linear(x, w, s, bias) for w, s in ws]) * 1e3}
+    for cfg in configs:
+        row[f"gemv{cfg}"] = graph_ms([lambda w=w, s=s, c=cfg: fused.gemv(x, w, bias, c, scale=s) for w, s in ws]) * 1e3
+    best = min((v, key) for key, v in row.items() if key.startswith("gemv"))
+    fused.FP8_GEMV_CONFIGS[(n, k)] = next(c for c in configs if f"gemv{c}" == best[1])
+    row["best"], row["best_GBps"] = best[1], nbytes / (best[0] * 1e-6) / 1e9
+    print(f"gemv {row}", flush=True)
+    return row
 
 
 # ------------------------------------------------------------------------------------------ model

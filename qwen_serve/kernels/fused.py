@@ -209,9 +209,9 @@ def rotary_and_write_kv(
 # ----------------------------------------------------------------------------- batch-1 GEMV
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_w,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, n_rows, n_cols, stride_w,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
@@ -235,6 +235,8 @@ def _gemv_kernel(
             x = tl.load(x_ptr + k0 + cols, mask=ok, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)  # [BLOCK_N] fp32
+    if HAS_SCALE:  # float8 weights: each output row's scale, applied once after its dot product
+        y *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -250,11 +252,16 @@ GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {
     (3584, 18944): (4, 512, 4),
     (152064, 3584): (4, 512, 4),
 }
+# The same for float8 weights (the FP8 method's decode), filled from the same section's fp8 sweep.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], tuple[int, int, int]] = {}
 
 
-def gemv_config(n_rows: int, n_cols: int) -> tuple[int, int, int]:
+def gemv_config(n_rows: int, n_cols: int, weight_bytes: int = 2) -> tuple[int, int, int]:
     """The measured config of a known shape; otherwise 4 rows x 512 columns per program, within 1%
-    of the best config on every 7B shape."""
+    of the best config on every 7B shape (1-byte weights: FP8_GEMV_CONFIGS, else 4 rows x 1024 columns, the
+    same bytes a row)."""
+    if weight_bytes == 1:
+        return FP8_GEMV_CONFIGS.get((n_rows, n_cols), (4, 1024, 4))
     return GEMV_CONFIGS.get((n_rows, n_cols), (4, 512, 4))
 
 
@@ -263,17 +270,19 @@ def gemv(
     weight: torch.Tensor,  # [out_features, in_features], rows contiguous
     bias: torch.Tensor | None,
     config: tuple[int, int, int] | None = None,
+    scale: torch.Tensor | None = None,  # float32 [out_features]: y = (x @ weight.T) * scale + bias
 ) -> torch.Tensor:
-    """x @ weight.T + bias for one row, fp32 accumulation: [1, out_features]."""
+    """x @ weight.T + bias for one row, fp32 accumulation: [1, out_features]. The weight may be float8 with a
+    scale per output row (the FP8 method's decode: a weight-only read, the activations stay in x's dtype)."""
     if x.shape[0] != 1 or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("gemv takes one contiguous row and a row-major weight")
     n_rows, n_cols = weight.shape
-    block_n, block_k, warps = config or gemv_config(n_rows, n_cols)
+    block_n, block_k, warps = config or gemv_config(n_rows, n_cols, weight.element_size())
     y = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n_rows, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n_rows, n_cols, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=n_cols % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        **launch_options(x.device),
+        x, weight, scale if scale is not None else x, bias if bias is not None else weight, y, n_rows, n_cols,
+        weight.stride(0), HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, EVEN_K=n_cols % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **launch_options(x.device),
     )
     return y
 

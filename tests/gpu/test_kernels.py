@@ -393,6 +393,21 @@ def test_gemv_matches_reference(out_features, in_features, bias, config, dtype):
     assert out.shape == (1, out_features) and rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("out_features,in_features,bias", [(4608, 3584, True), (100, 18944, False), (37, 200, True)])
+@pytest.mark.parametrize("config", [None, (4, 2048, 4), (8, 512, 4)])
+def test_gemv_of_float8_weights_applies_each_rows_scale(out_features, in_features, bias, config):
+    """The FP8 method's decode: float8 weights, a float32 scale per output row, bfloat16 activations."""
+    g = torch.Generator(device=DEVICE).manual_seed(out_features + in_features + 1)
+    x = torch.randn(1, in_features, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    w = (torch.randn(out_features, in_features, device=DEVICE, generator=g) * 100).to(torch.float8_e4m3fn)
+    scale = torch.rand(out_features, device=DEVICE, generator=g) * in_features**-0.5 / 100
+    b = torch.randn(out_features, device=DEVICE, dtype=torch.bfloat16, generator=g) if bias else None
+    ref = F.linear(x.cpu().float(), w.cpu().float() * scale.cpu()[:, None], None if b is None else b.cpu().float())
+    poison_allocator()
+    out = fused.gemv(x, w, b, config, scale=scale)
+    assert out.shape == (1, out_features) and rel_err(out, ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_rotary_and_write_kv_matches_reference(block_size, dtype):

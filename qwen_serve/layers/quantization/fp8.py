@@ -1,5 +1,7 @@
 """FP8 W8A8: float8_e4m3fn weights with a scale per output channel, activations quantized per token at
-run time, multiplied by the FP8 tensor cores (kernels/fp8.py). Hopper only.
+run time, multiplied by the FP8 tensor cores (kernels/fp8.py). Hopper only. One row (batch-1 decode) is
+a weight read, where the scaled matmul is slower than bfloat16's GEMV: it takes the Triton GEMV on the float8
+weight instead (kernels/fused.py), activations unquantized.
 
 Where the weights come from:
 - `--quantization fp8` on an unquantized checkpoint: its weights are quantized as they load (one scale per
@@ -143,7 +145,13 @@ class Fp8LinearMethod(LinearMethod):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         input_scale = getattr(layer, "input_scale", None)
-        if x.is_cuda:
+        if x.is_cuda and x.shape[0] == 1 and layer.fused:
+            # Batch-1 decode reads the weight once: a GEMV with the activations in bfloat16 (no per-token
+            # quantization, so a static input_scale does not clip here) is what reaches the memory bound.
+            from qwen_serve.kernels import fused
+
+            out = fused.gemv(x.contiguous(), layer.weight, bias, scale=layer.weight_scale)
+        elif x.is_cuda:
             out = fp8.linear(x.contiguous(), layer.weight, layer.weight_scale, bias, input_scale, fused=layer.fused)
         else:
             out = fp8.linear_reference(x, layer.weight, layer.weight_scale, bias, input_scale)
