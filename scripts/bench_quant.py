@@ -1,7 +1,7 @@
 """The dequantize-matmul paths (kernels/quant_linear.py) on the Qwen2.5-7B shapes, beside cuBLAS in bfloat16:
 every GEMV tile setting below at decode's row counts, dequantize + cuBLAS beyond, and (4 bits) torch's packed
 int4 matmul (tinygemm) at two of its K tilings and the dequantization of its layout (kernels/int4pack.py)
-for cuBLAS, and FP8 W8A8 (kernels/fp8.py: the activations'
+for cuBLAS, the tiled kernel that dequantizes that layout in registers (each setting), and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only.
 
   python3 scripts/bench_quant.py --out run.json
@@ -22,6 +22,7 @@ from qwen_serve.kernels import quant_linear as ql
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 GEMV = [(bn, bkw, w) for bn in (4, 8, 16) for bkw in (32, 64, 128) for w in (4, 8)]
+MATMUL = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -64,6 +65,7 @@ def main() -> None:
             settings = [("gemv", c) for c in GEMV] if m <= ql.GEMV_MAX_ROWS else [("dequant+cublas", None)]
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
+                settings += [("int4pack-matmul", c) for c in MATMUL if c[0] <= max(16, 2 * m)]
             for path, c in settings:
                 kw = {} if c is None or path.startswith(("tinygemm", "int4pack")) else {f"{path}_config": c}
                 try:
@@ -71,6 +73,10 @@ def main() -> None:
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
+                    elif path == "int4pack-matmul":
+                        int4pack.INNER_K_TILES = 8
+                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
+                        ms = graph_ms(lambda: int4pack.matmul(x, packed, sz, 128, c))
                     elif path == "int4pack-dequant+cublas":
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)

@@ -8,8 +8,9 @@ bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer). The two dev
 different layouts; `pack` makes the one `linear` will read on the codes' device.
 
 tinygemm pays per row (run 37: 39 us for the 7B's gate_up at one row, 150 at 16, 2.3 ms at 256), so on CUDA
-more than ROWS_MAX rows dequantize the packed codes into a scratch bfloat16 weight for cuBLAS instead
-(`dequantize`, one Triton pass; `dequantize_reference` is its torch twin, the layout written out).
+more rows take `matmul`, a Triton tl.dot kernel that dequantizes each weight tile in registers, and prompts
+of many rows dequantize the packed codes into a scratch bfloat16 weight for cuBLAS (`dequantize`, one pass).
+`dequantize_reference` is the torch twin of both, the layout written out.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 GROUPS = (32, 64, 128, 256)
 # CUDA's layout tiles K by INNER_K_TILES * 16 inputs; 8 is what the published int4 decoders use.
 INNER_K_TILES = 8
-# CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
+# CUDA: up to ROWS_MAX rows tinygemm, up to MATMUL_ROWS_MAX the tiled kernel that dequantizes in registers,
+# beyond it dequantize + cuBLAS (a pass over the weight that many rows amortize).
 ROWS_MAX = 16
+MATMUL_ROWS_MAX = 256
 
 
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -108,13 +111,81 @@ def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int)
     return out
 
 
+@triton.jit
+def _matmul_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
+                   WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    """y [BLOCK_M, BLOCK_N] = x @ w.T with w dequantized in registers, one k-tile (SPAN inputs) a step.
+
+    An output's words of one k-tile are R = 4 WORDS consecutive int32 (lane 4 a + b, word j: r = WORDS b + j),
+    so the tile [BLOCK_N, R] is read as whole rows. Its nibbles unpack in the order k' = 8 r + s, which is
+    input 32 j + 8 i + 2 b + h of the tile (s = i + 4 h, `dequantize_reference`); x's columns are gathered in
+    that order instead of permuting the codes."""
+    SPAN: tl.constexpr = WORDS * 32
+    R: tl.constexpr = 4 * WORDS
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    r = tl.arange(0, R)
+    k_tiles = K // SPAN
+    w_ptrs = w_ptr + ((n // 8).to(tl.int64) * k_tiles * (32 * WORDS) + (n % 8) * R)[:, None] + r[None, :]
+    kp = tl.arange(0, SPAN)
+    k_in = 32 * ((kp // 8) % WORDS) + 8 * (kp % 4) + 2 * (kp // (8 * WORDS)) + (kp % 8) // 4
+    x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_x + k_in[None, :]
+    m_ok = (ms < M)[:, None]
+    shifts = 4 * tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    wait_for_previous(USE_PDL)
+    for kt in range(0, k_tiles):
+        words = tl.load(w_ptrs + kt * (32 * WORDS), mask=n_ok[:, None], other=0)  # [BN, R]
+        q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32) - 8.0  # [BN, R, 8]
+        if GROUP >= SPAN:  # one group for the whole k-tile
+            sz = sz_ptr + ((kt * SPAN // GROUP) * N + n) * 2
+            scale = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
+            zero = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
+        else:  # word j covers inputs 32 j .. 32 j + 31 of the tile: one group
+            g = (kt * SPAN + 32 * (r % WORDS)) // GROUP
+            sz = sz_ptr + (g[None, :] * N + n[:, None]) * 2
+            scale = tl.load(sz, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+            zero = tl.load(sz + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
+        w = tl.reshape(q * scale + zero, (BLOCK_N, SPAN)).to(x_ptr.dtype.element_ty)
+        xt = tl.load(x_ptrs + kt * SPAN, mask=m_ok, other=0.0)  # [BM, SPAN]
+        acc = tl.dot(xt, tl.trans(w), acc)
+    tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok & n_ok[None, :])
+
+
+def matmul_config(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps) for m rows."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    return block_m, 64, 4
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+           config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (contiguous rows) @ the packed weight's transpose -> [M, N] in x's dtype, each weight tile
+    dequantized in registers (the same values as `dequantize`, rounded to x's dtype once) for a tl.dot."""
+    n_tiles, k_tiles, _, words = packed.shape
+    n, k = n_tiles * 8, k_tiles * words * 32
+    m = x.shape[0]
+    if x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"int4 matmul takes contiguous rows of {k} inputs, got {tuple(x.shape)}")
+    block_m, block_n, warps = config or matmul_config(m)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
+        x, packed, scales_and_zeros, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, WORDS=words,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **launch_options(x.device))
+    return y
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N]. CPU: 0.33 ms for 4864 x 896 at one row, 2 threads (160x the torch
     reference)."""
-    if x.is_cuda and x.shape[0] > ROWS_MAX:
+    if x.is_cuda and x.shape[0] > MATMUL_ROWS_MAX:
         return F.linear(x, dequantize(packed, scales_and_zeros, group), bias)
-    if x.is_cuda:
+    if x.is_cuda and x.shape[0] > ROWS_MAX:
+        out = matmul(x, packed, scales_and_zeros, group)
+    elif x.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
     else:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
