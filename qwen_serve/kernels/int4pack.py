@@ -137,7 +137,9 @@ def _matmul_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_x, stride_y, GRO
     wait_for_previous(USE_PDL)
     for kt in range(0, k_tiles):
         words = tl.load(w_ptrs + kt * (32 * WORDS), mask=n_ok[:, None], other=0)  # [BN, R]
-        q = ((words[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32) - 8.0  # [BN, R, 8]
+        # code - 8 as float32 without a conversion: the code's bits under 2^23's exponent are 2^23 + code
+        q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        q -= 8388616.0  # 2^23 + 8; [BN, R, 8]
         if GROUP >= SPAN:  # one group for the whole k-tile
             sz = sz_ptr + ((kt * SPAN // GROUP) * N + n) * 2
             scale = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
