@@ -22,7 +22,7 @@ from qwen_serve.kernels import quant_linear as ql
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 GEMV = [(bn, bkw, w) for bn in (4, 8, 16) for bkw in (32, 64, 128) for w in (4, 8)]
-MATMUL = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (32, 64, 128) for w in (4, 8)]
+MATMUL = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128) for w in (4, 8)]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", default="1,4,16,64,256,8192")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--skip", default="", help="comma-separated paths not to run (e.g. gemv,dequant+cublas)")
     args = parser.parse_args()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -66,6 +67,8 @@ def main() -> None:
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
                 settings += [("int4pack-matmul", c) for c in MATMUL if c[0] <= max(16, 2 * m)]
+                settings += [("int4pack-matmul-unfactored", int4pack.matmul_config(m))]
+            settings = [(p, c) for p, c in settings if p not in args.skip.split(",")]
             for path, c in settings:
                 kw = {} if c is None or path.startswith(("tinygemm", "int4pack")) else {f"{path}_config": c}
                 try:
@@ -73,8 +76,9 @@ def main() -> None:
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
-                    elif path == "int4pack-matmul":
+                    elif path.startswith("int4pack-matmul"):
                         int4pack.INNER_K_TILES = 8
+                        int4pack.FACTORED = path == "int4pack-matmul"
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: int4pack.matmul(x, packed, sz, 128, c))
                     elif path == "int4pack-dequant+cublas":

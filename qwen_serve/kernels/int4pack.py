@@ -111,47 +111,61 @@ def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int)
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
-                   WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    """y [BLOCK_M, BLOCK_N] = x @ w.T with w dequantized in registers, one k-tile (SPAN inputs) a step.
+                   WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   FACTORED: tl.constexpr, USE_PDL: tl.constexpr):
+    """y [BLOCK_M, BLOCK_N] = x @ w.T with w dequantized in registers, BLOCK_K inputs (one group, or one
+    k-tile of SPAN inputs) a step.
 
-    An output's words of one k-tile are R = 4 WORDS consecutive int32 (lane 4 a + b, word j: r = WORDS b + j),
-    so the tile [BLOCK_N, R] is read as whole rows. Its nibbles unpack in the order k' = 8 r + s, which is
-    input 32 j + 8 i + 2 b + h of the tile (s = i + 4 h, `dequantize_reference`); x's columns are gathered in
-    that order instead of permuting the codes."""
+    An output's words of one k-tile are 4 WORDS consecutive int32 (lane 4 a + b, word j at WORDS b + j), so
+    a step reads [BLOCK_N, BLOCK_K / 8] words as pieces of whole rows. Its nibbles unpack in the order
+    k' = 32 j + 8 b + s, which is input 32 j + 8 i + 2 b + h of the tile (s = i + 4 h, `dequantize_reference`):
+    x's columns are gathered in that order instead of permuting the codes. A step lies in one group, so
+    with FACTORED the codes go to the tensor cores as they are, OFFSET + code in x's dtype by setting the bits
+    under OFFSET's exponent (no conversion instructions), and the scale and zero apply to the step's dot:
+    sum_k x (OFFSET + q) s + sum_k x (z - (OFFSET + 8) s)."""
     SPAN: tl.constexpr = WORDS * 32
-    R: tl.constexpr = 4 * WORDS
+    JB: tl.constexpr = BLOCK_K // 32  # words j a step
+    STEPS: tl.constexpr = SPAN // BLOCK_K  # steps a k-tile
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        MAGIC: tl.constexpr = 0x4300  # bfloat16 128 + code
+        OFFSET: tl.constexpr = 128.0
+    else:
+        MAGIC: tl.constexpr = 0x6400  # float16 1024 + code
+        OFFSET: tl.constexpr = 1024.0
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = n < N
-    r = tl.arange(0, R)
+    rr = tl.arange(0, 4 * JB)  # 4 jj + b
     k_tiles = K // SPAN
-    w_ptrs = w_ptr + ((n // 8).to(tl.int64) * k_tiles * (32 * WORDS) + (n % 8) * R)[:, None] + r[None, :]
-    kp = tl.arange(0, SPAN)
-    k_in = 32 * ((kp // 8) % WORDS) + 8 * (kp % 4) + 2 * (kp // (8 * WORDS)) + (kp % 8) // 4
+    w_ptrs = (w_ptr + ((n // 8).to(tl.int64) * k_tiles * (32 * WORDS) + (n % 8) * (4 * WORDS))[:, None]
+              + (WORDS * (rr % 4) + rr // 4)[None, :])
+    kp = tl.arange(0, BLOCK_K)
+    k_in = 32 * (kp // 32) + 8 * (kp % 4) + 2 * ((kp // 8) % 4) + (kp % 8) // 4
     x_ptrs = x_ptr + ms[:, None].to(tl.int64) * stride_x + k_in[None, :]
     m_ok = (ms < M)[:, None]
     shifts = 4 * tl.arange(0, 8)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     wait_for_previous(USE_PDL)
-    for kt in range(0, k_tiles):
-        words = tl.load(w_ptrs + kt * (32 * WORDS), mask=n_ok[:, None], other=0)  # [BN, R]
-        # code - 8 as float32 without a conversion: the code's bits under 2^23's exponent are 2^23 + code
-        q = (((words[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        q -= 8388616.0  # 2^23 + 8; [BN, R, 8]
-        if GROUP >= SPAN:  # one group for the whole k-tile
-            sz = sz_ptr + ((kt * SPAN // GROUP) * N + n) * 2
-            scale = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
-            zero = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)[:, None, None]
-        else:  # word j covers inputs 32 j .. 32 j + 31 of the tile: one group
-            g = (kt * SPAN + 32 * (r % WORDS)) // GROUP
-            sz = sz_ptr + (g[None, :] * N + n[:, None]) * 2
-            scale = tl.load(sz, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-            zero = tl.load(sz + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-        w = tl.reshape(q * scale + zero, (BLOCK_N, SPAN)).to(x_ptr.dtype.element_ty)
-        xt = tl.load(x_ptrs + kt * SPAN, mask=m_ok, other=0.0)  # [BM, SPAN]
-        acc = tl.dot(xt, tl.trans(w), acc)
+    for step in range(0, K // BLOCK_K):
+        kt = step // STEPS
+        words = tl.load(w_ptrs + kt * (32 * WORDS) + (step % STEPS) * JB, mask=n_ok[:, None], other=0)
+        nibbles = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, 4 JB, 8]
+        sz = sz_ptr + ((step * BLOCK_K // GROUP) * N + n) * 2
+        scale = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+        zero = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+        xt = tl.load(x_ptrs + step * BLOCK_K, mask=m_ok, other=0.0)  # [BM, BK]
+        if FACTORED:
+            v = (nibbles | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)
+            d = tl.dot(xt, tl.trans(tl.reshape(v, (BLOCK_N, BLOCK_K))))
+            xs = tl.sum(xt.to(tl.float32), axis=1)
+            acc += d * scale[None, :] + xs[:, None] * (zero - (OFFSET + 8.0) * scale)[None, :]
+        else:
+            # code - 8 as float32 without a conversion: the code's bits under 2^23's exponent are 2^23 + code
+            q = (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+            w = q * scale[:, None, None] + zero[:, None, None]
+            acc = tl.dot(xt, tl.trans(tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x_ptr.dtype.element_ty)), acc)
     tl.store(y_ptr + ms[:, None].to(tl.int64) * stride_y + n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok & n_ok[None, :])
 
@@ -160,6 +174,9 @@ def matmul_config(m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, warps) for m rows."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     return block_m, 64, 4
+
+
+FACTORED = True
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
@@ -175,7 +192,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m))](
         x, packed, scales_and_zeros, y, m, n, k, x.stride(0), y.stride(0), GROUP=group, WORDS=words,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **launch_options(x.device))
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(group, words * 32), FACTORED=FACTORED, num_warps=warps,
+        **launch_options(x.device))
     return y
 
 
