@@ -1,7 +1,7 @@
 """The dequantize-matmul paths (kernels/quant_linear.py) on the Qwen2.5-7B shapes, beside cuBLAS in bfloat16:
 every GEMV tile setting below at decode's row counts, dequantize + cuBLAS beyond, and (4 bits) torch's packed
 int4 matmul (tinygemm) at two of its K tilings and the dequantization of its layout (kernels/int4pack.py)
-for cuBLAS, the tiled kernel that dequantizes that layout in registers (each setting), and FP8 W8A8 (kernels/fp8.py: the activations'
+for cuBLAS, and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only.
 
   python3 scripts/bench_quant.py --out run.json
@@ -22,7 +22,6 @@ from qwen_serve.kernels import quant_linear as ql
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 GEMV = [(bn, bkw, w) for bn in (4, 8, 16) for bkw in (32, 64, 128) for w in (4, 8)]
-MATMUL = [(bm, bn, w) for bm in (16, 32, 64, 128) for bn in (64, 128) for w in (4, 8)]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -49,7 +48,6 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", default="1,4,16,64,256,8192")
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--skip", default="", help="comma-separated paths not to run (e.g. gemv,dequant+cublas)")
     args = parser.parse_args()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -66,9 +64,6 @@ def main() -> None:
             settings = [("gemv", c) for c in GEMV] if m <= ql.GEMV_MAX_ROWS else [("dequant+cublas", None)]
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
-                settings += [("int4pack-matmul", c) for c in MATMUL if c[0] <= max(16, 2 * m)]
-                settings += [("int4pack-matmul-unfactored", int4pack.matmul_config(m))]
-            settings = [(p, c) for p, c in settings if p not in args.skip.split(",")]
             for path, c in settings:
                 kw = {} if c is None or path.startswith(("tinygemm", "int4pack")) else {f"{path}_config": c}
                 try:
@@ -76,11 +71,6 @@ def main() -> None:
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
-                    elif path.startswith("int4pack-matmul"):
-                        int4pack.INNER_K_TILES = 8
-                        int4pack.FACTORED = path == "int4pack-matmul"
-                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
-                        ms = graph_ms(lambda: int4pack.matmul(x, packed, sz, 128, c))
                     elif path == "int4pack-dequant+cublas":
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
 
 
 class CacheFormat(NamedTuple):

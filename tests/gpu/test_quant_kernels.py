@@ -145,23 +145,3 @@ def test_int4pack_layout_is_torchs(tiles, monkeypatch):
     s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
     weight = int4pack.dequantize(packed, scales_zeros, group)
     torch.testing.assert_close(weight.cpu(), ((codes.float() - 8) * s + z).bfloat16())  # one bfloat16 rounding
-
-
-@pytest.mark.parametrize("group", [32, 64, 128, 256])
-@pytest.mark.parametrize("rows", [17, 40, 130])
-def test_int4pack_matmul_dequantizes_in_registers_as_the_reference(rows, group):
-    """The tiled kernel for more than int4pack.ROWS_MAX rows, on arbitrary words (every bit pattern of the
-    layout) and scales: against x @ dequantize_reference's weight in float32. Its weight tile is rounded
-    to x's dtype once, as the dequantize + cuBLAS path's is."""
-    from qwen_serve.kernels import int4pack
-
-    dtype = torch.float16 if INTERPRETED else torch.bfloat16
-    n, k = (24, 512) if INTERPRETED else (4608, 3584)
-    g = torch.Generator().manual_seed(rows + group)
-    packed = torch.randint(-2**31, 2**31 - 1, (n // 8, k // 128, 32, 4), generator=g, dtype=torch.int32)
-    scales_zeros = (torch.randn(k // group, n, 2, generator=g) * 0.01).to(dtype)
-    x = torch.randn(rows, k, generator=g).to(dtype)
-    ref = x.float() @ int4pack.dequantize_reference(packed, scales_zeros, group).t()
-    out = int4pack.matmul(x.to(DEVICE), packed.to(DEVICE), scales_zeros.to(DEVICE), group)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
