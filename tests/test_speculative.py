@@ -14,7 +14,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm import LLM
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.sampling_params import SamplingParams
-from qwen_serve.engine.speculative import NgramProposer, SpeculativeConfig
+from qwen_serve.engine.speculative import NgramProposer, SpeculationGate, SpeculativeConfig
 
 from conftest import make_tiny_checkpoint
 
@@ -36,10 +36,15 @@ class CharTokenizer:
         return "".join(chr(97 + i % 26) * (1 + i % 2) for i in ids)
 
 
-def _engine(folder: Path, spec: str | None, **overrides) -> LLMEngine:
+def _engine(folder: Path, spec: str | None, gate: bool = False, **overrides) -> LLMEngine:
+    """With `gate` off (these tests' default) speculation never pauses, so every step that can draft does:
+    random tiny models accept few drafts, which would close the gate (tested on its own below)."""
     cfg = dict(model=str(folder), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_model_len=256)
     cfg.update(overrides)
-    return LLMEngine(EngineConfig(**cfg, speculative_config=spec), folder, tokenizer=overrides.pop("tokenizer", None))
+    engine = LLMEngine(EngineConfig(**cfg, speculative_config=spec), folder, tokenizer=overrides.pop("tokenizer", None))
+    if not gate:
+        engine.spec_gate = SpeculationGate(min_gain=0.0)
+    return engine
 
 
 def _prompts() -> list[list[int]]:
@@ -223,3 +228,29 @@ def test_on_cuda_greedy_output_is_unchanged(tiny, spec):
         assert engine.stats().spec_num_accepted_tokens > 0
     finally:
         engine.close()
+
+
+def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
+    gate = SpeculationGate()
+    steps_open = 0
+    while gate.open():  # no draft ever accepted
+        gate.record(0, 1)
+        steps_open += 1
+    assert steps_open == 11  # 0.2 * (15/16)^11 < 0.1: about a dozen steps of evidence
+    assert sum(gate.open() for _ in range(gate.pause_steps - 1)) == 0 and gate.open()  # closed 64 steps, then open
+    for _ in range(1000):  # ~1 accepted draft a step (a code-editing workload): never closes
+        assert gate.open()
+        gate.record(1, 1)
+    gate.record(0, 4)  # one poor step among good ones moves the average, it does not close the gate
+    assert gate.open()
+
+
+def test_gate_on_an_engine_closes_where_drafting_gains_nothing(tiny):
+    """Sampling at temperature 1 from a random model: lookup drafts from the repeating prompt are rejected
+    and the output repeats nothing, so after a dozen steps that gain nothing the engine decodes without
+    drafting (overlapped again)."""
+    params = SamplingParams(temperature=1.0, max_tokens=60, ignore_eos=True, seed=0)
+    gated = _engine(tiny, NGRAM, gate=True)
+    assert len(_generate(gated, [_prompts()[0]], params)[0].outputs[0].token_ids) == 60
+    assert gated.spec_gate.paused_for > 0 and gated.spec_gate.gain < gated.spec_gate.min_gain
+    assert gated.stats().spec_num_drafts < 20

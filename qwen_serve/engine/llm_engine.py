@@ -33,7 +33,7 @@ from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
 from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
-from qwen_serve.engine.speculative import SpeculationStats, SpeculativeConfig, make_proposer
+from qwen_serve.engine.speculative import SpeculationGate, SpeculationStats, SpeculativeConfig, make_proposer
 from qwen_serve.engine.step_builder import build_step_input
 from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.step_input import SampledToken
@@ -83,6 +83,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
         self.spec_stats = SpeculationStats()
+        self.spec_gate = SpeculationGate()
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         if self.speculative is not None:
@@ -168,7 +169,8 @@ class LLMEngine:
         # Speculation pays while decode is bound by reading the weights (few sequences); its steps are not
         # overlapped, since drafts are proposed from each sequence's last token, which must be on the host.
         speculate = (self.speculative is not None
-                     and len(self.scheduler.running) <= self.speculative.disable_by_batch_size)
+                     and len(self.scheduler.running) <= self.speculative.disable_by_batch_size
+                     and self.spec_gate.open())
         sched = self.scheduler.schedule(speculate)
         now = time.time()
         for chunk in sched.chunks:
@@ -177,7 +179,8 @@ class LLMEngine:
                 request.first_scheduled_time = now
         previous, self._in_flight = self._in_flight, None
         try:
-            handle = _Launched(sched, self.executor.launch(build_step_input(sched, self.model_config.vocab_size)))
+            handle = _Launched(sched, self.executor.launch(build_step_input(sched, self.model_config.vocab_size)),
+                               speculate)
         except BaseException:
             if previous is not None:
                 self._forget(previous)
@@ -209,6 +212,7 @@ class LLMEngine:
         if len(result.sampled) != handle.num_rows:
             raise RuntimeError(f"the step sampled {len(result.sampled)} rows, not {handle.num_rows}")
         rows = iter(result.sampled)  # the step's sampling rows, in order: 1 + drafts for each sequence
+        step_accepted = 0
         for seq, drafts in handle.samples:
             sampled = [next(rows) for _ in range(1 + len(drafts))]
             request = seq.request
@@ -221,9 +225,12 @@ class LLMEngine:
                 self.spec_stats.num_drafts += 1
                 self.spec_stats.num_draft_tokens += len(drafts)
                 self.spec_stats.num_accepted_tokens += accepted
+                step_accepted += accepted
                 if not seq.is_finished:
                     self.scheduler.rollback(seq, len(drafts) - accepted)
             touched[request.request_id] = request
+        if handle.speculated:
+            self.spec_gate.record(step_accepted, len(handle.samples))
         outputs = []
         for request in touched.values():
             finished = request.is_finished
@@ -285,10 +292,11 @@ class LLMEngine:
 class _Launched:
     """A step handed to the executor: its ticket there and the sequences behind its rows."""
 
-    __slots__ = ("ticket", "seqs", "samples", "num_rows", "_chunks")
+    __slots__ = ("ticket", "seqs", "samples", "num_rows", "speculated", "_chunks")
 
-    def __init__(self, sched: SchedulerOutput, ticket: Any) -> None:
+    def __init__(self, sched: SchedulerOutput, ticket: Any, speculated: bool = False) -> None:
         self.ticket = ticket
+        self.speculated = speculated  # drafts were asked for (the gate counts what they gained)
         # The sampling sequences, in order, each with its drafts (it samples 1 + that many rows).
         self.samples = [(s, chunk.draft_token_ids) for chunk in sched.chunks for s in chunk.sample_seqs]
         self.seqs = [s for s, _ in self.samples]

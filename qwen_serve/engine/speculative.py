@@ -24,9 +24,9 @@ With a grammar (structured output), drafts are cut to the longest run the gramma
 verifying row is masked by what the grammar allows after the drafts before it (engine/step_builder.py);
 while a reasoning model thinks, drafts stop before the end of thinking, after which the grammar applies.
 Not speculated: requests with repetition / frequency / presence penalties (they count the tokens before
-each row), and steps with more running sequences than
+each row), steps with more running sequences than
 `disable_by_batch_size` (vLLM's key; default 8), where decode is no longer bound by reading weights and
-verifying drafts costs more than it saves. A draft model proposes for one sequence at a time, and not
+verifying drafts costs more than it saves, and stretches where few drafts are accepted (`SpeculationGate`). A draft model proposes for one sequence at a time, and not
 under tensor parallelism.
 """
 
@@ -177,6 +177,36 @@ def make_proposer(config: SpeculativeConfig, target: "LLMEngine") -> Proposer:
         draft.close()
         raise ValueError(f"{flag}: draft model {config.model!r} has another vocabulary ({problem})")
     return DraftModelProposer(draft, config)
+
+
+@dataclass(slots=True)
+class SpeculationGate:
+    """Pauses speculation while it does not pay. A speculating step is not overlapped with the next one and
+    verifies k + 1 rows a sequence, so where few drafts are accepted (text that repeats nothing, a draft
+    model that guesses badly) it is slower than plain decode (the 7B on an H100 with drafts never accepted:
+    ~4%, BENCHMARKS.md run 43). The gate keeps a moving average of the drafts accepted per sequence a step;
+    below `min_gain` it closes for `pause_steps` steps, then opens again to measure anew."""
+
+    min_gain: float = 0.1
+    pause_steps: int = 64
+    weight: float = 1 / 16  # of the newest step in the average (~16 steps of memory)
+    gain: float = 0.2  # the average; it starts (and restarts after a pause) at 2 min_gain
+    paused_for: int = 0
+
+    def open(self) -> bool:
+        """Whether this step may speculate (called once a step while speculation is on)."""
+        if self.paused_for == 0:
+            return True
+        self.paused_for -= 1
+        if self.paused_for == 0:
+            self.gain = 2 * self.min_gain
+        return False
+
+    def record(self, accepted: int, num_seqs: int) -> None:
+        """A speculating step's outcome: `accepted` drafts over its `num_seqs` sampling sequences."""
+        self.gain += self.weight * (accepted / max(num_seqs, 1) - self.gain)
+        if self.gain < self.min_gain:
+            self.paused_for = self.pause_steps
 
 
 @dataclass(slots=True)
