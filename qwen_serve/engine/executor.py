@@ -123,9 +123,10 @@ class MultiprocExecutor:
                     reason = _reported_error(self._conns[index]) if index else None
                     self.dead = reason or f"tensor-parallel worker {proc.name} exited with code {proc.exitcode}"
                     log.error("%s; stopping the other ranks", self.dead)
+                # No is_alive() here: it reaps, and a reap racing close()'s join in the engine's thread makes
+                # one of them see the process alive after all (ECHILD). kill() of an exited rank is a no-op.
                 for p in self.procs:
-                    if p.is_alive():
-                        p.kill()
+                    p.kill()
 
     def _stop_all(self, graceful: bool) -> None:
         for p in self.procs:
