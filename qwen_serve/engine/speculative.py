@@ -24,10 +24,10 @@ With a grammar (structured output), drafts are cut to the longest run the gramma
 verifying row is masked by what the grammar allows after the drafts before it (engine/step_builder.py);
 while a reasoning model thinks, drafts stop before the end of thinking, after which the grammar applies.
 Not speculated: requests with repetition / frequency / presence penalties (they count the tokens before
-each row), steps with more running sequences than
-`disable_by_batch_size` (vLLM's key; default 8), where decode is no longer bound by reading weights and
-verifying drafts costs more than it saves, and stretches where few drafts are accepted (`SpeculationGate`). A draft model proposes for one sequence at a time, and not
-under tensor parallelism.
+each row), steps with more running sequences than `disable_by_batch_size` (vLLM's key; default 8), where
+decode is no longer bound by reading weights and verifying drafts costs more than it saves, and stretches
+where few drafts are accepted (`SpeculationGate`). A draft model proposes for one sequence at a time, and
+not under tensor parallelism.
 """
 
 from __future__ import annotations
