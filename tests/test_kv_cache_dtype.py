@@ -86,12 +86,15 @@ def test_float8_cache_with_prefix_caching_and_preemption_gives_the_same_tokens(t
         engine.close()
 
 
-def test_the_cast_saturates_at_the_formats_range():
-    k = torch.tensor([[[1000.0, -1000.0, 300.0, 0.01]]])
-    k_cache = torch.zeros(2, 2, 1, 4, dtype=torch.float8_e4m3fn)
+@pytest.mark.parametrize("dtype,top", [(torch.float8_e4m3fn, 448.0), (torch.float8_e5m2, 57344.0)])
+def test_the_write_saturates_at_the_formats_range(dtype, top):
+    """As the Triton write kernel does (kernels/kv_store.py), whatever torch's own cast does past the range."""
+    k = torch.tensor([[[1e6, -1e6, 300.0, 0.01]]])
+    k_cache = torch.zeros(2, 2, 1, 4, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     write_kv_cache(k, k, k_cache, v_cache, torch.tensor([3]))
-    assert k_cache[1, 1, 0].float().tolist() == [448.0, -448.0, 288.0, torch.tensor(0.01).to(torch.float8_e4m3fn).item()]
+    assert k_cache[1, 1, 0].float().tolist() == [top, -top, torch.tensor(300.0).to(dtype).item(),
+                                                 torch.tensor(0.01).to(dtype).item()]
 
 
 def test_unknown_kv_cache_dtype_is_refused_with_the_choices():

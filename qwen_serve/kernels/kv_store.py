@@ -1,10 +1,11 @@
 """Stores into the paged KV cache from Triton, in the cache's element type.
 
 A float8 cache (`--kv-cache-dtype fp8`) holds the values unscaled: they saturate at the format's largest
-finite value (448 for e4m3) and round to nearest, ties to even, as torch's casts in the reference
-`layers.attention.write_kv_cache` do. The rounding is done here, onto the float8 grid in float32, so that the
-final conversion is exact whatever rounding Triton's lowering applies: its float8e4nv conversion of
-bfloat16-born keys differed from torch's in the last bit on an H100 (BENCHMARKS.md, run 41), e5m2 matched.
+finite value (448 for e4m3) and round to nearest, ties to even, as the reference
+`layers.attention.write_kv_cache` does. The rounding is done here, onto the float8 grid in float32, so that the
+final conversion is exact whatever rounding Triton's lowering applies (on an H100 it matched torch's cast on
+every bfloat16 value, run 44; the e4m3 writes that differed from the reference in the last bit, runs 41 and
+44, were saturated keys, 448 here against the NaN of torch 2.11's CUDA cast, which the reference now clamps).
 """
 
 from __future__ import annotations

@@ -155,6 +155,16 @@ def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in FLOAT8_DTYPES else t
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; into float8 saturated at the format's largest finite value first. torch's own
+    cast does not promise it: 2.13 on the CPU saturates e4m3 but gives inf for e5m2 past 61,440, and 2.11 on
+    CUDA gave e4m3's NaN where the write kernel stores 448 (BENCHMARKS.md, run 44)."""
+    if dtype in FLOAT8_DTYPES:
+        limit = torch.finfo(dtype).max
+        x = x.clamp(-limit, limit)
+    return x.to(dtype)
+
+
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -162,8 +172,7 @@ def write_kv_cache(
     num_blocks, block_size = k_cache.shape[:2]
     flat_k = raw_bytes(k_cache).view(num_blocks * block_size, *k_cache.shape[2:])
     flat_v = raw_bytes(v_cache).view(num_blocks * block_size, *v_cache.shape[2:])
-    # torch's casts to float8 saturate at the format's range.
-    k, v = raw_bytes(k.to(k_cache.dtype)), raw_bytes(v.to(v_cache.dtype))
+    k, v = raw_bytes(to_cache_dtype(k, k_cache.dtype)), raw_bytes(to_cache_dtype(v, v_cache.dtype))
     if slot_mapping.is_cpu:  # the same answer for every layer of the step: check once
         all_valid = _derived(slot_mapping, "all_valid", lambda: bool((slot_mapping >= 0).all()))
         if all_valid:
