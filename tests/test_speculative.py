@@ -246,11 +246,12 @@ def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
 
 
 def test_gate_on_an_engine_closes_where_drafting_gains_nothing(tiny):
-    """Sampling at temperature 1 from a random model: lookup drafts from the repeating prompt are rejected
-    and the output repeats nothing, so after a dozen steps that gain nothing the engine decodes without
-    drafting (overlapped again)."""
+    """An engine that overlaps its steps (as on a GPU), sampling at temperature 1 from a random model: lookup
+    drafts from the repeating prompt are rejected and the output repeats nothing, so after a dozen steps that
+    gain nothing it decodes without drafting (overlapped again). Without overlap the gate stays open."""
+    assert _engine(tiny, NGRAM, gate=True).spec_gate.min_gain == 0.0
     params = SamplingParams(temperature=1.0, max_tokens=60, ignore_eos=True, seed=0)
-    gated = _engine(tiny, NGRAM, gate=True)
+    gated = _engine(tiny, NGRAM, gate=True, overlap_steps="on")
     assert len(_generate(gated, [_prompts()[0]], params)[0].outputs[0].token_ids) == 60
     assert gated.spec_gate.paused_for > 0 and gated.spec_gate.gain < gated.spec_gate.min_gain
     assert gated.stats().spec_num_drafts < 20

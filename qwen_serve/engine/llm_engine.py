@@ -83,7 +83,6 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.speculative = SpeculativeConfig.parse(config.speculative_config)
         self.spec_stats = SpeculationStats()
-        self.spec_gate = SpeculationGate()
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         if self.speculative is not None:
@@ -94,6 +93,9 @@ class LLMEngine:
                 raise
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
+        # Where steps are not overlapped (the CPU) a verify step costs about a plain one, so drafts never
+        # cost more than they gain and the gate stays open.
+        self.spec_gate = SpeculationGate() if self.overlap else SpeculationGate(min_gain=0.0)
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._defaults = defaults_from_generation_config(self.generation_config)
