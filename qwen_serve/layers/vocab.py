@@ -29,6 +29,7 @@ class VocabEmbedding(nn.Module):
         self.rows_per_rank = -(-vocab_size // p.size)
         self.first_row = p.rank * self.rows_per_rank
         self.used_for_lookup = False  # set by the model on its input table: its weight is not repacked
+        self.used_for_logits = False  # set by the model on its lm_head (a tied table is both)
         quant = opts.quant_config
         self.quant_method: LinearMethod = quant.embedding_method(prefix) if quant else UnquantizedLinearMethod()
         if p.size > 1 and not isinstance(self.quant_method, UnquantizedLinearMethod):

@@ -127,6 +127,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, opts, "lm_head", dtype)
+        self.lm_head.used_for_logits = True
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 output_rows: OutputRows | None = None) -> torch.Tensor:

@@ -12,8 +12,8 @@ a GPU, bfloat16 / float16 on the CPU). Otherwise, served on a GPU, the decoded c
 Q4_0 / Q4_K, 8 for the others) for the kernels of kernels/quant_linear.py in their "min form"; the shards of a
 merged layer (q|k|v, gate|up) of different formats share the wider code and the smaller group, which is exact
 too. On the CPU no torch kernel computes from the other formats' codes faster than from a plain weight, so
-those layers (and the embedding table) are dequantized once at load into the compute dtype and served as
-unquantized. F32 / F16 / BF16 tensors, and the formats the gguf package dequantizes but this file does not
+those layers are dequantized once at load into the compute dtype and served as unquantized; an input table
+that is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16 tensors, and the formats the gguf package dequantizes but this file does not
 decode (Q4_1, Q5_1, Q2_K, Q3_K, the IQ types), are served plain on every device.
 """
 
@@ -264,7 +264,9 @@ class GGUFLinearMethod(LinearMethod):
         int4 = (blocks and multiplies_only and all(BLOCK_FORMATS[t].bits == 4 for t in types)
                 and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                        sum(self._shards(layer).values()), layer.compute_dtype, device))
-        if not blocks or not (self.keeps_codes(device) or int4):
+        # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows.
+        lookup_only = getattr(layer, "used_for_lookup", False) and not getattr(layer, "used_for_logits", False)
+        if not blocks or not (self.keeps_codes(device) or int4 or lookup_only):
             sizes = self._shards(layer)
             weight = torch.empty(sum(sizes.values()), layer.in_features, dtype=layer.compute_dtype, device=device)
             start = 0
