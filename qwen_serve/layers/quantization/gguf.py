@@ -13,8 +13,9 @@ Q4_0 / Q4_K, 8 for the others) for the kernels of kernels/quant_linear.py in the
 merged layer (q|k|v, gate|up) of different formats share the wider code and the smaller group, which is exact
 too. On the CPU no torch kernel computes from the other formats' codes faster than from a plain weight, so
 those layers are dequantized once at load into the compute dtype and served as unquantized; an input table
-that is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16 tensors, and the formats the gguf package dequantizes but this file does not
-decode (Q4_1, Q5_1, Q2_K, Q3_K, the IQ types), are served plain on every device.
+that is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16
+tensors, and the formats the gguf package dequantizes but this file does not decode (Q4_1, Q5_1, Q2_K, Q3_K,
+the IQ types), are served plain on every device.
 """
 
 from __future__ import annotations
