@@ -232,15 +232,25 @@ def test_on_cuda_greedy_output_is_unchanged(tiny, spec):
 
 def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
     gate = SpeculationGate()
-    steps_open = 0
-    while gate.open():  # no draft ever accepted
-        gate.record(0, 1)
-        steps_open += 1
-    assert steps_open == 11  # 0.2 * (15/16)^11 < 0.1: about a dozen steps of evidence
-    assert sum(gate.open() for _ in range(gate.pause_steps - 1)) == 0 and gate.open()  # closed 64 steps, then open
+
+    def probe_then_pause(accepted: int) -> tuple[int, int]:
+        """Steps the gate stays open while each gains `accepted`, then how many steps it stays closed."""
+        opened = closed = 0
+        while gate.open():
+            gate.record(accepted, 1)
+            opened += 1
+        while not gate.open():
+            closed += 1
+        gate.record(accepted, 1)  # the step that found it open again
+        return opened, closed + 1
+
+    assert probe_then_pause(0) == (11, 64)  # 0.2 * (15/16)^11 < 0.1: about a dozen steps of evidence
+    # Probes that never recover double the pause, up to max_pause_steps.
+    assert [probe_then_pause(0)[1] for _ in range(4)] == [128, 256, 512, 512]
     for _ in range(1000):  # ~1 accepted draft a step (a code-editing workload): never closes
         assert gate.open()
         gate.record(1, 1)
+    assert gate.closes == 0  # recovered: the next pause is the shortest again
     gate.record(0, 4)  # one poor step among good ones moves the average, it does not close the gate
     assert gate.open()
 

@@ -185,15 +185,19 @@ class SpeculationGate:
     verifies k + 1 rows a sequence, so where few drafts are accepted (text that repeats nothing, a draft
     model that guesses badly) it is slower than plain decode (the 7B on an H100 with drafts never accepted:
     ~4%, BENCHMARKS.md run 43). The gate keeps a moving average of the drafts accepted per sequence a step;
-    below `min_gain` it closes for `pause_steps` steps, then opens again to measure anew. Engines that do not
+    below `min_gain` it closes for `pause_steps` steps, then opens again to measure anew; each close that
+    follows a probe in which the average never recovered doubles the pause, up to `max_pause_steps` (the
+    probes were what still cost 2.6% with a fixed pause, run 44). Engines that do not
     overlap steps (the CPU's) keep it open (min_gain 0): there a verify step costs about what a plain one
     does, and pausing cut the demo's plain-chat speed-up from 1.58x to 1.14-1.27x (BENCHMARKS.md)."""
 
     min_gain: float = 0.1
     pause_steps: int = 64
+    max_pause_steps: int = 512
     weight: float = 1 / 16  # of the newest step in the average (~16 steps of memory)
     gain: float = 0.2  # the average; it starts (and restarts after a pause) at 2 min_gain
     paused_for: int = 0
+    closes: int = 0  # in a row, without the average recovering to 2 min_gain in between
 
     def open(self) -> bool:
         """Whether this step may speculate (called once a step while speculation is on)."""
@@ -207,8 +211,11 @@ class SpeculationGate:
     def record(self, accepted: int, num_seqs: int) -> None:
         """A speculating step's outcome: `accepted` drafts over its `num_seqs` sampling sequences."""
         self.gain += self.weight * (accepted / max(num_seqs, 1) - self.gain)
-        if self.gain < self.min_gain:
-            self.paused_for = self.pause_steps
+        if self.gain >= 2 * self.min_gain:
+            self.closes = 0
+        elif self.gain < self.min_gain:
+            self.paused_for = min(self.pause_steps << min(self.closes, 16), self.max_pause_steps)
+            self.closes += 1
 
 
 @dataclass(slots=True)
