@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 
 
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
+# 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even. A tl.constexpr: the GPU
+# compiler refuses plain globals inside kernels (the interpreter does not).
+_RNE_MAGIC = tl.constexpr(12582912.0)
 
 
 class CacheFormat(NamedTuple):
