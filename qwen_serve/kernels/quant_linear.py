@@ -9,12 +9,13 @@ with w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] and y = x @ w.T 
 repack into the same words with float32 `scales` and `zeros` that hold each group's minimum instead:
 w = q * scales - zeros ("min form", chosen by the zeros' dtype; exact for every GGUF block format).
 
-Two paths by the number of rows M: `_gemv_kernel` up to 4 rows (decode; a pure weight read, each program
-reading a block of output rows over all inputs as packed words), and for more rows `_dequant_kernel` into a
-scratch weight for cuBLAS. A tiled kernel with the dequantization inside its tl.dot loop is what batched
-decode needs next: the first one read its words across rows (uncoalesced) and ran 10-100x slower than
-cuBLAS (BENCHMARKS.md, run 32), so it is not used. `linear_reference` is the torch code both paths are
-tested against, and what the CPU computes.
+Two paths by the number of rows M: up to MM_MAX_ROWS, `_mm_kernel`, a dot on the tensor cores with the
+weight's codes as its first operand (decode batches); beyond, `_dequant_kernel` into a scratch weight for
+cuBLAS (prefill, where the pass over the weight is small beside the GEMM). On an H100 (BENCHMARKS.md, runs
+45-47) one row of the 7B's projections takes 11-74 us, where the GEMV this kernel replaced took 18-144 us
+on the faster H200 (run 32), and 16 to 128 rows 1.3-6x less than dequantize + cuBLAS (gate_up: 76 against
+448 us at 16 rows, 257 against 448 at 128). `linear_reference` is the torch code both paths are tested
+against, and what the CPU computes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 
-GEMV_MAX_ROWS = 4
+MM_MAX_ROWS = 128
 
 
 def pack_along_k(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -63,49 +64,60 @@ def linear_reference(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor
 
 
 @triton.jit
-def _gemv_kernel(
+def _mm_kernel(
     x_ptr, w_ptr, z_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_g, stride_y,
-    GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, USE_PDL: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """y[m, n] for BLOCK_N output rows and every input, words [BLOCK_N, BLOCK_KW] at a time. A word's P codes
-    share one group, so its part of the dot product is s * (sum_j q_j x_j) - z' * (sum_j x_j), with z' = z * s
-    (or GGUF's minimum): per code one shift, mask, convert and multiply-add, and no reduction until the end
-    (the elementwise partial sums stay in registers, [BLOCK_M, BLOCK_N, BLOCK_KW])."""
+    """y.T [BLOCK_N, BLOCK_M] for BLOCK_N output rows: the weight is the dot's first operand, so that a
+    decode batch of 1-16 rows fills the tensor cores' N side. Each span of inputs that lies in one group
+    (GK of them) is one dot of the codes themselves, made exact in x's dtype by OR-ing them into the mantissa
+    of OFFSET (MAGIC: its bits; no int-to-float conversion), then scaled once per output:
+    sum_k w_k x_k = s * (dot(q + OFFSET, x) - OFFSET * sum x) - z' * sum x, with z' = z * s (or GGUF's
+    minimum). SPLIT_K programs share a row block's inputs and add into a float32 output. float32 inputs
+    multiply in full precision (PRECISION "ieee"), not TF32: they are what tests compare token for token."""
     P: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    words = tl.arange(0, BLOCK_KW)
-    ms = tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    w_row = w_ptr + rows[:, None].to(tl.int64) * stride_w
-    x_row = x_ptr + ms[:, None] * stride_x
+    GK: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    words = tl.arange(0, GK // P)
+    ks = tl.arange(0, GK)
+    shifts = tl.arange(0, P) * BITS
+    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K) * BLOCK_K
+    k_start = tl.program_id(2) * per_split
+    k_end = tl.minimum(k_start + per_split, K)
+    w_rows = w_ptr + rn[:, None].to(tl.int64) * stride_w
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     wait_for_previous(USE_PDL)
-    for k0 in range(0, K // P, BLOCK_KW):
-        kw = k0 + words  # [BLOCK_KW] word index along K
-        kw_ok = kw < K // P
-        ok = row_ok[:, None] & kw_ok[None, :]
-        packed = tl.load(w_row + kw[None, :], mask=ok, other=0)  # [BN, BKW] int32
-        zs_off = rows[:, None] * stride_g + ((kw * P) // GROUP)[None, :]  # each word lies in one group
-        s = tl.load(s_ptr + zs_off, mask=ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + zs_off, mask=ok, other=0).to(tl.float32)
-        t = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KW), dtype=tl.float32)  # sum_j q_j x_j
-        xs = tl.zeros((BLOCK_M, BLOCK_KW), dtype=tl.float32)  # sum_j x_j
-        for j in tl.static_range(P):
-            q = ((packed >> (j * BITS)) & MASK).to(tl.float32)  # [BN, BKW]
-            xj = tl.load(x_row + (kw * P + j)[None, :], mask=m_ok[:, None] & kw_ok[None, :], other=0.0)
-            xj = xj.to(tl.float32)  # [BM, BKW]
-            t += q[None, :, :] * xj[:, None, :]
-            xs += xj
-        shift = z if MIN_FORM else z * s
-        acc += s[None, :, :] * t - shift[None, :, :] * xs[:, None, :]
-    y = tl.sum(acc, axis=2)  # [BM, BN]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_y + rows[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & row_ok[None, :])
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for h in tl.static_range(BLOCK_K // GK):
+            kb = k0 + h * GK
+            packed = tl.load(w_rows + (kb // P + words)[None, :], mask=n_ok[:, None], other=0)  # [BN, GK / P]
+            q = (packed[:, :, None] >> shifts[None, None, :]) & MASK  # [BN, GK / P, P]
+            if MAGIC != 0:
+                w = (q | MAGIC).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True)  # OFFSET + q, exactly
+            else:
+                w = q.to(x_ptr.dtype.element_ty)
+            xt = tl.load(x_ptr + rm[None, :] * stride_x + (kb + ks)[:, None], mask=m_ok[None, :], other=0.0)
+            part = tl.dot(tl.reshape(w, (BLOCK_N, GK)), xt, input_precision=PRECISION)  # [BN, BM]
+            x_sum = tl.sum(xt.to(tl.float32), 0)  # [BM]
+            g = rn * stride_g + kb // GROUP
+            s = tl.load(s_ptr + g, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g, mask=n_ok, other=0).to(tl.float32)
+            shift = s * OFFSET + z if MIN_FORM else s * (OFFSET + z)
+            acc += part * s[:, None] - shift[:, None] * x_sum[None, :]
+    out = y_ptr + rm[None, :] * stride_y + rn[:, None]
+    ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(out, acc, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -139,27 +151,58 @@ def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+def _magic(dtype: torch.dtype, bits: int) -> tuple[int, int]:
+    """(the bits of OFFSET + 0 in `dtype`, OFFSET) such that OR-ing a code q < 2**bits into its mantissa gives
+    OFFSET + q exactly; (0, 0) where `dtype` has too few mantissa bits (bfloat16 has 7: 8-bit codes convert)."""
+    if dtype == torch.float16:
+        return 0x6400, 1024  # 1024 + q for q < 1024
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 0x4300, 128  # 128 + q for q < 128
+    return 0, 0
+
+
+def mm_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int] | None:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, SPLIT_K) for `_mm_kernel`, or None where its tiles do not divide
+    the shape. The inputs are split until ~1,200 programs (9 an H100 multiprocessor) are in flight: run 45's
+    sweep on the 7B's projections, where one row of down_proj took 125 us unsplit, 52 in 4 and 44 in 8."""
+    block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    if block_k is None or not (group % block_k == 0 or block_k % group == 0) or min(group, block_k) < 16:
+        return None
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    block_n = 64 if m <= 16 else 128
+    tiles = -(-n // block_n) * -(-m // block_m)
+    split = max(1, min(8, k // block_k, round(1200 / tiles)))
+    return block_m, block_n, block_k, 4, split
+
+
 def quant_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int, bits: int, bias: torch.Tensor | None = None,
-                 gemv_config: tuple[int, int, int] = (8, 64, 4)) -> torch.Tensor:
-    """x [M, K] (contiguous rows) -> [M, N] in x's dtype, fp32 accumulation. gemv_config: (BLOCK_N rows,
-    BLOCK_KW words, warps), the best of run 32's sweep on the 7B shapes (4-8 rows, 32-128 words, 4 warps)."""
+                 config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (contiguous rows) -> [M, N] in x's dtype, fp32 accumulation. Up to MM_MAX_ROWS rows
+    `_mm_kernel` (config: see `mm_config`); beyond, or where its tiles do not divide the shape, the weight is
+    dequantized for cuBLAS."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.stride(-1) != 1 or not (qweight.is_contiguous() and zeros.is_contiguous() and scales.is_contiguous()):
         raise ValueError("quant_linear needs contiguous rows and contiguous weights")
     if group_size % (32 // bits) or k % group_size:
         raise ValueError(f"group size {group_size} must divide K {k} and be a multiple of {32 // bits}")
-    if m > GEMV_MAX_ROWS:
+    config = config or mm_config(m, n, k, group_size)
+    if m > MM_MAX_ROWS or config is None:
         return F.linear(x, dequantize(qweight, zeros, scales, group_size, bits, x.dtype), bias)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k, warps, split = config
     if m == 0:
-        return y
-    block_n, block_kw, warps = gemv_config
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(
+        m, n, dtype=torch.float32, device=x.device)
+    magic, offset = _magic(x.dtype, bits)
+    _mm_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
         x, qweight, zeros, scales, bias if bias is not None else scales, y, m, n, k, x.stride(0),
         qweight.stride(0), scales.stride(0), y.stride(0),
-        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, HAS_BIAS=bias is not None,
-        BLOCK_M=triton.next_power_of_2(m),
-        BLOCK_N=block_n, BLOCK_KW=block_kw, num_warps=warps, **launch_options(x.device))
-    return y
+        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, MAGIC=magic, OFFSET=offset,
+        HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
+        num_warps=warps, **launch_options(x.device))
+    if split == 1:
+        return y
+    return y.to(x.dtype) if bias is None else (y + bias).to(x.dtype)

@@ -1,5 +1,5 @@
 """The dequantize-matmul kernels (kernels/quant_linear.py) against their torch reference, for both paths
-(GEMV up to 4 rows, dequantize + cuBLAS beyond), 4 and 8 bits, the group sizes of AWQ and GPTQ, and the
+(the codes in a tensor-core dot up to MM_MAX_ROWS rows, split along K or not; dequantize + cuBLAS beyond), 4 and 8 bits, the group sizes of AWQ and GPTQ, and the
 Qwen2.5-7B shapes. As tests/gpu/test_kernels.py: on CUDA, or in Triton's interpreter
 with TRITON_INTERPRET=1 (float16, small shapes). Error measure ||out - ref|| / ||ref|| against the float32
 reference on the CPU; outputs poisoned first.
@@ -7,6 +7,7 @@ reference on the CPU; outputs poisoned first.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -30,6 +31,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+@functools.lru_cache(maxsize=None)
 def random_packed(n: int, k: int, bits: int, group: int, seed: int, min_form: bool = False):
     """AWQ/GPTQ's form (uint8 zero points, float16 scales) or GGUF's min form (float32 scales and minimums)."""
     g = torch.Generator().manual_seed(seed)
@@ -52,24 +54,39 @@ def test_pack_round_trip():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,group,min_form", [(4, 32, False), (4, 128, False), (8, 128, False), (4, -1, False),
                                                  (4, 32, True), (8, 16, True), (8, 32, True)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 300])
+@pytest.mark.parametrize("rows", [1, 3, 17, 64, 129])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_quant_linear_matches_reference(shape, rows, bits, group, min_form, dtype):
     n, k = shape
     group = k if group == -1 else group
     if k % group:
         pytest.skip("group does not divide K")
-    qweight, zeros, scales = random_packed(n, k, bits, group, seed=rows + n, min_form=min_form)
-    g = torch.Generator().manual_seed(k)
+    qweight, zeros, scales = random_packed(n, k, bits, group, seed=n, min_form=min_form)  # shared by rows, dtypes
+    g = torch.Generator().manual_seed(k + rows)
     x = torch.randn(rows, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype) if rows % 2 else None
-    ref = ql.linear_reference(x.float(), qweight, zeros, scales, group, bits, None if bias is None else bias.float())
     dev = [t.to(DEVICE) for t in (x, qweight, zeros, scales)]
+    # The reference in float32 where the kernel runs (CUDA matmuls in full float32: TF32 is off by default);
+    # on the CPU it took most of this file's time at the 7B shapes.
+    ref = ql.linear_reference(dev[0].float(), *dev[1:], group, bits, None if bias is None else bias.float().to(DEVICE))
     if DEVICE == "cuda":
         torch.empty(64 << 20, dtype=torch.float32, device=DEVICE).fill_(float("nan"))
     out = ql.quant_linear(*dev, group, bits, None if bias is None else bias.to(DEVICE))
     assert out.shape == (rows, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits,min_form", [(4, False), (8, True)])
+@pytest.mark.parametrize("rows", [1, 17])
+def test_quant_linear_in_float32_is_not_tf32(rows, bits, min_form):
+    """float32 models (the engine tests that compare greedy tokens with a dequantized model's) multiply in
+    full float32: TF32's 10-bit mantissa would leave ~1e-3."""
+    n, k = (48, 256) if INTERPRETED else (200, 384)
+    qweight, zeros, scales = random_packed(n, k, bits, 32, seed=n, min_form=min_form)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    ref = ql.linear_reference(x.double(), qweight, zeros, scales, 32, bits)
+    out = ql.quant_linear(*(t.to(DEVICE) for t in (x, qweight, zeros, scales)), 32, bits)
+    assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("bits,min_form", [(4, False), (8, False), (4, True), (8, True)])
@@ -98,7 +115,7 @@ def test_int4pack_matches_reference(shape, rows, group, min_form):
 
     n, k = shape
     assert int4pack.supported(group, k, n, torch.bfloat16, torch.device(DEVICE))
-    qweight, zeros, scales = random_packed(n, k, 4, group, seed=rows + n, min_form=min_form)
+    qweight, zeros, scales = random_packed(n, k, 4, group, seed=n, min_form=min_form)
     codes = ql.unpack_along_k(qweight, 4)
     packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
     s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
