@@ -244,8 +244,8 @@ def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
         gate.record(accepted, 1)  # the step that found it open again
         return opened, closed + 1
 
-    assert probe_then_pause(0) == (11, 64)  # 0.2 * (15/16)^11 < 0.1: about a dozen steps of evidence
-    # Probes that never recover double the pause, up to max_pause_steps.
+    assert probe_then_pause(0) == (4, 64)  # a probe of 4 steps that gained nothing
+    # Probes that fail again double the pause, up to max_pause_steps.
     assert [probe_then_pause(0)[1] for _ in range(4)] == [128, 256, 512, 512]
     for _ in range(1000):  # ~1 accepted draft a step (a code-editing workload): never closes
         assert gate.open()
@@ -253,12 +253,20 @@ def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
     assert gate.closes == 0  # recovered: the next pause is the shortest again
     gate.record(0, 4)  # one poor step among good ones moves the average, it does not close the gate
     assert gate.open()
+    gate = SpeculationGate()
+    for accepted in (0, 0, 0, 1):  # a probe is judged on its mean (0.25 >= 0.1), not on its first steps
+        assert gate.open()
+        gate.record(accepted, 1)
+    assert gate.open() and gate.gain == 0.25
+    for _ in range(6):  # then the average: 0.25 * (15/16)^n < 0.1 after 15 steps that gain nothing
+        gate.record(0, 1)
+    assert gate.open()
 
 
 def test_gate_on_an_engine_closes_where_drafting_gains_nothing(tiny):
     """An engine that overlaps its steps (as on a GPU), sampling at temperature 1 from a random model: lookup
-    drafts from the repeating prompt are rejected and the output repeats nothing, so after a dozen steps that
-    gain nothing it decodes without drafting (overlapped again). Without overlap the gate stays open."""
+    drafts from the repeating prompt are rejected and the output repeats nothing, so after a probe that
+    gains nothing it decodes without drafting (overlapped again). Without overlap the gate stays open."""
     assert _engine(tiny, NGRAM, gate=True).spec_gate.min_gain == 0.0
     params = SamplingParams(temperature=1.0, max_tokens=60, ignore_eos=True, seed=0)
     gated = _engine(tiny, NGRAM, gate=True, overlap_steps="on")

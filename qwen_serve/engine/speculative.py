@@ -33,7 +33,7 @@ not under tensor parallelism.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -184,20 +184,28 @@ class SpeculationGate:
     """Pauses speculation while it does not pay. A speculating step is not overlapped with the next one and
     verifies k + 1 rows a sequence, so where few drafts are accepted (text that repeats nothing, a draft
     model that guesses badly) it is slower than plain decode (the 7B on an H100 with drafts never accepted:
-    ~4%, BENCHMARKS.md run 43). The gate keeps a moving average of the drafts accepted per sequence a step;
-    below `min_gain` it closes for `pause_steps` steps, then opens again to measure anew; each close that
-    follows a probe in which the average never recovered doubles the pause, up to `max_pause_steps` (the
-    probes were what still cost 2.6% with a fixed pause, run 44). Engines that do not
-    overlap steps (the CPU's) keep it open (min_gain 0): there a verify step costs about what a plain one
-    does, and pausing cut the demo's plain-chat speed-up from 1.58x to 1.14-1.27x (BENCHMARKS.md)."""
+    ~4%, BENCHMARKS.md run 43). Speculation starts, and restarts after each pause, with a probe: the mean of
+    the drafts accepted per sequence over `probe_steps` speculating steps; below `min_gain` it pauses for
+    `pause_steps` steps, doubled after each probe that fails again, up to `max_pause_steps`. A probe that
+    passes hands over to a moving average, which closes the gate the same way when it falls below
+    `min_gain`. The probes are what a workload that never gains pays: on the H100's worst case 0.974x of
+    plain decode with a fixed pause and ~11-step probes (run 44), 0.993x with these (run 46). Engines that
+    do not overlap steps (the CPU's) keep it open (min_gain 0): there a verify step costs about what a plain
+    one does, and pausing cut the demo's plain-chat speed-up from 1.58x to 1.14-1.27x (BENCHMARKS.md)."""
 
     min_gain: float = 0.1
     pause_steps: int = 64
     max_pause_steps: int = 512
+    probe_steps: int = 4
     weight: float = 1 / 16  # of the newest step in the average (~16 steps of memory)
-    gain: float = 0.2  # the average; it starts (and restarts after a pause) at 2 min_gain
+    gain: float = 0.0  # the moving average, once a probe has passed
+    probing: int = field(init=False)  # speculating steps left in the current probe
+    probe_total: float = 0.0
     paused_for: int = 0
     closes: int = 0  # in a row, without the average recovering to 2 min_gain in between
+
+    def __post_init__(self) -> None:
+        self.probing = self.probe_steps
 
     def open(self) -> bool:
         """Whether this step may speculate (called once a step while speculation is on)."""
@@ -205,12 +213,20 @@ class SpeculationGate:
             return True
         self.paused_for -= 1
         if self.paused_for == 0:
-            self.gain = 2 * self.min_gain
+            self.probing, self.probe_total = self.probe_steps, 0.0
         return False
 
     def record(self, accepted: int, num_seqs: int) -> None:
         """A speculating step's outcome: `accepted` drafts over its `num_seqs` sampling sequences."""
-        self.gain += self.weight * (accepted / max(num_seqs, 1) - self.gain)
+        rate = accepted / max(num_seqs, 1)
+        if self.probing:
+            self.probe_total += rate
+            self.probing -= 1
+            if self.probing:
+                return
+            self.gain = self.probe_total / self.probe_steps
+        else:
+            self.gain += self.weight * (rate - self.gain)
         if self.gain >= 2 * self.min_gain:
             self.closes = 0
         elif self.gain < self.min_gain:
