@@ -62,11 +62,11 @@ MIXED = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q
          "ffn_up": "Q8_0", "token_embd": "Q5_0", "output": "Q6_K"}
 
 
-def _blocks(gname: str, arr: np.ndarray):
+def _blocks(gname: str, arr: np.ndarray, types: dict[str, str] = MIXED):
     import gguf
 
     kind = gname.split(".")[-2] if gname.startswith("blk.") else gname.split(".")[0]
-    type_name = MIXED.get(kind)
+    type_name = types.get(kind)
     if type_name is None or arr.shape[1] % BLOCK_FORMATS[type_name].block:  # the tiny ffn (528) stays F16
         return None
     if type_name in FACTOR_RANGE:  # the gguf package cannot quantize k-quants: random blocks of the shape
@@ -125,6 +125,32 @@ def test_mixed_block_formats_match_transformers(mixed_gguf, keep_codes, monkeypa
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0]
     assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def test_a_wide_lm_head_runs_as_two_4bit_planes_on_the_cpu(tmp_path, monkeypatch):
+    """An lm_head of Q8_0 blocks (the demo model's) in a bfloat16 model on the CPU: two 4-bit planes through
+    torch's int4 matmul instead of a bfloat16 copy; its logits stay within bfloat16's rounding of the
+    float32 model's (the plain weights dequantized at load)."""
+    import functools
+
+    from qwen_serve.layers.attention import AttentionMetadata, forward_context
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.loader.resolve import resolve_model
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    vocab = -(-len(_tiny_vocab()[0]) // 16) * 16  # the CPU's int4 packing takes outputs in 16s
+    hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=vocab, hidden=256)
+    path = write_tiny_gguf(tmp_path / "q8.gguf", hf, blocks=functools.partial(_blocks, types={**MIXED, "output": "Q8_0"}))
+    folder = resolve_model(str(path))
+    ids = [5, 77, 260, 3, 99, 200, 1, 42]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(folder, load_model_config(folder), dtype, "cpu")
+        assert hasattr(model.lm_head, "int4_high_weight") == (dtype == torch.bfloat16)
+        with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
+            logits[dtype] = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
+    ref = logits[torch.float32]
+    assert ((logits[torch.bfloat16] - ref).norm() / ref.norm()).item() < 2e-2
 
 
 def test_misshaped_gguf_tensor_is_named(mixed_gguf, tmp_path, monkeypatch):

@@ -125,8 +125,9 @@ def test_engine_serves_quantized_checkpoint_as_detected(quantized):
 
 
 def test_bfloat16_quantized_model_stays_close(quantized):
-    """bfloat16 activations (the CPU default) on the same checkpoint: within bfloat16's rounding. 4-bit
-    layers in groups torch's CPU int4 matmul takes run through it (scales and zeros in bfloat16)."""
+    """bfloat16 activations (the CPU default) on the same checkpoint: within bfloat16's rounding. Layers in
+    groups torch's CPU int4 matmul takes run through it (scales and zeros in bfloat16), 8-bit ones as two
+    4-bit planes."""
     from qwen_serve.kernels import int4pack
 
     q_folder, _ = quantized
@@ -136,8 +137,45 @@ def test_bfloat16_quantized_model_stays_close(quantized):
     cfg = load_model_config(q_folder)
     model = load_model(q_folder, cfg, torch.bfloat16, "cpu")
     layers = [m for m in model.modules() if hasattr(m, "input_perm")]
-    assert layers and all(hasattr(m, "int4_weight") == (qc["bits"] == 4 and int4pack.supported(
-        qc["group_size"], m.in_features, m.out_features, torch.bfloat16, torch.device("cpu"))) for m in layers)
+    for m in layers:
+        group = m.in_features if qc["group_size"] == -1 else qc["group_size"]
+        takes = int4pack.supported(group, m.in_features, m.out_features, torch.bfloat16,
+                                   torch.device("cpu"))
+        assert hasattr(m, "int4_weight") == takes and hasattr(m, "int4_high_weight") == (takes and qc["bits"] == 8)
+    assert layers
+
+
+@pytest.mark.parametrize("bits,symmetric", [(5, True), (6, True), (8, True), (5, False), (8, False)])
+def test_wide_codes_run_as_two_4bit_planes(bits, symmetric):
+    """On the CPU, codes of 5-8 bits (GGUF's Q5_0 / Q8_0 / Q5_K, GPTQ-Int8) are split into two 4-bit planes
+    for torch's int4 matmul. The planes' weights add up to the codes' (float32); symmetric formats (minimum
+    2**(bits-1) scales) leave the low plane a zero of 8 scales, exact in bfloat16; through the matmul in
+    bfloat16 the result is within bfloat16's rounding of the float32 reference."""
+    from torch import nn
+
+    from qwen_serve.layers.quantization.packed import PackedIntMethod, repack, split_planes
+
+    g = torch.Generator().manual_seed(bits)
+    n, k, group = 64, 256, 32
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32)
+    scales = (torch.rand(n, k // group, generator=g) * 0.01 + 0.001).half().float()
+    mins = 2 ** (bits - 1) * scales if symmetric else torch.rand(n, k // group, generator=g) * 0.1
+    exact = codes.float() * scales.repeat_interleave(group, 1) - mins.repeat_interleave(group, 1)
+    planes = split_planes(codes, mins, scales, bits)
+    summed = sum((c.float() - 8) * sc.repeat_interleave(group, 1) + (8 * sc - z).repeat_interleave(group, 1)
+                 for c, z, sc in planes)
+    torch.testing.assert_close(summed, exact, rtol=0, atol=1e-6)
+    assert all(c.min() >= 0 and c.max() <= 15 for c, _, _ in planes)
+    if symmetric:
+        assert torch.equal(8 * planes[0][2] - planes[0][1], 8 * scales)  # the low plane's zero
+        assert torch.equal(8 * planes[1][2] - planes[1][1], torch.zeros_like(scales))  # the high plane's
+    layer = nn.Module()
+    repack(layer, codes, mins, scales, bits, int4_dtype=torch.bfloat16)
+    assert hasattr(layer, "int4_weight") and hasattr(layer, "int4_high_weight")
+    x = torch.randn(3, k, generator=g)
+    out = PackedIntMethod(bits).apply(layer, x.bfloat16(), None)
+    ref = x @ exact.t()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
 # ---- bad input: refused before any weight is read, naming what is wrong and what is supported ----

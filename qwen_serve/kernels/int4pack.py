@@ -32,14 +32,15 @@ ROWS_MAX = 16
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether 4-bit codes of a [out_features, in_features] layer in groups of `group` can run here in `dtype`.
     CUDA: bfloat16 only, compute capability 8.0+, outputs a multiple of 8 and inputs of INNER_K_TILES * 16.
-    CPU: bfloat16 or float16 (its float32 path was ~30x slower than a bfloat16 matmul)."""
+    CPU: bfloat16 or float16 (its float32 path was ~30x slower than a bfloat16 matmul), outputs a multiple of
+    16 (its packing's refusal otherwise)."""
     if group not in GROUPS or in_features % group:
         return False
     if device.type == "cuda":
         return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
                 and out_features % 8 == 0 and in_features % (INNER_K_TILES * 16) == 0
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and out_features % 16 == 0
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 

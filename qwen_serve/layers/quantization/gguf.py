@@ -7,13 +7,17 @@ w = code * scale - minimum per group, with small integer codes and float32 scale
 times a small integer), so `decode` returns (codes, scales, minimums) that reproduce the gguf package's own
 dequantization bit for bit (tests/test_gguf.py checks every format against it).
 
-Linears whose shards are all 4-bit go to torch's int4 matmul where it runs (kernels/int4pack.py: bfloat16 on
-a GPU, bfloat16 / float16 on the CPU). Otherwise, served on a GPU, the decoded codes are packed (4 bits for
-Q4_0 / Q4_K, 8 for the others) for the kernels of kernels/quant_linear.py in their "min form"; the shards of a
-merged layer (q|k|v, gate|up) of different formats share the wider code and the smaller group, which is exact
-too. On the CPU no torch kernel computes from the other formats' codes faster than from a plain weight, so
-those layers are dequantized once at load into the compute dtype and served as unquantized; an input table
-that is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16
+Linears (the lm_head among them, unless it is also the input table) whose shards are all 4-bit go to torch's
+int4 matmul where it runs (kernels/int4pack.py: bfloat16 on a GPU, bfloat16 / float16 on the CPU). Otherwise,
+served on a GPU, the decoded codes are packed (4 bits for Q4_0 / Q4_K, 8 for the others) for the kernels of
+kernels/quant_linear.py in their "min form"; the shards of a merged layer (q|k|v, gate|up) of different
+formats share the wider code and the smaller group, which is exact too. On the CPU an lm_head of wider codes
+in groups the int4 matmul takes (Q5_0, Q5_K, Q8_0) runs through it as two 4-bit planes
+(layers/quantization/packed.py); the other layers of those formats, and what the int4 matmul does not take
+(Q6_K's groups of 16, float32 models), are dequantized once at load into the compute dtype and served as
+unquantized: at a prefill's rows torch's CPU int4 matmul runs 2-3x slower than a bfloat16 weight (gate_up
+of the demo model at 46 rows: 5.1 against 3.1 ms), and it computes from no wider code; an input table that
+is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16
 tensors, and the formats the gguf package dequantizes but this file does not decode (Q4_1, Q5_1, Q2_K, Q3_K,
 the IQ types), are served plain on every device.
 """
@@ -260,9 +264,14 @@ class GGUFLinearMethod(LinearMethod):
         names = list(self._shards(layer))
         types = [shards[s][0] for s in names]
         blocks = all(t in BLOCK_FORMATS for t in types)
-        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs.
-        multiplies_only = not getattr(layer, "used_for_lookup", False) and not hasattr(layer, "vocab_size")
-        int4 = (blocks and multiplies_only and all(BLOCK_FORMATS[t].bits == 4 for t in types)
+        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs;
+        # on the CPU the lm_head's wider codes too, as two 4-bit planes: it multiplies only the sampled rows,
+        # where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x slower a plane.
+        logits_only = getattr(layer, "used_for_logits", False)
+        multiplies_only = not getattr(layer, "used_for_lookup", False) and (
+            not hasattr(layer, "vocab_size") or logits_only)
+        int4 = (blocks and multiplies_only
+                and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits_only))
                 and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                        sum(self._shards(layer).values()), layer.compute_dtype, device))
         # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows.
