@@ -90,6 +90,23 @@ def test_suite_on_a_tiny_random_config(tmp_path: Path, capsys: pytest.CaptureFix
     assert "throughput, 8 requests (transformers: 8 in sub-batches of 3): output" in printed
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq", "gguf"])
+def test_suite_on_random_quantized_weights(method: str, tmp_path: Path) -> None:
+    """--quantization without --model: random codes in the layout of Qwen's releases (AWQ, GPTQ) or random
+    Q4_K blocks with bfloat16 tables (GGUF); bfloat16 on the CPU, so the 4-bit layers run torch's int4
+    matmul. Q4_K's blocks of 256 inputs need a hidden size of 256."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "hidden_size": 256, "intermediate_size": 512, "torch_dtype": "bfloat16"}))
+    out = tmp_path / "suite.json"
+    args = ["bench", "suite", "--random-config", str(config), "--quantization", method, "--device", "cpu",
+            "--dtype", "bfloat16", "--num-kv-blocks", "160", "--sections", "decode", "--transformers-sections",
+            "none", "--repeats", "1", "--decode-prompt-len", "16", "--decode-new-tokens", "8", "--output-json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["quantization"] == method and result["qwen_serve"]["engine"]["quantization"] == method
+    _check_batch1(result["qwen_serve"]["decode"], 16, 8)
+
+
 def test_suite_on_a_checkpoint_with_sections_left_out(tmp_path: Path) -> None:
     folder = make_tiny_checkpoint(tmp_path / "tiny", max_pos=160)
     out = tmp_path / "suite.json"

@@ -15,11 +15,8 @@ import torch
 from conftest import make_tiny_checkpoint
 from qwen_serve.kernels import quant_linear
 from qwen_serve.layers.quantization import gguf as gguf_method
-from qwen_serve.layers.quantization.gguf import BLOCK_FORMATS
+from qwen_serve.layers.quantization.gguf import BLOCK_FORMATS, FACTOR_RANGE, FP16_FIELDS
 from test_loading import _tiny_vocab, write_tiny_gguf
-
-FP16_FIELDS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-
 
 def random_blocks(type_name: str, rows: int, blocks: int, seed: int) -> np.ndarray:
     """Random bytes (every bit pattern of a block's integers is valid) with finite float16 factors."""
@@ -55,8 +52,6 @@ def test_unknown_tensor_types_are_refused():
     assert gguf_method.supported("Q4_1")  # the gguf package dequantizes it: served plain
 
 
-# The scale of each format's float16 factors that gives weights of ~0.01-0.1, as real models have.
-FACTOR_RANGE = {"Q4_K": (1e-5, 1e-4), "Q5_K": (1e-5, 5e-5), "Q6_K": (1e-6, 1e-5)}
 # Per tensor of the tiny model: every block format, and a merged qkv / gate_up of mixed formats.
 MIXED = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q4_0", "ffn_gate": "Q5_0",
          "ffn_up": "Q8_0", "token_embd": "Q5_0", "output": "Q6_K"}

@@ -17,7 +17,8 @@ reports the peak of torch's GPU allocator (reset before it; our engine's KV cach
 from --gpu-memory-utilization) and each engine its KV-cache capacity, also in 32K-token contexts.
 
 Without --model the weights are random, of the 7B shape (--random-config picks another); with --quantization
-awq or gptq, random 4-bit codes in the layout of Qwen's own releases (groups of 128); with fp8, random
+awq or gptq, random 4-bit codes in the layout of Qwen's own releases (groups of 128); with gguf, random
+Q4_K blocks for the linears and bfloat16 tables (the input table and lm_head); with fp8, random
 weights quantized at load (one scale per output channel). Engine flags
 are `serve`'s, with these differences: --max-num-seqs defaults to 256 and --max-num-batched-tokens to
 8192; --max-model-len only bounds the first engine (default: the longest request of its sections);

@@ -106,4 +106,5 @@ def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
         for module in model.modules():
             method = getattr(module, "quant_method", None)
             if method is not None:
+                method.random_fill(module, gen)
                 method.process_weights_after_loading(module)

@@ -34,6 +34,7 @@ __all__ = ["QUANTIZATION_METHODS", "AT_LOAD_METHODS", "LinearMethod", "Quantizat
 _RELEASE_CONFIGS = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "gguf": {"quant_method": "gguf", "tensor_types": {}, "random_type": "Q4_K"},  # Q4_K_M's main format
 }
 
 

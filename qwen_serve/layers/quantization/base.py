@@ -32,6 +32,10 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Turns the loaded checkpoint layout into the one `apply` runs on (called once, on the device)."""
 
+    def random_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Random values for what the generic fill of random weights (loader/weights.random_weights) cannot
+        make: a format whose tensors only exist as the checkpoint's bytes (GGUF's blocks)."""
+
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the weight in the compute dtype (a layer that is also an embedding table)."""
         raise NotImplementedError(f"{type(self).__name__} does not serve embedding tables")

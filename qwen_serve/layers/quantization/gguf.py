@@ -128,6 +128,26 @@ BLOCK_FORMATS = {
 }
 
 
+# Where each block format keeps its float16 factors (d, and dmin for the K formats), by byte offset.
+FP16_FIELDS = {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+# The range of those factors that gives weights of ~0.01-0.1, as real models have (the K formats multiply
+# them by 6- or 8-bit sub-block scales).
+FACTOR_RANGE = {"Q4_K": (1e-5, 1e-4), "Q5_K": (1e-5, 5e-5), "Q6_K": (1e-6, 1e-5)}
+
+
+def random_blocks(type_name: str, rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [rows, row_bytes]: random bytes (every bit pattern of a block's integers is valid) with float16
+    factors in the format's FACTOR_RANGE (benchmarks of a shape without a checkpoint)."""
+    fmt = BLOCK_FORMATS[type_name]
+    blocks = columns // fmt.block
+    raw = torch.randint(0, 256, (rows, blocks, fmt.size), dtype=torch.uint8, generator=generator)
+    low, high = FACTOR_RANGE.get(type_name, (1e-4, 2e-2))
+    for offset in FP16_FIELDS[type_name]:
+        factors = (torch.rand(rows, blocks, generator=generator) * (high - low) + low).half()
+        raw[:, :, offset : offset + 2] = factors.view(torch.uint8).reshape(rows, blocks, 2)
+    return raw.reshape(rows, blocks * fmt.size)
+
+
 def decode(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """uint8 [rows, bytes] of one block format -> (codes int32 [rows, K], scales and minimums float32
     [rows, K / group], group, bits) with w = codes * scale - minimum."""
@@ -192,6 +212,7 @@ def row_bytes(type_name: str, columns: int) -> int:
 @dataclass(frozen=True, slots=True)
 class GGUFConfig(QuantizationConfig):
     tensor_types: dict[str, str] = field(hash=False)  # checkpoint tensor name -> GGML type name
+    random_type: str | None = None  # random weights of a shape: the linears' block format (tables bfloat16)
     name = "gguf"
 
     @classmethod
@@ -204,7 +225,10 @@ class GGUFConfig(QuantizationConfig):
                 raise ValueError(f"{source}: tensor {tensor} has GGML type {type_name}, which qwen-serve cannot read; "
                                  f"supported: {', '.join([*FLOAT_TYPES, *BLOCK_FORMATS])} and the types the installed "
                                  "gguf package dequantizes")
-        return cls(tensor_types=dict(types))
+        random_type = qc.get("random_type")
+        if random_type is not None and random_type not in BLOCK_FORMATS:
+            raise ValueError(f"{source}: random weights can be made in {', '.join(BLOCK_FORMATS)}, not {random_type}")
+        return cls(tensor_types=dict(types), random_type=random_type)
 
     def linear_method(self, prefix: str) -> LinearMethod:
         return GGUFLinearMethod(self)
@@ -253,6 +277,21 @@ class GGUFLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError(f"{layer.prefix}: the GGUF weights were not prepared (process_weights_after_loading)")
+
+    def random_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Each shard as random blocks of the config's `random_type`; the input table and the lm_head in
+        bfloat16 (as Qwen's own GGUF files of 7B keep them at higher precision, and the memory goal counts
+        them so)."""
+        if self.config.random_type is None:
+            raise ValueError("random GGUF weights need a random_type (the block format of the linears)")
+        device = layer.weight.device
+        for shard, rows in self._shards(layer).items():
+            if hasattr(layer, "vocab_size"):
+                table = torch.randn(rows, layer.in_features, generator=generator) * 0.02
+                layer.gguf_shards[shard] = ("BF16", table.to(device, torch.bfloat16))
+            else:
+                blocks = random_blocks(self.config.random_type, rows, layer.in_features, generator)
+                layer.gguf_shards[shard] = (self.config.random_type, blocks.to(device))
 
     @staticmethod
     def keeps_codes(device: torch.device) -> bool:

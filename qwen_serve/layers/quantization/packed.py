@@ -26,8 +26,8 @@ def split_planes(codes: torch.Tensor, mins: torch.Tensor, scales: torch.Tensor, 
 
     The high plane's codes are hi + 8 - 2**(bits - 5), centred on 8 (its zero 0), so neither plane holds a
     large offset that the other cancels; the low plane takes what is left, (8 + 2**(bits - 1)) s - m, which
-    is 8 s exactly for the symmetric formats (Q5_0, Q8_0, Q6_K, symmetric GPTQ) and otherwise rounds once
-    to the compute dtype, as the 4-bit path's zero does."""
+    is 8 s exactly where the minimum is 2**(bits - 1) scales (Q8_0, symmetric GPTQ-Int8) and otherwise rounds
+    once to the compute dtype, as the 4-bit path's zero does (GGUF's 5- and 6-bit codes arrive as 8-bit)."""
     s = scales.float()
     half = 2 ** (bits - 5)
     low = (codes & 15, mins.float() - 2 ** (bits - 1) * s, s)
