@@ -15,18 +15,8 @@ import torch
 from conftest import make_tiny_checkpoint
 from qwen_serve.kernels import quant_linear
 from qwen_serve.layers.quantization import gguf as gguf_method
-from qwen_serve.layers.quantization.gguf import BLOCK_FORMATS, FACTOR_RANGE, FP16_FIELDS
+from qwen_serve.layers.quantization.gguf import BLOCK_FORMATS, FACTOR_RANGE
 from test_loading import _tiny_vocab, write_tiny_gguf
-
-def random_blocks(type_name: str, rows: int, blocks: int, seed: int) -> np.ndarray:
-    """Random bytes (every bit pattern of a block's integers is valid) with finite float16 factors."""
-    fmt = BLOCK_FORMATS[type_name]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows, blocks, fmt.size), dtype=np.uint8)
-    for offset in FP16_FIELDS[type_name]:
-        factors = rng.uniform(1e-4, 2e-2, size=(rows, blocks)).astype(np.float16)
-        raw[:, :, offset : offset + 2] = factors.view(np.uint8).reshape(rows, blocks, 2)
-    return raw.reshape(rows, blocks * fmt.size)
 
 
 @pytest.mark.parametrize("type_name", list(BLOCK_FORMATS))
@@ -35,7 +25,8 @@ def test_decode_matches_gguf_dequantize(type_name):
     from gguf.quants import dequantize
 
     fmt = BLOCK_FORMATS[type_name]
-    raw = random_blocks(type_name, rows=6, blocks=3, seed=len(type_name))
+    generator = torch.Generator().manual_seed(len(type_name))
+    raw = gguf_method.random_blocks(type_name, 6, 3 * fmt.block, generator).numpy()
     theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name])).float()
     ours = gguf_method.dequantize(torch.from_numpy(raw), type_name, (6, 3 * fmt.block))
     assert torch.equal(ours, theirs)
@@ -65,15 +56,8 @@ def _blocks(gname: str, arr: np.ndarray, types: dict[str, str] = MIXED):
     if type_name is None or arr.shape[1] % BLOCK_FORMATS[type_name].block:  # the tiny ffn (528) stays F16
         return None
     if type_name in FACTOR_RANGE:  # the gguf package cannot quantize k-quants: random blocks of the shape
-        fmt = BLOCK_FORMATS[type_name]
-        raw = random_blocks(type_name, arr.shape[0], arr.shape[1] // fmt.block, seed=zlib_crc(gname))
-        lo, hi = FACTOR_RANGE[type_name]
-        blocks = raw.reshape(arr.shape[0], -1, fmt.size)
-        rng = np.random.default_rng(zlib_crc(gname) + 1)
-        for offset in FP16_FIELDS[type_name]:
-            factors = rng.uniform(lo, hi, size=blocks.shape[:2]).astype(np.float16)
-            blocks[:, :, offset : offset + 2] = factors.view(np.uint8).reshape(*blocks.shape[:2], 2)
-        return type_name, blocks.reshape(arr.shape[0], -1)
+        generator = torch.Generator().manual_seed(zlib_crc(gname))
+        return type_name, gguf_method.random_blocks(type_name, arr.shape[0], arr.shape[1], generator).numpy()
     return type_name, gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
 
 

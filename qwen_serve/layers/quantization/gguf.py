@@ -306,15 +306,13 @@ class GGUFLinearMethod(LinearMethod):
         # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs;
         # on the CPU the lm_head's wider codes too, as two 4-bit planes: it multiplies only the sampled rows,
         # where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x slower a plane.
-        logits_only = getattr(layer, "used_for_logits", False)
-        multiplies_only = not getattr(layer, "used_for_lookup", False) and (
-            not hasattr(layer, "vocab_size") or logits_only)
-        int4 = (blocks and multiplies_only
-                and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits_only))
+        lookup, logits = getattr(layer, "used_for_lookup", False), getattr(layer, "used_for_logits", False)
+        int4 = (blocks and not lookup
+                and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits))
                 and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                        sum(self._shards(layer).values()), layer.compute_dtype, device))
         # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows.
-        lookup_only = getattr(layer, "used_for_lookup", False) and not getattr(layer, "used_for_logits", False)
+        lookup_only = lookup and not logits
         if not blocks or not (self.keeps_codes(device) or int4 or lookup_only):
             sizes = self._shards(layer)
             weight = torch.empty(sum(sizes.values()), layer.in_features, dtype=layer.compute_dtype, device=device)
