@@ -1,6 +1,7 @@
 """The dequantize-matmul paths (kernels/quant_linear.py) on the Qwen2.5-7B shapes, beside cuBLAS in bfloat16:
-the tensor-core kernel at each tile setting below (and `mm_config`'s choice) up to MM_MAX_ROWS rows,
-dequantize + cuBLAS at every row count, and (4 bits) torch's packed
+quant_linear's own choice ("quant_linear": the GEMV at one row, `mm_config`'s tensor-core tiles up to
+MM_MAX_ROWS rows), the tensor-core kernel at each tile setting below, dequantize + cuBLAS at every row count
+(each of DEQUANT tile settings), and (4 bits) torch's packed
 int4 matmul (tinygemm) at two of its K tilings and the dequantization of its layout (kernels/int4pack.py)
 for cuBLAS, and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only.
@@ -24,6 +25,8 @@ from qwen_serve.kernels import quant_linear as ql
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, SPLIT_K); BLOCK_M is set from the row count.
 MM = [(0, bn, bk, w, split) for bn in (64, 128) for bk in (128,) for w in (4,) for split in (1, 2, 4, 8)]
+# (BLOCK_N, BLOCK_K, warps) of quant_linear's dequantize pass.
+DEQUANT = [(bn, bk, w) for bn, bk in ((16, 256), (32, 256), (16, 512), (64, 128), (32, 512), (64, 256)) for w in (4, 8)]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -63,31 +66,32 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
             ms = graph_ms(lambda: F.linear(x, w16))
             rows.append({"op": op, "rows": m, "path": "cublas-bf16", "ms": ms, "GB_s": n * k * 2 / ms / 1e6})
-            settings = [("dequant+cublas", None)]
+            settings = [("dequant+cublas", t) for t in (DEQUANT if m > ql.MM_MAX_ROWS else [ql.DEQUANT_TILES])]
             if m <= ql.MM_MAX_ROWS:
-                block_m = ql.mm_config(m, n, k, 128)[0]
-                settings += [("mm-default", None)] + [("mm", (block_m,) + c[1:]) for c in MM]
+                block_m = ql.mm_config(m, n, k, 128, args.bits)[0]
+                settings += [("quant_linear", None)] + [("mm", (block_m,) + c[1:]) for c in MM]
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
             for path, c in settings:
-                kw = {"config": c} if path == "mm" else {}  # mm-default: mm_config's choice
+                kw = {"config": c} if path == "mm" else {}  # quant_linear: its own choice
                 try:
                     if path == "tinygemm":
                         int4pack.INNER_K_TILES = c
-                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
                     elif path == "int4pack-dequant+cublas":
                         int4pack.INNER_K_TILES = c
-                        packed, sz = int4pack.pack(ql.unpack_along_k(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: F.linear(x, int4pack.dequantize(packed, sz, 128)))
                     elif path == "dequant+cublas":
-                        ms = graph_ms(lambda: F.linear(x, ql.dequantize(qweight, zeros, scales, 128, args.bits, x.dtype)))
+                        ms = graph_ms(lambda: F.linear(
+                            x, ql.dequantize(qweight, zeros, scales, 128, args.bits, x.dtype, c)))
                     else:
                         ms = graph_ms(lambda: ql.quant_linear(x, qweight, zeros, scales, 128, args.bits, None, **kw))
                 except Exception as e:  # a tile setting that does not fit this GPU
                     rows.append({"op": op, "rows": m, "path": path, "config": c, "error": str(e)[:200]})
                     continue
-                rows.append({"op": op, "rows": m, "path": path, "config": ql.mm_config(m, n, k, 128) if path == "mm-default" else c,
+                rows.append({"op": op, "rows": m, "path": path, "config": c,
                              "ms": ms, "GB_s": qbytes / ms / 1e6})
             w8, s8 = fp8.quantize_weight(w16)
             ms = graph_ms(lambda: fp8.linear(x, w8, s8, None))

@@ -33,7 +33,7 @@ def test_decode_matches_gguf_dequantize(type_name):
     codes, scales, mins, group, bits = gguf_method.decode(torch.from_numpy(raw), type_name)
     assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits and group == fmt.group
     # Packed for the kernels and dequantized by their reference: the same numbers.
-    packed = quant_linear.pack_along_k(codes, bits)
+    packed = quant_linear.pack_codes(codes, bits)
     assert torch.equal(quant_linear.dequantize_reference(packed, mins, scales, group, bits), theirs)
 
 

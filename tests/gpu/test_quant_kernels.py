@@ -1,8 +1,8 @@
-"""The dequantize-matmul kernels (kernels/quant_linear.py) against their torch reference, for both paths
-(the codes in a tensor-core dot up to MM_MAX_ROWS rows, split along K or not; dequantize + cuBLAS beyond), 4 and 8 bits, the group sizes of AWQ and GPTQ, and the
-Qwen2.5-7B shapes. As tests/gpu/test_kernels.py: on CUDA, or in Triton's interpreter
-with TRITON_INTERPRET=1 (float16, small shapes). Error measure ||out - ref|| / ||ref|| against the float32
-reference on the CPU; outputs poisoned first.
+"""The dequantize-matmul kernels (kernels/quant_linear.py) against their torch reference, for the three
+paths (the GEMV at one row; the codes in a tensor-core dot up to MM_MAX_ROWS rows, split along K or not;
+dequantize + cuBLAS beyond), 4 and 8 bits, the group sizes of AWQ, GPTQ and GGUF, and the Qwen2.5-7B shapes.
+As tests/gpu/test_kernels.py: on CUDA, or in Triton's interpreter with TRITON_INTERPRET=1 (float16, small
+shapes). Error measure ||out - ref|| / ||ref|| against the float32 reference on the CPU; outputs poisoned first.
 """
 
 from __future__ import annotations
@@ -38,17 +38,25 @@ def random_packed(n: int, k: int, bits: int, group: int, seed: int, min_form: bo
     codes = torch.randint(0, 2**bits, (n, k), generator=g)
     if min_form:
         scales = torch.rand(n, k // group, generator=g) * 0.01 + 0.001
-        return ql.pack_along_k(codes, bits), scales * torch.randint(0, 2**bits, scales.shape, generator=g), scales
+        return ql.pack_codes(codes, bits), scales * torch.randint(0, 2**bits, scales.shape, generator=g), scales
     zeros = torch.randint(0, 2**bits, (n, k // group), generator=g).to(torch.uint8)
     scales = (torch.rand(n, k // group, generator=g) * 0.01 + 0.001).half()
-    return ql.pack_along_k(codes, bits), zeros, scales
+    return ql.pack_codes(codes, bits), zeros, scales
 
 
-def test_pack_round_trip():
-    codes = torch.randint(0, 16, (7, 64))
-    assert torch.equal(ql.unpack_along_k(ql.pack_along_k(codes, 4), 4), codes.int())
-    codes = torch.randint(0, 256, (7, 64))
-    assert torch.equal(ql.unpack_along_k(ql.pack_along_k(codes, 8), 8), codes.int())
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_layout(bits):
+    """Code j of a chunk's word w is the chunk's input j * CHUNK_WORDS + w, in bits j * bits of the word."""
+    per_word, chunk = 32 // bits, ql.chunk_inputs(bits)
+    codes = torch.randint(0, 2**bits, (7, 3 * chunk), generator=torch.Generator().manual_seed(bits))
+    packed = ql.pack_codes(codes, bits)
+    assert packed.shape == (7, 3 * chunk // per_word) and packed.dtype == torch.int32
+    for n, c, j, w in [(0, 0, 0, 0), (3, 1, per_word - 1, 2), (6, 2, 1, ql.CHUNK_WORDS - 1)]:
+        word = int(packed[n, c * ql.CHUNK_WORDS + w]) & 0xFFFFFFFF
+        assert (word >> (j * bits)) & (2**bits - 1) == codes[n, c * chunk + j * ql.CHUNK_WORDS + w]
+    assert torch.equal(ql.unpack_codes(packed, bits), codes.int())
+    with pytest.raises(ValueError, match=f"chunks of {chunk}"):
+        ql.pack_codes(codes[:, : chunk - per_word], bits)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,7 +124,7 @@ def test_int4pack_matches_reference(shape, rows, group, min_form):
     n, k = shape
     assert int4pack.supported(group, k, n, torch.bfloat16, torch.device(DEVICE))
     qweight, zeros, scales = random_packed(n, k, 4, group, seed=n, min_form=min_form)
-    codes = ql.unpack_along_k(qweight, 4)
+    codes = ql.unpack_codes(qweight, 4)
     packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
     s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
     weight = (codes.float() - 8) * s + z
@@ -155,7 +163,7 @@ def test_int4pack_layout_is_torchs(tiles, monkeypatch):
     monkeypatch.setattr(int4pack, "INNER_K_TILES", tiles)
     n, k, group = 4608, 3584, 128
     qweight, zeros, scales = random_packed(n, k, 4, group, seed=tiles)
-    codes = ql.unpack_along_k(qweight, 4)
+    codes = ql.unpack_codes(qweight, 4)
     packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
     unit = torch.stack([torch.ones(k // group, n), torch.full((k // group, n), 8.0)], dim=-1)
     assert torch.equal(int4pack.dequantize_reference(packed.cpu(), unit, group), codes.float())

@@ -59,8 +59,11 @@ def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: t
             layer.register_buffer(f"int4{suffix}_weight", packed, persistent=False)
             layer.register_buffer(f"int4{suffix}_scales_zeros", scales_and_zeros, persistent=False)
         return
+    if k % quant_linear.chunk_inputs(bits):
+        raise ValueError(f"{layer.prefix}: {k} inputs; {bits}-bit codes are packed in chunks of "
+                         f"{quant_linear.chunk_inputs(bits)} inputs")
     frozen = dict(requires_grad=False)
-    layer.qweight = nn.Parameter(quant_linear.pack_along_k(codes, bits), **frozen)
+    layer.qweight = nn.Parameter(quant_linear.pack_codes(codes, bits), **frozen)
     if zeros.dtype.is_floating_point:  # GGUF's min form: float32 scales and minimums
         layer.zeros = nn.Parameter(zeros.float().contiguous(), **frozen)
         layer.scales = nn.Parameter(scales.float().contiguous(), **frozen)
