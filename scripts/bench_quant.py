@@ -1,9 +1,9 @@
 """The dequantize-matmul paths (kernels/quant_linear.py) on the Qwen2.5-7B shapes, beside cuBLAS in bfloat16:
 quant_linear's own choice ("quant_linear": the GEMV at one row, `mm_config`'s tensor-core tiles up to
 MM_MAX_ROWS rows), the tensor-core kernel at each tile setting below, dequantize + cuBLAS at every row count
-(each of DEQUANT tile settings), and (4 bits) torch's packed
-int4 matmul (tinygemm) at two of its K tilings and the dequantization of its layout (kernels/int4pack.py)
-for cuBLAS, and FP8 W8A8 (kernels/fp8.py: the activations'
+(beyond MM_MAX_ROWS rows at each of DEQUANT's settings), and (4 bits) torch's packed int4 matmul (tinygemm)
+at two of its K tilings and the dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond
+MM_MAX_ROWS rows at each of INT4PACK_DEQUANT's settings), and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only.
 
   python3 scripts/bench_quant.py --out run.json
@@ -25,8 +25,9 @@ from qwen_serve.kernels import quant_linear as ql
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, SPLIT_K); BLOCK_M is set from the row count.
 MM = [(0, bn, bk, w, split) for bn in (64, 128) for bk in (128,) for w in (4,) for split in (1, 2, 4, 8)]
-# (BLOCK_N, BLOCK_K, warps) of quant_linear's dequantize pass.
-DEQUANT = [(bn, bk, w) for bn, bk in ((16, 256), (32, 256), (16, 512), (64, 128), (32, 512), (64, 256)) for w in (4, 8)]
+# (BLOCK_N, CHUNKS, warps) of quant_linear's dequantize pass; (k-tiles a program, warps) of int4pack's.
+DEQUANT = [(bn, c, w) for bn in (8, 16, 32) for c in (4, 8, 16) for w in (4, 8)]
+INT4PACK_DEQUANT = [(t, w) for t in (1, 2, 4, 8) for w in (2, 4, 8)]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -71,7 +72,8 @@ def main() -> None:
                 block_m = ql.mm_config(m, n, k, 128, args.bits)[0]
                 settings += [("quant_linear", None)] + [("mm", (block_m,) + c[1:]) for c in MM]
             if args.bits == 4:
-                settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", 8)]
+                settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", t) for t in (
+                    INT4PACK_DEQUANT if m > ql.MM_MAX_ROWS else [int4pack.DEQUANT_TILES])]
             for path, c in settings:
                 kw = {"config": c} if path == "mm" else {}  # quant_linear: its own choice
                 try:
@@ -80,9 +82,9 @@ def main() -> None:
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
                         ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
                     elif path == "int4pack-dequant+cublas":
-                        int4pack.INNER_K_TILES = c
+                        int4pack.INNER_K_TILES = 8
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
-                        ms = graph_ms(lambda: F.linear(x, int4pack.dequantize(packed, sz, 128)))
+                        ms = graph_ms(lambda: F.linear(x, int4pack.dequantize(packed, sz, 128, c)))
                     elif path == "dequant+cublas":
                         ms = graph_ms(lambda: F.linear(
                             x, ql.dequantize(qweight, zeros, scales, 128, args.bits, x.dtype, c)))

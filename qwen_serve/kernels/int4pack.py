@@ -27,6 +27,8 @@ GROUPS = (32, 64, 128, 256)
 INNER_K_TILES = 8
 # CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
 ROWS_MAX = 16
+# (k-tiles a program, warps) of the dequantize pass.
+DEQUANT_TILES = (2, 4)
 
 
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -75,36 +77,43 @@ def dequantize_reference(packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, WORDS: tl.constexpr,
-                    BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-    """Outputs [8, BLOCK_K] of one n-tile: each input's word and nibble as `dequantize_reference` lays
-    them out (a word is read by the 8 inputs it holds; the stores are whole rows)."""
-    SPAN: tl.constexpr = WORDS * 32  # inputs of one k-tile group
-    a = tl.arange(0, 8)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    n = tl.program_id(0) * 8 + a
-    r = k % SPAN
-    lane = 4 * a[:, None] + ((r // 2) % 4)[None, :]
-    word = ((tl.program_id(0) * (K // SPAN) + k // SPAN)[None, :] * 32 + lane) * WORDS + (r // 32)[None, :]
-    shift = 4 * ((r // 8) % 4 + 4 * (r % 2))
-    ok = (k < K)[None, :]
+def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, WORDS: tl.constexpr, TILES: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    """Outputs [8, TILES k-tiles] of one n-tile: the tiles' words read once as they lie, their nibbles put in
+    `dequantize_reference`'s order in registers ([t, a, b, j, h, i] -> [a, t, j, i, b, h]), whole rows stored."""
+    SPAN: tl.constexpr = WORDS * 32  # inputs of one k-tile
+    KB: tl.constexpr = TILES * SPAN
+    GK: tl.constexpr = GROUP if GROUP < KB else KB  # inputs that share a scale within the program's span
+    k_tiles = K // SPAN
+    kt = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    lane = tl.arange(0, 32)
+    words = ((tl.program_id(0) * k_tiles + kt)[:, None, None] * 32 + lane[None, :, None]) * WORDS + tl.arange(
+        0, WORDS)[None, None, :]
     wait_for_previous(USE_PDL)
-    q = (tl.load(w_ptr + word, mask=ok, other=0) >> shift[None, :]) & 0xF
-    sz = sz_ptr + ((k // GROUP)[None, :] * N + n[:, None]) * 2
-    scale = tl.load(sz, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(sz + 1, mask=ok, other=0.0).to(tl.float32)
-    w = (q.to(tl.float32) - 8.0) * scale + zero
-    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+    packed = tl.load(w_ptr + words, mask=(kt < k_tiles)[:, None, None], other=0)  # [t, lane, j]
+    q = (packed[:, :, :, None] >> (4 * tl.arange(0, 8))[None, None, None, :]) & 0xF  # [t, lane, j, nibble]
+    q = tl.permute(tl.reshape(q, (TILES, 8, 4, WORDS, 2, 4)), (1, 0, 3, 5, 2, 4))
+    q = tl.reshape(q, (8, KB // GK, GK)).to(tl.float32)
+    n = tl.program_id(0) * 8 + tl.arange(0, 8)
+    first = tl.program_id(1) * KB + tl.arange(0, KB // GK) * GK
+    sz = sz_ptr + ((first // GROUP)[None, :] * N + n[:, None]) * 2
+    scale = tl.load(sz, mask=(first < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
+    zero = tl.load(sz + 1, mask=(first < K)[None, :], other=0.0).to(tl.float32)[:, :, None]
+    w = tl.reshape((q - 8.0) * scale + zero, (8, KB))
+    k = tl.program_id(1) * KB + tl.arange(0, KB)
+    tl.store(out_ptr + n[:, None].to(tl.int64) * K + k[None, :], w.to(out_ptr.dtype.element_ty), mask=(k < K)[None, :])
 
 
-def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """CUDA's packed codes -> the weight [N, K] in the scales' dtype (`dequantize_reference`, rounded once)."""
+def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+               tiles: tuple[int, int] = DEQUANT_TILES) -> torch.Tensor:
+    """CUDA's packed codes -> the weight [N, K] in the scales' dtype (`dequantize_reference`, rounded once);
+    `tiles`: (k-tiles a program, warps)."""
     n_tiles, k_tiles, _, words = packed.shape
     n, k = n_tiles * 8, k_tiles * words * 32
     out = torch.empty(n, k, dtype=scales_and_zeros.dtype, device=packed.device)
-    block_k = 512
-    _dequant_kernel[(n_tiles, triton.cdiv(k, block_k))](
-        packed, scales_and_zeros, out, n, k, GROUP=group, WORDS=words, BLOCK_K=block_k, num_warps=4,
+    per_program, warps = tiles
+    _dequant_kernel[(n_tiles, triton.cdiv(k_tiles, per_program))](
+        packed, scales_and_zeros, out, n, k, GROUP=group, WORDS=words, TILES=per_program, num_warps=warps,
         **launch_options(packed.device))
     return out
 

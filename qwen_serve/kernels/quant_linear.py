@@ -37,8 +37,8 @@ CHUNK_WORDS = 4
 # (ROWS, CHUNKS, warps) of `_gemv_kernel` by code width: the best single setting of run 49's sweep over the
 # 7B's four projections (within 4% of each projection's own best).
 GEMV_CONFIGS = {4: (8, 64, 2), 8: (4, 128, 4)}
-# (BLOCK_N, BLOCK_K, warps) of `_dequant_kernel`.
-DEQUANT_TILES = (16, 256, 4)
+# (BLOCK_N, CHUNKS, warps) of `_dequant_kernel`.
+DEQUANT_TILES = (16, 8, 4)
 
 
 def chunk_inputs(bits: int) -> int:
@@ -218,33 +218,41 @@ def _mm_kernel(
 @triton.jit
 def _dequant_kernel(w_ptr, z_ptr, s_ptr, out_ptr, N, K, stride_w, stride_g, stride_o,
                     GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, WB: tl.constexpr, USE_PDL: tl.constexpr):
+                    CHUNKS: tl.constexpr, WB: tl.constexpr, USE_PDL: tl.constexpr):
+    """[BLOCK_N, CHUNKS chunks] of the weight: the words read once (a chunk a thread), their codes put in
+    input order in registers, one scale and zero point a chunk, whole rows stored."""
     P: tl.constexpr = 32 // BITS
+    CH: tl.constexpr = WB * P
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok = (rn < N)[:, None] & (k < K)[None, :]
-    word = (k // (P * WB)) * WB + k % WB  # input k: code (k % (P * WB)) // WB of this word of its chunk
-    shift = ((k % (P * WB)) // WB) * BITS
+    n_ok = rn < N
+    k0 = tl.program_id(1) * CHUNKS * CH
+    cols = tl.arange(0, CHUNKS * WB)
     wait_for_previous(USE_PDL)
-    packed = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_w + word[None, :], mask=ok, other=0)
-    q = ((packed >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
-    zs_off = rn[:, None] * stride_g + (k // GROUP)[None, :]
-    z = tl.load(z_ptr + zs_off, mask=ok, other=0).to(tl.float32)
-    s = tl.load(s_ptr + zs_off, mask=ok, other=0.0).to(tl.float32)
-    w = q * s - z if MIN_FORM else (q - z) * s
-    tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + k[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+    words = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_w + (k0 // P + cols)[None, :],
+                    mask=n_ok[:, None] & (k0 // P + cols < K // P)[None, :], other=0)
+    q = (words[:, :, None] >> (tl.arange(0, P) * BITS)[None, None, :]) & ((1 << BITS) - 1)  # [BN, c*WB + w, j]
+    q = tl.permute(tl.reshape(q, (BLOCK_N, CHUNKS, WB, P)), (0, 1, 3, 2)).to(tl.float32)  # [BN, c, j, w]
+    first = k0 + tl.arange(0, CHUNKS) * CH  # each chunk's first input
+    g = rn[:, None] * stride_g + (first // GROUP)[None, :]
+    g_ok = n_ok[:, None] & (first < K)[None, :]
+    z = tl.load(z_ptr + g, mask=g_ok, other=0).to(tl.float32)[:, :, None, None]
+    s = tl.load(s_ptr + g, mask=g_ok, other=0.0).to(tl.float32)[:, :, None, None]
+    w = tl.reshape(q * s - z if MIN_FORM else (q - z) * s, (BLOCK_N, CHUNKS * CH))
+    k = k0 + tl.arange(0, CHUNKS * CH)
+    tl.store(out_ptr + rn[:, None].to(tl.int64) * stride_o + k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (k < K)[None, :])
 
 
 def dequantize(qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, bits: int,
                dtype: torch.dtype, tiles: tuple[int, int, int] = DEQUANT_TILES) -> torch.Tensor:
     """The weight [N, K] in `dtype`, one Triton pass (the values of `dequantize_reference`, rounded);
-    `tiles`: (BLOCK_N, BLOCK_K, warps)."""
+    `tiles`: (BLOCK_N, CHUNKS, warps). The group size is a multiple of the chunk's inputs."""
     n, k = qweight.shape[0], qweight.shape[1] * (32 // bits)
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    block_n, block_k, warps = tiles
-    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    block_n, chunks, warps = tiles
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, chunks * chunk_inputs(bits)))](
         qweight, zeros, scales, out, n, k, qweight.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point, BLOCK_N=block_n, CHUNKS=chunks,
         WB=CHUNK_WORDS, num_warps=warps, **launch_options(qweight.device))
     return out
 
@@ -264,8 +272,7 @@ def mm_config(m: int, n: int, k: int, group: int, bits: int) -> tuple[int, int, 
     the shape. The inputs are split until ~1,200 programs (9 an H100 multiprocessor) are in flight: run 45's
     sweep on the 7B's projections, where one row of down_proj took 125 us unsplit, 52 in 4 and 44 in 8."""
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
-    if block_k is None or not (group % block_k == 0 or block_k % group == 0) or min(group, block_k) % chunk_inputs(
-            bits):
+    if block_k is None or not (group % block_k == 0 or block_k % group == 0) or block_k % chunk_inputs(bits):
         return None
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 16 else 128
@@ -296,16 +303,17 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sc
                  config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows) -> [M, N] in x's dtype, fp32 accumulation. One row `gemv`; up to
     MM_MAX_ROWS rows `_mm_kernel` (`config`, default `mm_config`'s, also sends one row to it); beyond, or
-    where the group size does not fit the kernels' chunks, the weight is dequantized for cuBLAS."""
+    where its tiles do not divide the shape, the weight is dequantized for cuBLAS."""
     m, k = x.shape
     n = qweight.shape[0]
     if x.stride(-1) != 1 or not (qweight.is_contiguous() and zeros.is_contiguous() and scales.is_contiguous()):
         raise ValueError("quant_linear needs contiguous rows and contiguous weights")
-    if k % group_size or qweight.shape[1] * (32 // bits) != k:
-        raise ValueError(f"group size {group_size} must divide K {k}, and the codes hold {k} inputs")
+    if k % group_size or group_size % chunk_inputs(bits) or qweight.shape[1] * (32 // bits) != k:
+        raise ValueError(f"group size {group_size} must divide K {k} and be a multiple of {chunk_inputs(bits)}, "
+                         f"and the codes hold {k} inputs")
     if m == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 1 and config is None and group_size % chunk_inputs(bits) == 0:
+    if m == 1 and config is None:
         return gemv(x, qweight, zeros, scales, group_size, bits, bias)
     config = config or mm_config(m, n, k, group_size, bits)
     if m > MM_MAX_ROWS or config is None:

@@ -59,9 +59,9 @@ def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: t
             layer.register_buffer(f"int4{suffix}_weight", packed, persistent=False)
             layer.register_buffer(f"int4{suffix}_scales_zeros", scales_and_zeros, persistent=False)
         return
-    if k % quant_linear.chunk_inputs(bits):
-        raise ValueError(f"{layer.prefix}: {k} inputs; {bits}-bit codes are packed in chunks of "
-                         f"{quant_linear.chunk_inputs(bits)} inputs")
+    if k % quant_linear.chunk_inputs(bits) or group % quant_linear.chunk_inputs(bits):
+        raise ValueError(f"{layer.prefix}: {bits}-bit codes are packed in chunks of {quant_linear.chunk_inputs(bits)} "
+                         f"inputs; {k} inputs in groups of {group} are not whole chunks")
     frozen = dict(requires_grad=False)
     layer.qweight = nn.Parameter(quant_linear.pack_codes(codes, bits), **frozen)
     if zeros.dtype.is_floating_point:  # GGUF's min form: float32 scales and minimums
