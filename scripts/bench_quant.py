@@ -69,7 +69,7 @@ def main() -> None:
             rows.append({"op": op, "rows": m, "path": "cublas-bf16", "ms": ms, "GB_s": n * k * 2 / ms / 1e6})
             settings = [("dequant+cublas", t) for t in (DEQUANT if m > ql.MM_MAX_ROWS else [ql.DEQUANT_TILES])]
             if m <= ql.MM_MAX_ROWS:
-                block_m = ql.mm_config(m, n, k, 128, args.bits)[0]
+                block_m = ql.mm_config(m, n, k, 128)[0]
                 settings += [("quant_linear", None)] + [("mm", (block_m,) + c[1:]) for c in MM]
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", t) for t in (

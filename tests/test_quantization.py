@@ -178,6 +178,22 @@ def test_wide_codes_run_as_two_4bit_planes(bits, symmetric):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("k,group", [(48, 48), (64, 16)])
+def test_codes_that_do_not_fill_the_kernels_chunks_are_refused(k, group):
+    """The packed layout holds 4-bit codes in chunks of 32 inputs: K and the group size must be whole chunks
+    (every supported AWQ / GPTQ group and GGUF block is); otherwise repacking names the layer."""
+    from torch import nn
+
+    from qwen_serve.layers.quantization.packed import repack
+
+    layer = nn.Module()
+    layer.prefix = "model.layers.0.mlp.down_proj"
+    codes = torch.randint(0, 16, (8, k), dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"model.layers.0.mlp.down_proj: 4-bit codes are packed in chunks of 32 "
+                                         f"inputs; {k} inputs in groups of {group} are not whole chunks"):
+        repack(layer, codes, torch.zeros(8, k // group, dtype=torch.uint8), torch.ones(8, k // group), 4)
+
+
 # ---- bad input: refused before any weight is read, naming what is wrong and what is supported ----
 
 @pytest.mark.parametrize("qc,match", [

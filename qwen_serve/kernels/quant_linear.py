@@ -267,12 +267,12 @@ def _magic(dtype: torch.dtype, bits: int) -> tuple[int, int]:
     return 0, 0
 
 
-def mm_config(m: int, n: int, k: int, group: int, bits: int) -> tuple[int, int, int, int, int] | None:
+def mm_config(m: int, n: int, k: int, group: int) -> tuple[int, int, int, int, int] | None:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, SPLIT_K) for `_mm_kernel`, or None where its tiles do not divide
-    the shape. The inputs are split until ~1,200 programs (9 an H100 multiprocessor) are in flight: run 45's
+    the shape (K and the group size whole chunks, as `quant_linear` checks: then BLOCK_K is too). The inputs are split until ~1,200 programs (9 an H100 multiprocessor) are in flight: run 45's
     sweep on the 7B's projections, where one row of down_proj took 125 us unsplit, 52 in 4 and 44 in 8."""
     block_k = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
-    if block_k is None or not (group % block_k == 0 or block_k % group == 0) or block_k % chunk_inputs(bits):
+    if block_k is None or not (group % block_k == 0 or block_k % group == 0):
         return None
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 16 else 128
@@ -292,9 +292,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: to
         x, qweight, zeros, scales, bias if bias is not None else scales, y, n, k, qweight.stride(0),
         scales.stride(0), GROUP=group_size, BITS=bits, MIN_FORM=zeros.dtype.is_floating_point,
         HAS_BIAS=bias is not None, ROWS=rows, CHUNKS=chunks, WB=CHUNK_WORDS, EXACT=x.dtype == torch.float32,
-        LOP3=not _INTERPRETED,
-        num_warps=warps,
-        **launch_options(x.device))
+        LOP3=not _INTERPRETED, num_warps=warps, **launch_options(x.device))
     return y
 
 
@@ -315,7 +313,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, sc
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and config is None:
         return gemv(x, qweight, zeros, scales, group_size, bits, bias)
-    config = config or mm_config(m, n, k, group_size, bits)
+    config = config or mm_config(m, n, k, group_size)
     if m > MM_MAX_ROWS or config is None:
         return F.linear(x, dequantize(qweight, zeros, scales, group_size, bits, x.dtype), bias)
     block_m, block_n, block_k, warps, split = config
