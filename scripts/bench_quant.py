@@ -2,8 +2,10 @@
 quant_linear's own choice ("quant_linear": the GEMV at one row, `mm_config`'s tensor-core tiles up to
 MM_MAX_ROWS rows), the tensor-core kernel at each tile setting below, dequantize + cuBLAS at every row count
 (beyond MM_MAX_ROWS rows at each of DEQUANT's settings), and (4 bits) torch's packed int4 matmul (tinygemm)
-at two of its K tilings and the dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond
-MM_MAX_ROWS rows at each of INT4PACK_DEQUANT's settings), and FP8 W8A8 (kernels/fp8.py: the activations'
+at two of its K tilings, int4pack's one-row GEMV on the same layout at each of INT4PACK_GEMV's settings (with
+PDL as served, and without: PDL lets each of the timed back-to-back calls start under the one before), and
+the dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond MM_MAX_ROWS rows at each of
+INT4PACK_DEQUANT's settings), and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only.
 
   python3 scripts/bench_quant.py --out run.json
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,8 @@ MM = [(0, bn, bk, w, split) for bn in (64, 128) for bk in (128,) for w in (4,) f
 # (BLOCK_N, CHUNKS, warps) of quant_linear's dequantize pass; (k-tiles a program, warps) of int4pack's.
 DEQUANT = [(bn, c, w) for bn in (8, 16, 32) for c in (4, 8, 16) for w in (4, 8)]
 INT4PACK_DEQUANT = [(t, w) for t in (1, 2, 4, 8) for w in (2, 4, 8)]
+# (outputs, k-tiles a step, warps) of int4pack's GEMV.
+INT4PACK_GEMV = [(r, t, w) for r in (4, 8, 16) for t in (4, 8, 16) for w in (1, 2, 4) if 8 <= r * t * 16 // (32 * w) <= 32]
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -74,13 +79,29 @@ def main() -> None:
             if args.bits == 4:
                 settings += [("tinygemm", tiles) for tiles in (4, 8)] + [("int4pack-dequant+cublas", t) for t in (
                     INT4PACK_DEQUANT if m > ql.MM_MAX_ROWS else [int4pack.DEQUANT_TILES])]
+                if m == 1:
+                    settings += [("int4pack-gemv", t) for t in INT4PACK_GEMV]
+                    settings += [("int4pack-gemv-nopdl", t) for t in INT4PACK_GEMV]
+                    settings += [("int4pack-linear", None), ("tinygemm+bias", 8)]  # as served, and as before run 55
             for path, c in settings:
                 kw = {"config": c} if path == "mm" else {}  # quant_linear: its own choice
                 try:
-                    if path == "tinygemm":
+                    if path.startswith("tinygemm"):
                         int4pack.INNER_K_TILES = c
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
-                        ms = graph_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
+                        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+                        mm = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)  # noqa: E731
+                        ms = graph_ms((lambda: mm() + bias) if path == "tinygemm+bias" else mm)
+                    elif path.startswith("int4pack-gemv") or path == "int4pack-linear":
+                        int4pack.INNER_K_TILES = 8
+                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+                        os.environ["QWEN_SERVE_PDL"] = "0" if path.endswith("nopdl") else "1"
+                        if path == "int4pack-linear":
+                            ms = graph_ms(lambda: int4pack.linear(x, packed, 128, sz, bias))
+                        else:
+                            ms = graph_ms(lambda: int4pack.gemv(x, packed, 128, sz, bias, c))
+                        os.environ["QWEN_SERVE_PDL"] = "1"
                     elif path == "int4pack-dequant+cublas":
                         int4pack.INNER_K_TILES = 8
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)

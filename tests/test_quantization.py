@@ -145,6 +145,24 @@ def test_bfloat16_quantized_model_stays_close(quantized):
     assert layers
 
 
+@pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
+def test_int4pack_cuda_layout_round_trip(inner_k_tiles):
+    """The CUDA layout written out in torch (what the GPU kernels are tested on in Triton's interpreter):
+    layout_reference and dequantize_reference undo each other, and nibble i + 4 h of lane 4 a + b's word j
+    holds output a, input 32 j + 8 i + 2 b + h of its tile (tests/gpu checks both against torch's packing)."""
+    from qwen_serve.kernels import int4pack
+
+    n, k = 24, 16 * inner_k_tiles * 3
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(inner_k_tiles))
+    packed = int4pack.layout_reference(codes, inner_k_tiles)
+    assert packed.shape == (3, 3, 32, inner_k_tiles // 2) and packed.dtype == torch.int32
+    unit = torch.stack([torch.ones(1, n), torch.full((1, n), 8.0)], dim=-1)
+    assert torch.equal(int4pack.dequantize_reference(packed, unit, k), codes.float())
+    for nt, kt, a, b, j, i, h in [(0, 0, 0, 0, 0, 0, 0), (2, 1, 7, 3, inner_k_tiles // 2 - 1, 3, 1), (1, 2, 4, 1, 0, 2, 1)]:
+        word = int(packed[nt, kt, 4 * a + b, j]) & 0xFFFFFFFF
+        assert (word >> (4 * (i + 4 * h))) & 15 == codes[8 * nt + a, 16 * inner_k_tiles * kt + 32 * j + 8 * i + 2 * b + h]
+
+
 @pytest.mark.parametrize("bits,symmetric", [(5, True), (6, True), (8, True), (5, False), (8, False)])
 def test_wide_codes_run_as_two_4bit_planes(bits, symmetric):
     """On the CPU, codes of 5-8 bits (GGUF's Q5_0 / Q8_0 / Q5_K, GPTQ-Int8) are split into two 4-bit planes

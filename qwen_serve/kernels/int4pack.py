@@ -7,12 +7,17 @@ bfloat16 scale keeps 8 of float16's 11 bits) makes the result differ from the ex
 bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer). The two devices take their codes in
 different layouts; `pack` makes the one `linear` will read on the codes' device.
 
-tinygemm pays per row (run 37: 39 us for the 7B's gate_up at one row, 150 at 16, 2.3 ms at 256), so on CUDA
-more than ROWS_MAX rows dequantize the packed codes into a scratch bfloat16 weight for cuBLAS instead
-(`dequantize`, one Triton pass; `dequantize_reference` is its torch twin, the layout written out).
+On CUDA one row (batch-1 decode) runs `gemv`, a Triton kernel on the same packed codes: it launches with PDL
+and adds the bias itself, where tinygemm waits for the GPU to drain before each of a token's 112 launches and
+the bias is a kernel of its own (BENCHMARKS.md run 55). tinygemm pays per row (run 37: 39 us for the 7B's
+gate_up at one row, 150 at 16, 2.3 ms at 256), so it serves 2 to ROWS_MAX rows, and more rows dequantize the
+packed codes into a scratch bfloat16 weight for cuBLAS (`dequantize`, one Triton pass). `layout_reference`
+and `dequantize_reference` write the layout out in torch; the kernels are tested against them.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +30,14 @@ from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 GROUPS = (32, 64, 128, 256)
 # CUDA's layout tiles K by INNER_K_TILES * 16 inputs; 8 is what the published int4 decoders use.
 INNER_K_TILES = 8
-# CUDA: up to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
+# CUDA: 2 to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
 ROWS_MAX = 16
 # (k-tiles a program, warps) of the dequantize pass.
 DEQUANT_TILES = (2, 4)
+# (outputs, k-tiles a step, warps) of `gemv`, for layers of fewer inputs than GEMV_LONG_K and for the rest: the
+# best of run 55's sweep on the 7B's projections (more k-tiles a step where K is long and the grid small).
+GEMV_TILES = {"short": (8, 4, 2), "long": (8, 16, 4)}
+GEMV_LONG_K = 8192
 
 
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -50,15 +59,33 @@ def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [N, K] in 0..15, zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] ->
     (packed weight, scales_and_zeros [groups, N, 2] in `dtype`) on the codes' device."""
-    s = scales.float()
-    zero = 8 * s - zeros.float() if zeros.dtype.is_floating_point else (8 - zeros.float()) * s
     codes = codes.to(torch.int32).contiguous()
     if codes.is_cuda:  # two codes a byte, the even input in the high nibble
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
         packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES)
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return packed, torch.stack([s.t(), zero.t()], dim=-1).to(dtype).contiguous()
+    return packed, scales_and_zeros(zeros, scales, dtype)
+
+
+def scales_and_zeros(zeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] -> [groups, N, 2] in `dtype`:
+    each group's scale and its zero = (8 - z) s (or 8 s - minimum)."""
+    s = scales.float()
+    zero = 8 * s - zeros.float() if zeros.dtype.is_floating_point else (8 - zeros.float()) * s
+    return torch.stack([s.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+def layout_reference(codes: torch.Tensor, inner_k_tiles: int = INNER_K_TILES) -> torch.Tensor:
+    """codes [N, K] in 0..15 -> CUDA's packed int32 [N / 8, K / (16 T), 32, T / 2], T = inner_k_tiles: what
+    torch's `_convert_weight_to_int4pack` makes on CUDA, written out (`dequantize_reference` undoes it)."""
+    n, k = codes.shape
+    words = inner_k_tiles // 2
+    # [nt, a, kt, j, i, b, h] -> [nt, kt, a, b, j, h, i]
+    nibbles = codes.to(torch.int64).reshape(n // 8, 8, k // (32 * words), words, 4, 4, 2).permute(0, 2, 1, 5, 3, 6, 4)
+    nibbles = nibbles.reshape(n // 8, k // (32 * words), 32, words, 8)
+    packed = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)).sum(-1)
+    return (packed - (packed >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
 
 
 def dequantize_reference(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
@@ -118,10 +145,122 @@ def dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
     return out
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no inline PTX
+
+
+@triton.constexpr_function
+def _field(s):
+    """The lowest bit at which `gemv` reads nibble s of a word: 16 for even s, 12 for odd, each reached by a
+    whole number of bytes (one shift serves two nibbles), and low enough in a float32 mantissa that
+    2**(23 - field) + q times x keeps q x to 2**-16."""
+    return 16 if s % 2 == 0 else 12
+
+
+@triton.jit
+def _nibble_as_float(words, S: tl.constexpr, LOP3: tl.constexpr):
+    """Nibble S of each word as the float32 2**(23 - F) + q, F = _field(S): the code moved to bits F.. of the
+    mantissa, whose bit F weighs 1 under the exponent 23 - F; one LOP3 masks the code and ors in the exponent.
+    LOP3: written as PTX, since ptxas makes two LOP3s of the plain form; Triton's interpreter runs the plain form."""
+    FIELD: tl.constexpr = _field(S)
+    SHIFT: tl.constexpr = FIELD - 4 * S
+    if SHIFT > 0:
+        words = words << SHIFT
+    elif SHIFT < 0:
+        words = words >> -SHIFT
+    MASK: tl.constexpr = 15 << FIELD
+    EXPONENT: tl.constexpr = (127 + 23 - FIELD) << 23
+    if LOP3:
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,n,n", [words, MASK, EXPONENT],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        bits = (words & MASK) | EXPONENT
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bfloat16_halves(pairs):
+    """int32 words holding two bfloat16 -> (the low one, the high one) as float32."""
+    return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, N, K, GROUP: tl.constexpr, WORDS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, LOP3: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    """y[ROWS outputs] for one row x, TILES k-tiles a step, from the packed codes as they lie (see
+    `dequantize_reference`): an output's words of a k-tile are 4 * WORDS consecutive int32, word w = WORDS b + j
+    holding in nibble i + 4 h input 32 j + 8 i + 2 b + h of the tile. x and scales_and_zeros come as int32
+    views (bfloat16 pairs): one load gives x of nibbles i and i + 4, one the scale and zero of a group.
+
+    The tile is [word, k-tile, output] with every output of a word in one thread, so that x is loaded and
+    summed once for all of them. Its contiguity hints are 1 on purpose: the words then load one a thread
+    (coalesced across the lanes), in the same layout as the gathers of x and of the scales; a vector load
+    of the words would give them a layout of their own, and Triton would move every code through shared
+    memory to meet x. Per group, with v = o + q (`_nibble_as_float`, o = 2**(23 - field)) and
+    w = (q - 8) s + zero: sum w x = s (sum v x - sum (o + 8) x) + zero sum x."""
+    SPAN: tl.constexpr = 32 * WORDS  # inputs of a k-tile
+    TW: tl.constexpr = 4 * WORDS  # an output's words of a k-tile
+    k_tiles = K // SPAN
+    rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n_ok = (rn < N)[None, None, :]
+    kt = tl.arange(0, TILES)[None, :, None]
+    w = tl.arange(0, TW)[:, None, None]
+    b, j = w // WORDS, w % WORDS
+    row_words = (rn // 8).to(tl.int64) * k_tiles * 8 * TW + (rn % 8) * TW
+    w_ptrs = w_ptr + tl.max_contiguous(row_words[None, None, :] + kt * 8 * TW + w, [1, 1, 1])
+    x_ptrs = x_ptr + tl.max_contiguous(kt * (SPAN // 2) + 16 * j + b, [1, 1, 1])
+    first = kt * SPAN + 32 * j  # the word's first input, in the step
+    acc = tl.zeros((TW, TILES, ROWS), dtype=tl.float32)
+    wait_for_previous(USE_PDL)
+    for t0 in range(0, k_tiles, TILES):
+        kt_ok = t0 + kt < k_tiles
+        words = tl.load(w_ptrs, mask=kt_ok & n_ok, other=0)
+        part = tl.zeros((TW, TILES, ROWS), dtype=tl.float32)
+        x_even = tl.zeros((TW, TILES, 1), dtype=tl.float32)  # x of the nibbles read at bit 16
+        x_odd = tl.zeros((TW, TILES, 1), dtype=tl.float32)  # and at bit 12
+        for i in tl.static_range(4):
+            low, high = _bfloat16_halves(tl.load(x_ptrs + 4 * i, mask=kt_ok, other=0))
+            part += _nibble_as_float(words, i, LOP3) * low
+            part += _nibble_as_float(words, i + 4, LOP3) * high
+            if _field(i) == 16:
+                x_even += low + high
+            else:
+                x_odd += low + high
+        groups = (t0 * SPAN + first) // GROUP
+        scale, zero = _bfloat16_halves(tl.load(sz_ptr + tl.max_contiguous(groups * N + rn[None, None, :], [1, 1, 1]),
+                                               mask=kt_ok & n_ok, other=0))
+        offsets = (2.0**(23 - _field(0)) + 8) * x_even + (2.0**(23 - _field(1)) + 8) * x_odd
+        acc += scale * (part - offsets)
+        acc += zero * (x_even + x_odd)
+        w_ptrs += TILES * 8 * TW
+        x_ptrs += TILES * (SPAN // 2)
+    y = tl.sum(tl.sum(acc, 0), 0)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+         bias: torch.Tensor | None, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One bfloat16 row x [1, K] (contiguous) -> [1, N] through `_gemv_kernel`; `tiles`: (outputs, k-tiles a
+    step, warps), GEMV_TILES' by default."""
+    n_tiles, k_tiles, _, words = packed.shape
+    n, k = n_tiles * 8, k_tiles * words * 32
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    rows, per_step, warps = tiles or GEMV_TILES["long" if k >= GEMV_LONG_K else "short"]
+    _gemv_kernel[(triton.cdiv(n, rows),)](
+        x.view(torch.int32), packed, scales_and_zeros.view(torch.int32), bias if bias is not None else x, y, n, k,
+        GROUP=group, WORDS=words, HAS_BIAS=bias is not None, ROWS=rows, TILES=per_step, LOP3=not _INTERPRETED,
+        num_warps=warps, **launch_options(x.device))
+    return y
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N]. CPU: 0.33 ms for 4864 x 896 at one row, 2 threads (160x the torch
     reference)."""
+    if x.is_cuda and x.shape[0] == 1:
+        return gemv(x, packed, group, scales_and_zeros, bias)
     if x.is_cuda and x.shape[0] > ROWS_MAX:
         return F.linear(x, dequantize(packed, scales_and_zeros, group), bias)
     if x.is_cuda:

@@ -154,10 +154,43 @@ def test_int4pack_dequantize_kernel_is_its_reference(tiles):
                                rtol=2e-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("words", [1, 4])
+@pytest.mark.parametrize("group,min_form", [(32, False), (128, False), (256, False), (32, True)])
+@pytest.mark.parametrize("shape", [(48, 256)] if INTERPRETED else [(4608, 3584), (3584, 18944), (200, 512)])
+def test_int4pack_gemv_matches_reference(shape, group, min_form, words):
+    """The one-row kernel on the packed codes (all tile settings' edges: outputs not a multiple of the
+    program's, k-tiles not of the step's) against the float32 reference of the same bfloat16 scales and
+    zeros; x is exact in bfloat16, so what remains is the output's rounding (relative ~2e-3) and the order
+    of accumulation. On CUDA also against torch's own int4 matmul of the same packing."""
+    from qwen_serve.kernels import int4pack
+
+    n, k = shape
+    if k % (32 * words) or k % group:
+        pytest.skip("the shape does not fill the layout's k-tiles or the groups")
+    qweight, zeros, scales = random_packed(n, k, 4, group, seed=n, min_form=min_form)
+    codes = ql.unpack_codes(qweight, 4)
+    scales_zeros = int4pack.scales_and_zeros(zeros, scales, torch.bfloat16)
+    packed = int4pack.layout_reference(codes, 2 * words)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    ref = x.float() @ int4pack.dequantize_reference(packed, scales_zeros, group).t() + bias.float()
+    dev = [t.to(DEVICE) for t in (x, packed, scales_zeros, bias)]
+    for tiles in [(8, 2, 1), (16, 8, 2), (4, 4, 1)] if INTERPRETED else [*int4pack.GEMV_TILES.values(), (16, 8, 4)]:
+        out = int4pack.gemv(dev[0], dev[1], group, dev[2], dev[3], tiles)
+        assert out.shape == (1, n) and out.dtype == torch.bfloat16
+        assert rel_err(out, ref) < 5e-3, tiles
+    assert rel_err(int4pack.gemv(dev[0], dev[1], group, dev[2], None), ref - bias.float()) < 5e-3
+    if DEVICE == "cuda" and words == 4:
+        tinygemm = torch.ops.aten._weight_int4pack_mm(dev[0], dev[1], group, dev[2]) + dev[3]
+        assert rel_err(out, tinygemm) < 5e-3
+
+
 @pytest.mark.skipif(INTERPRETED, reason="torch's int4 packing is a CUDA kernel, not Triton")
 @pytest.mark.parametrize("tiles", [2, 4, 8])
 def test_int4pack_layout_is_torchs(tiles, monkeypatch):
-    """dequantize_reference undoes torch's own CUDA packing: the codes come back where they were."""
+    """dequantize_reference undoes torch's own CUDA packing (the codes come back where they were), and
+    layout_reference makes it."""
     from qwen_serve.kernels import int4pack
 
     monkeypatch.setattr(int4pack, "INNER_K_TILES", tiles)
@@ -167,6 +200,7 @@ def test_int4pack_layout_is_torchs(tiles, monkeypatch):
     packed, scales_zeros = int4pack.pack(codes.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE), torch.bfloat16)
     unit = torch.stack([torch.ones(k // group, n), torch.full((k // group, n), 8.0)], dim=-1)
     assert torch.equal(int4pack.dequantize_reference(packed.cpu(), unit, group), codes.float())
+    assert torch.equal(int4pack.layout_reference(codes, tiles), packed.cpu())
     s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
     weight = int4pack.dequantize(packed, scales_zeros, group)
     torch.testing.assert_close(weight.cpu(), ((codes.float() - 8) * s + z).bfloat16())  # one bfloat16 rounding
