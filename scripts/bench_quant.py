@@ -96,12 +96,15 @@ def main() -> None:
                         int4pack.INNER_K_TILES = 8
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
                         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
-                        os.environ["QWEN_SERVE_PDL"] = "0" if path.endswith("nopdl") else "1"
-                        if path == "int4pack-linear":
-                            ms = graph_ms(lambda: int4pack.linear(x, packed, 128, sz, bias))
-                        else:
-                            ms = graph_ms(lambda: int4pack.gemv(x, packed, 128, sz, bias, c))
-                        os.environ["QWEN_SERVE_PDL"] = "1"
+                        pdl = os.environ.get("QWEN_SERVE_PDL")
+                        os.environ["QWEN_SERVE_PDL"] = "0" if path.endswith("nopdl") else pdl or "1"
+                        try:
+                            if path == "int4pack-linear":
+                                ms = graph_ms(lambda: int4pack.linear(x, packed, 128, sz, bias))
+                            else:
+                                ms = graph_ms(lambda: int4pack.gemv(x, packed, 128, sz, bias, c))
+                        finally:  # the caller's setting back for the other paths
+                            os.environ.pop("QWEN_SERVE_PDL") if pdl is None else os.environ.update(QWEN_SERVE_PDL=pdl)
                     elif path == "int4pack-dequant+cublas":
                         int4pack.INNER_K_TILES = 8
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
