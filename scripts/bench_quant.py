@@ -3,10 +3,11 @@ quant_linear's own choice ("quant_linear": the GEMV at one row, `mm_config`'s te
 MM_MAX_ROWS rows), the tensor-core kernel at each tile setting below, dequantize + cuBLAS at every row count
 (beyond MM_MAX_ROWS rows at each of DEQUANT's settings), and (4 bits) torch's packed int4 matmul (tinygemm)
 at two of its K tilings, int4pack's one-row GEMV on the same layout at each of INT4PACK_GEMV's settings (with
-PDL as served, and without: PDL lets each of the timed back-to-back calls start under the one before), and
-the dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond MM_MAX_ROWS rows at each of
+PDL as served, and without: PDL lets each of the timed back-to-back calls start under the one before), its
+tensor-core kernel at each of INT4PACK_MM's settings (2-512 rows), `int4pack.linear` as served, and the
+dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond MM_MAX_ROWS rows at each of
 INT4PACK_DEQUANT's settings), and FP8 W8A8 (kernels/fp8.py: the activations'
-per-token quantization included). Fixed seeds; CUDA only.
+per-token quantization included). Fixed seeds; CUDA only. `--paths` times only the paths named.
 
   python3 scripts/bench_quant.py --out run.json
 Rows: op (shape), rows M, path/setting, ms (median of CUDA-graph replays), effective GB/s (weight bytes read);
@@ -31,6 +32,9 @@ MM = [(0, bn, bk, w, split) for bn in (64, 128) for bk in (128,) for w in (4,) f
 # (BLOCK_N, CHUNKS, warps) of quant_linear's dequantize pass; (k-tiles a program, warps) of int4pack's.
 DEQUANT = [(bn, c, w) for bn in (8, 16, 32) for c in (4, 8, 16) for w in (4, 8)]
 INT4PACK_DEQUANT = [(t, w) for t in (1, 2, 4, 8) for w in (2, 4, 8)]
+# (BLOCK_M, BLOCK_N, warps, SPLIT_K, SCALE_AFTER) of int4pack's tensor-core kernel; BLOCK_M 0: the row count's.
+INT4PACK_MM = [(bm, bn, w, split, after) for bm in (0, 128) for bn, w in ((64, 4), (128, 4), (128, 8))
+               for split in (1, 2, 4, 8) for after in (True, False)]
 # (outputs, k-tiles a step, warps) of int4pack's GEMV.
 INT4PACK_GEMV = [(r, t, w) for r in (4, 8, 16) for t in (4, 8, 16) for w in (1, 2, 4) if 8 <= r * t * 16 // (32 * w) <= 32]
 
@@ -59,6 +63,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", default="1,4,16,64,256,8192")
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--paths", default="", help="comma-separated path names to time (default: all)")
     args = parser.parse_args()
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -82,7 +87,15 @@ def main() -> None:
                 if m == 1:
                     settings += [("int4pack-gemv", t) for t in INT4PACK_GEMV]
                     settings += [("int4pack-gemv-nopdl", t) for t in INT4PACK_GEMV]
-                    settings += [("int4pack-linear", None), ("tinygemm+bias", 8)]  # as served, and as before run 55
+                    settings += [("tinygemm+bias", 8)]  # as before run 55
+                settings += [("int4pack-linear", None)]  # as served
+                if 1 < m <= 512:
+                    block_m = next(b for b in (16, 32, 64, 128, 256) if m <= b or b == 256)
+                    mm_settings = [(min(bm or block_m, block_m), *c) for bm, *c in INT4PACK_MM]
+                    # 256 rows x 128 outputs: only 8 warps with the weight rounded first hold the accumulator
+                    settings += [("int4pack-mm", c) for c in mm_settings if c[0] < 256 or c[1:3] != (128, 4) and not c[4]]
+            settings = list(dict.fromkeys((p, c) for p, c in settings if not args.paths or p in args.paths.split(",")))
+            packs = {}  # INNER_K_TILES -> int4pack.pack's tensors, made once per shape
             for path, c in settings:
                 kw = {"config": c} if path == "mm" else {}  # quant_linear: its own choice
                 try:
@@ -92,6 +105,13 @@ def main() -> None:
                         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
                         mm = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)  # noqa: E731
                         ms = graph_ms((lambda: mm() + bias) if path == "tinygemm+bias" else mm)
+                    elif path == "int4pack-mm":
+                        int4pack.INNER_K_TILES = 8
+                        if 8 not in packs:
+                            packs[8] = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = packs[8]
+                        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+                        ms = graph_ms(lambda: int4pack.mm(x, packed, 128, sz, bias, c))
                     elif path.startswith("int4pack-gemv") or path == "int4pack-linear":
                         int4pack.INNER_K_TILES = 8
                         packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)

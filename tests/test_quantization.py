@@ -145,6 +145,25 @@ def test_bfloat16_quantized_model_stays_close(quantized):
     assert layers
 
 
+def test_int4pack_mm_config_fits_the_kernel(monkeypatch):
+    """The CUDA tensor-core kernel's settings for every row count it serves, on the 7B's and the demo's layer
+    shapes: blocks Triton lowers to tensor-core tiles (128 x 256 accumulators only with 8 warps and the weights
+    rounded first, which keeps them in registers), K split in powers of two into no more pieces than it has
+    k-tiles, the scale after the dot only where groups are whole k-tiles."""
+    from qwen_serve.kernels import int4pack
+
+    monkeypatch.setattr(int4pack, "_multiprocessors", lambda index: 132)
+    shapes = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (1152, 896), (9728, 896), (896, 4864)]
+    for m in range(2, int4pack.MM_ROWS_MAX + 1):
+        for n, k in shapes:
+            for group in int4pack.GROUPS:
+                block_m, block_n, warps, split, after = int4pack.mm_config(m, n, k, group, 4, torch.device("cuda", 0))
+                assert block_m in (16, 32, 64, 128, 256) and (block_m >= m or block_m == 128)
+                assert (block_n, warps) == ((128, 8) if block_m == 256 else (64, 4)) and not (block_m == 256 and after)
+                assert split & (split - 1) == 0 and 1 <= split <= min(8, k // 128)
+                assert after == (m <= 32 and group % 128 == 0)
+
+
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
 def test_int4pack_cuda_layout_round_trip(inner_k_tiles):
     """The CUDA layout written out in torch (what the GPU kernels are tested on in Triton's interpreter):

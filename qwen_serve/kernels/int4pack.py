@@ -1,22 +1,25 @@
-"""4-bit weights through torch's packed int4 matmul ("tinygemm"): aten's `_weight_int4pack_mm` on CUDA
-(tensor cores, sm80 and later) and `_weight_int4pack_mm_for_cpu` on the CPU.
+"""4-bit weights in torch's packed int4 layouts: on CUDA (sm80 and later) the layout of its int4 matmul
+("tinygemm", `_convert_weight_to_int4pack`) read by the Triton kernels below, on the CPU
+`_weight_int4pack_mm_for_cpu`.
 
-Both compute w = (q - 8) * scale + zero per group of inputs, with scale and zero in the compute dtype, so an
+All compute w = (q - 8) * scale + zero per group of inputs, with scale and zero in the compute dtype, so an
 AWQ/GPTQ zero point z becomes zero = (8 - z) * s and a GGUF minimum m becomes 8 * s - m. That rounding (a
 bfloat16 scale keeps 8 of float16's 11 bits) makes the result differ from the exact weights by about what a
 bfloat16 copy of them would (relative 2.4e-3 on a 4864 x 896 layer). The two devices take their codes in
 different layouts; `pack` makes the one `linear` will read on the codes' device.
 
-On CUDA one row (batch-1 decode) runs `gemv`, a Triton kernel on the same packed codes: it launches with PDL
-and adds the bias itself, where tinygemm waits for the GPU to drain before each of a token's 112 launches and
-the bias is a kernel of its own (BENCHMARKS.md run 55). tinygemm pays per row (run 37: 39 us for the 7B's
-gate_up at one row, 150 at 16, 2.3 ms at 256), so it serves 2 to ROWS_MAX rows, and more rows dequantize the
-packed codes into a scratch bfloat16 weight for cuBLAS (`dequantize`, one Triton pass). `layout_reference`
-and `dequantize_reference` write the layout out in torch; the kernels are tested against them.
+On CUDA three paths by the number of rows: one row (batch-1 decode) `gemv`, on the CUDA cores with PDL and the
+bias fused (BENCHMARKS.md run 55: faster than tinygemm, which also waits for the GPU to drain before each
+launch); 2 to MM_ROWS_MAX rows `mm`, on the tensor cores with the codes made bfloat16 in registers (run 56, a
+7B layer's four projections: 1.1x tinygemm's speed at 4 rows and 3.1x at 16, where tinygemm pays per row;
+1.4x dequantize + cuBLAS's at 256); beyond, prefill, the codes are dequantized into a scratch bfloat16 weight for cuBLAS (`dequantize`, one Triton pass), small beside
+the GEMM. `layout_reference` and `dequantize_reference` write the layout out in torch; the kernels are tested
+against them.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,14 +33,17 @@ from qwen_serve.kernels.pdl import launch_options, wait_for_previous
 GROUPS = (32, 64, 128, 256)
 # CUDA's layout tiles K by INNER_K_TILES * 16 inputs; 8 is what the published int4 decoders use.
 INNER_K_TILES = 8
-# CUDA: 2 to this many rows tinygemm, beyond it dequantize + cuBLAS (the crossover of run 37's per-op times).
-ROWS_MAX = 16
 # (k-tiles a program, warps) of the dequantize pass.
 DEQUANT_TILES = (2, 4)
 # (outputs, k-tiles a step, warps) of `gemv`, for layers of fewer inputs than GEMV_LONG_K and for the rest: the
 # best of run 55's sweep on the 7B's projections (more k-tiles a step where K is long and the grid small).
 GEMV_TILES = {"short": (8, 4, 2), "long": (8, 16, 4)}
 GEMV_LONG_K = 8192
+# CUDA: 2 to this many rows `mm`, beyond it dequantize + cuBLAS.
+MM_ROWS_MAX = 256
+# `mm` on 129-256 rows: blocks of 256 rows x 128 outputs for weights of at least this many codes (the 7B's
+# gate_up and down in run 56), blocks of 128 x 64 for smaller ones (its qkv and o).
+MM_WIDE_CODES = 20_000_000
 
 
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -50,7 +56,7 @@ def supported(group: int, in_features: int, out_features: int, dtype: torch.dtyp
     if device.type == "cuda":
         return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
                 and out_features % 8 == 0 and in_features % (INNER_K_TILES * 16) == 0
-                and hasattr(torch.ops.aten, "_weight_int4pack_mm"))
+                and hasattr(torch.ops.aten, "_convert_weight_to_int4pack"))
     return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and out_features % 16 == 0
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
@@ -255,16 +261,139 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: to
     return y
 
 
+@triton.jit
+def _codes_as_bfloat16(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """An output's words of one k-tile [BLOCK_N, 4 * WORDS] -> its codes as bfloat16 128 + q [BLOCK_N, 32 * WORDS] in
+    input order. Nibbles i and i + 4 of a word are inputs 2 apart (h = 0, 1), so one shift and one mask put both
+    in a word as two bfloat16: q OR-ed into the mantissa of 128 (exact, no conversion). The word order
+    (b, j, h, i) then permutes to the input order (j, i, b, h) in registers, so that x is used as it lies."""
+    pairs = (words[:, :, None] >> (4 * tl.arange(0, 4))[None, None, :]) & 0x000F000F | 0x43004300  # [BN, w, i]
+    low = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    high = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    v = tl.reshape(tl.join(low, high), (BLOCK_N, 4, WORDS, 4, 2))  # [n, b, j, i, h]
+    return tl.reshape(tl.permute(v, (0, 2, 3, 1, 4)), (BLOCK_N, 32 * WORDS))
+
+
+@triton.jit
+def _dot(a, b, acc, IN_FLOAT32: tl.constexpr):
+    """tl.dot of bfloat16 operands; IN_FLOAT32 for Triton's interpreter, whose bfloat16 dot multiplies the raw
+    bits."""
+    if IN_FLOAT32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mm_kernel(x_ptr, xsum_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
+               WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, IN_FLOAT32: tl.constexpr, USE_PDL: tl.constexpr):
+    """y.T [BLOCK_N, BLOCK_M] from the packed codes as they lie, a k-tile (32 * WORDS inputs) a step, on the
+    tensor cores with the weight as the dot's first operand (a decode batch is the narrow side). The codes
+    become bfloat16 128 + q (`_codes_as_bfloat16`); with w = (q - 8) s + zero, either
+    SCALE_AFTER (groups of whole k-tiles): sum w x = s dot(128 + q, x) - (136 s - zero) sum x per k-tile, with
+    x's per-tile sums precomputed (xsum [M, K / span], float32); or each weight is made in float32,
+    (128 + q) s + (zero - 136 s), and rounded to bfloat16 before the dot. SPLIT: the programs along the
+    grid's third axis share an output block's k-tiles and add into a float32 y."""
+    SPAN: tl.constexpr = 32 * WORDS
+    TW: tl.constexpr = 4 * WORDS
+    k_tiles = K // SPAN
+    per_split = tl.cdiv(k_tiles, tl.num_programs(2))
+    t_start = tl.program_id(2) * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    w = tl.arange(0, TW)
+    row_words = (rn // 8).to(tl.int64) * k_tiles * 8 * TW + (rn % 8) * TW
+    w_ptrs = w_ptr + row_words[:, None] + t_start * 8 * TW + w[None, :]
+    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_x + t_start * SPAN + tl.arange(0, SPAN)[:, None]
+    j = tl.arange(0, WORDS)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    wait_for_previous(USE_PDL)
+    for t in range(t_start, t_end):
+        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+        v = _codes_as_bfloat16(words, BLOCK_N, WORDS)
+        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [SPAN, BM]
+        if SCALE_AFTER:
+            scale, zero = _bfloat16_halves(tl.load(sz_ptr + (t * SPAN // GROUP) * N + rn, mask=n_ok, other=0))
+            x_sum = tl.load(xsum_ptr + rm * k_tiles + t, mask=m_ok, other=0.0)
+            acc += scale[:, None] * _dot(v, xt, None, IN_FLOAT32)
+            acc -= (136.0 * scale - zero)[:, None] * x_sum[None, :]
+        else:
+            groups = (t * SPAN + 32 * j) // GROUP  # each input's group is its word column j's
+            scale, zero = _bfloat16_halves(tl.load(sz_ptr + groups[None, :] * N + rn[:, None], mask=n_ok[:, None],
+                                                   other=0))  # [BN, WORDS]
+            scale = scale[:, :, None]
+            shift = zero[:, :, None] - 136.0 * scale
+            wq = tl.reshape(v.to(tl.float32), (BLOCK_N, WORDS, 32)) * scale + shift
+            acc = _dot(tl.reshape(wq.to(tl.bfloat16), (BLOCK_N, SPAN)), xt, acc, IN_FLOAT32)
+        w_ptrs += 8 * TW
+        x_ptrs += SPAN
+    out = y_ptr + rm[None, :] * stride_y + rn[:, None]
+    ok = n_ok[:, None] & m_ok[None, :]
+    if SPLIT:
+        tl.atomic_add(out, acc, mask=ok, sem="relaxed")
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
+       bias: torch.Tensor | None, config: tuple[int, int, int, int, bool]) -> torch.Tensor:
+    """x [M, K] bfloat16 (contiguous) -> [M, N] through `_mm_kernel`; `config`: (BLOCK_M, BLOCK_N, warps,
+    SPLIT_K, SCALE_AFTER)."""
+    n_tiles, k_tiles, _, words = packed.shape
+    n, k = n_tiles * 8, k_tiles * words * 32
+    m = x.shape[0]
+    block_m, block_n, warps, split, scale_after = config
+    x_sum = torch.sum(x.view(m, k_tiles, words * 32), dim=-1, dtype=torch.float32) if scale_after else x
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(
+        m, n, dtype=torch.float32, device=x.device)
+    _mm_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
+        x, x_sum, packed, scales_and_zeros.view(torch.int32), bias if bias is not None else x, y, m, n, k,
+        x.stride(0), y.stride(0), GROUP=group, WORDS=words, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, SPLIT=split > 1, SCALE_AFTER=scale_after, IN_FLOAT32=_INTERPRETED,
+        num_warps=warps, **launch_options(x.device))
+    if split == 1:
+        return y
+    return y.to(x.dtype) if bias is None else (y + bias).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def mm_config(m: int, n: int, k: int, group: int, words: int, device: torch.device) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, warps, SPLIT_K, SCALE_AFTER) of `mm` for an [M, K] x [N, K] product, a rule fitted to
+    run 56's sweep on the 7B's projections at 4-256 rows (a layer 2% slower than each case's best setting
+    summed over those row counts, 8% at 128 rows): the rows' block, K split (in powers of two, up to 8) until
+    4 programs a multiprocessor are in flight up to 64 rows and 1 beyond, and the scale after the dot up to 32
+    rows (groups of whole k-tiles), where the epilogue is cheap beside rounding each weight."""
+    span = 32 * words
+    block_m = next(b for b in (16, 32, 64, 128, 256) if m <= b or b == 256)
+    if block_m == 256 and n * k < MM_WIDE_CODES:
+        block_m = 128
+    block_n, warps = (128, 8) if block_m == 256 else (64, 4)
+    tiles = -(-n // block_n) * -(-m // block_m)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    split = max(1, min(8, k // span, round((4 if m <= 64 else 1) * _multiprocessors(index) / tiles)))
+    return block_m, block_n, warps, 1 << (split.bit_length() - 1), m <= 32 and group % span == 0
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N]. CPU: 0.33 ms for 4864 x 896 at one row, 2 threads (160x the torch
     reference)."""
     if x.is_cuda and x.shape[0] == 1:
         return gemv(x, packed, group, scales_and_zeros, bias)
-    if x.is_cuda and x.shape[0] > ROWS_MAX:
+    if x.is_cuda and x.shape[0] > MM_ROWS_MAX:
         return F.linear(x, dequantize(packed, scales_and_zeros, group), bias)
     if x.is_cuda:
-        out = torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_and_zeros)
-    else:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
+        n_tiles, k_tiles, _, words = packed.shape
+        config = mm_config(x.shape[0], n_tiles * 8, k_tiles * words * 32, group, words, x.device)
+        return mm(x, packed, group, scales_and_zeros, bias, config)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
     return out if bias is None else out + bias

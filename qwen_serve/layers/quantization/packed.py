@@ -2,9 +2,9 @@
 
 `repack` turns a checkpoint's codes, zero points and scales into the layout of kernels/quant_linear.py
 (exactly: the same numbers). `PackedIntMethod.apply` sends CUDA inputs to its Triton kernels when the
-layer's fused kernels are on. 4-bit codes in groups torch's packed int4 matmul takes, in a compute dtype it
-takes on the layer's device, are packed for it instead (kernels/int4pack.py; scale and zero rounded to the
-compute dtype). On the CPU, wider codes (5 to 8 bits) in such groups are split into two 4-bit planes for
+layer's fused kernels are on. 4-bit codes in groups torch's packed int4 layouts take, in a compute dtype
+kernels/int4pack.py serves on the layer's device, are packed in that layout instead (scale and zero rounded
+to the compute dtype). On the CPU, wider codes (5 to 8 bits) in such groups are split into two 4-bit planes for
 the same matmul, one call each (`split_planes`): no torch CPU kernel reads them as they are, and the two
 planes read half the bytes of a bfloat16 weight. Everything else on the CPU runs the kernels' torch
 reference (the weight dequantized at each call: correct, slow).
