@@ -113,7 +113,7 @@ def test_dequantize_kernel_is_exact(bits, min_form):
 
 @pytest.mark.skipif(INTERPRETED, reason="torch's int4 packing is a CUDA kernel, not Triton")
 @pytest.mark.parametrize("group,min_form", [(32, False), (128, False), (32, True)])
-@pytest.mark.parametrize("rows", [1, 4, 17, 300])
+@pytest.mark.parametrize("rows", [1, 4, 17, 200, 300])
 @pytest.mark.parametrize("shape", [(4608, 3584), (3584, 18944), (256, 384)])
 def test_int4pack_matches_reference(shape, rows, group, min_form):
     """int4pack.linear on CUDA as served (each of its three paths by the row count), from torch's own packing,
@@ -207,7 +207,8 @@ def test_int4pack_mm_matches_reference(shape, rows, group, min_form):
     bias = torch.randn(n, generator=g).bfloat16()
     ref = x.float() @ int4pack.dequantize_reference(packed, scales_zeros, group).t() + bias.float()
     dev = [t.to(DEVICE) for t in (x, packed, scales_zeros, bias)]
-    configs = [(16, 16, 4, 1), (32, 16, 4, 3)] if INTERPRETED else [(16, 64, 4, 1), (64, 128, 8, 3), (256, 64, 4, 1)]
+    configs = [(16, 16, 4, 1), (32, 16, 4, 3)] if INTERPRETED else [
+        (16, 64, 4, 1), (64, 128, 8, 3), (256, 64, 4, 1), (256, 128, 8, 2)]
     for block_m, block_n, warps, split in configs:
         for scale_after in (True, False) if group % 128 == 0 else (False,):
             config = (block_m, block_n, warps, split, scale_after)
