@@ -240,7 +240,8 @@ class GGUFConfig(QuantizationConfig):
 class GGUFLinearMethod(LinearMethod):
     """Collects each shard's GGUF tensor at load; once a layer has them all, `process_weights_after_loading`
     turns it into an unquantized one (CPU, float types) or a packed-integer one (GPU), replacing itself as
-    the layer's method (so only one layer's raw blocks are held at a time)."""
+    the layer's method (so only one layer's raw blocks are held at a time); a CPU input table keeps its
+    blocks and this method, which looks rows up from them."""
 
     def __init__(self, config: GGUFConfig) -> None:
         self.config = config
@@ -278,6 +279,11 @@ class GGUFLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise RuntimeError(f"{layer.prefix}: the GGUF weights were not prepared (process_weights_after_loading)")
 
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of an input table kept as the file's blocks (`gguf_table`), dequantized."""
+        type_name, blocks = layer.gguf_table
+        return dequantize(blocks[ids], type_name, (ids.numel(), layer.in_features), layer.compute_dtype)
+
     def random_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
         """Each shard as random blocks of the config's `random_type`; the input table and the lm_head in
         bfloat16 (as Qwen's own GGUF files of 7B keep them at higher precision, and the memory goal counts
@@ -311,8 +317,15 @@ class GGUFLinearMethod(LinearMethod):
                 and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits))
                 and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                        sum(self._shards(layer).values()), layer.compute_dtype, device))
-        # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows.
+        # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows. On
+        # the CPU they stay the file's own blocks (Q5_0: 5.5 bits a value, where repacked codes take 8 and
+        # float32 factors 2 more), this method's `embedding` reading them; the GPU repacks them (its tested
+        # path; the blocks there are not measured yet).
         lookup_only = lookup and not logits
+        if lookup_only and blocks and device.type == "cpu":
+            layer.gguf_table = shards[names[0]]  # one shard: a table is one tensor
+            del layer.weight, layer.gguf_shards
+            return
         if not blocks or not (self.keeps_codes(device) or int4 or lookup_only):
             sizes = self._shards(layer)
             weight = torch.empty(sum(sizes.values()), layer.in_features, dtype=layer.compute_dtype, device=device)
