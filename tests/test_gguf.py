@@ -92,7 +92,7 @@ def test_mixed_block_formats_match_transformers(mixed_gguf, keep_codes, monkeypa
     model = load_model(folder, load_model_config(folder), torch.float32, "cpu")
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert hasattr(qkv, "qweight") == keep_codes and hasattr(qkv, "weight") != keep_codes
-    # The input table is only looked up (the lm_head is its own tensor): on the CPU it stays the file's blocks.
+    # The input table is only looked up (the lm_head is its own tensor): it stays the file's blocks.
     assert model.model.embed_tokens.gguf_table[0] == "Q5_0" and hasattr(model.lm_head, "qweight") == keep_codes
     if keep_codes:  # three formats share 8-bit codes and groups of 16 (Q6_K's)
         assert qkv.scales.shape[1] == 256 // 16 and qkv.quant_method.bits == 8

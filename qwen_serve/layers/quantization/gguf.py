@@ -240,8 +240,8 @@ class GGUFConfig(QuantizationConfig):
 class GGUFLinearMethod(LinearMethod):
     """Collects each shard's GGUF tensor at load; once a layer has them all, `process_weights_after_loading`
     turns it into an unquantized one (CPU, float types) or a packed-integer one (GPU), replacing itself as
-    the layer's method (so only one layer's raw blocks are held at a time); a CPU input table keeps its
-    blocks and this method, which looks rows up from them."""
+    the layer's method (so only one layer's raw blocks are held at a time); an input table that is only
+    looked up keeps its blocks and this method, which looks rows up from them."""
 
     def __init__(self, config: GGUFConfig) -> None:
         self.config = config
@@ -317,16 +317,14 @@ class GGUFLinearMethod(LinearMethod):
                 and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits))
                 and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                        sum(self._shards(layer).values()), layer.compute_dtype, device))
-        # An input table that is only looked up keeps its codes everywhere: a lookup dequantizes its rows. On
-        # the CPU they stay the file's own blocks (Q5_0: 5.5 bits a value, where repacked codes take 8 and
-        # float32 factors 2 more), this method's `embedding` reading them; the GPU repacks them (its tested
-        # path; the blocks there are not measured yet).
-        lookup_only = lookup and not logits
-        if lookup_only and blocks and device.type == "cpu":
-            layer.gguf_table = shards[names[0]]  # one shard: a table is one tensor
+        # An input table that is only looked up stays the file's own blocks on every device (Q5_0: 5.5 bits a
+        # value, where repacked codes take 8 and float32 factors 2 more): `embedding` dequantizes its rows.
+        if lookup and not logits and blocks:
+            type_name, table = shards[names[0]]  # one shard: a table is one tensor
+            layer.gguf_table = (type_name, table.to(device))
             del layer.weight, layer.gguf_shards
             return
-        if not blocks or not (self.keeps_codes(device) or int4 or lookup_only):
+        if not blocks or not (self.keeps_codes(device) or int4):
             sizes = self._shards(layer)
             weight = torch.empty(sum(sizes.values()), layer.in_features, dtype=layer.compute_dtype, device=device)
             start = 0

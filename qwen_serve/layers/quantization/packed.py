@@ -82,13 +82,6 @@ class PackedIntMethod(LinearMethod):
                        params_dtype: torch.dtype) -> None:
         raise NotImplementedError("the packed layout is made from a checkpoint format's weights (repack)")
 
-    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """The rows `ids`, dequantized (a GGUF embedding table kept packed on the GPU)."""
-        group = layer.in_features // layer.scales.shape[1]
-        rows = quant_linear.dequantize_reference(layer.qweight[ids], layer.zeros[ids], layer.scales[ids], group,
-                                                 self.bits)
-        return rows.to(layer.compute_dtype)
-
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
