@@ -96,25 +96,28 @@ def main() -> None:
                     settings += [("int4pack-mm", c) for c in mm_settings if c[0] < 256 or c[1:3] != (128, 4) and not c[4]]
             settings = list(dict.fromkeys((p, c) for p, c in settings if not args.paths or p in args.paths.split(",")))
             packs = {}  # INNER_K_TILES -> int4pack.pack's tensors, made once per shape
+
+            def packed_as(tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+                if tiles not in packs:
+                    served, int4pack.INNER_K_TILES = int4pack.INNER_K_TILES, tiles
+                    packs[tiles] = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                    int4pack.INNER_K_TILES = served
+                return packs[tiles]
+
             for path, c in settings:
                 kw = {"config": c} if path == "mm" else {}  # quant_linear: its own choice
                 try:
                     if path.startswith("tinygemm"):
-                        int4pack.INNER_K_TILES = c
-                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = packed_as(c)
                         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
                         mm = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)  # noqa: E731
                         ms = graph_ms((lambda: mm() + bias) if path == "tinygemm+bias" else mm)
                     elif path == "int4pack-mm":
-                        int4pack.INNER_K_TILES = 8
-                        if 8 not in packs:
-                            packs[8] = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
-                        packed, sz = packs[8]
+                        packed, sz = packed_as(8)
                         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
                         ms = graph_ms(lambda: int4pack.mm(x, packed, 128, sz, bias, c))
                     elif path.startswith("int4pack-gemv") or path == "int4pack-linear":
-                        int4pack.INNER_K_TILES = 8
-                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = packed_as(8)
                         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
                         pdl = os.environ.get("QWEN_SERVE_PDL")
                         os.environ["QWEN_SERVE_PDL"] = "0" if path.endswith("nopdl") else pdl or "1"
@@ -126,8 +129,7 @@ def main() -> None:
                         finally:  # the caller's setting back for the other paths
                             os.environ.pop("QWEN_SERVE_PDL") if pdl is None else os.environ.update(QWEN_SERVE_PDL=pdl)
                     elif path == "int4pack-dequant+cublas":
-                        int4pack.INNER_K_TILES = 8
-                        packed, sz = int4pack.pack(ql.unpack_codes(qweight, 4), zeros, scales, torch.bfloat16)
+                        packed, sz = packed_as(8)
                         ms = graph_ms(lambda: F.linear(x, int4pack.dequantize(packed, sz, 128, c)))
                     elif path == "dequant+cublas":
                         ms = graph_ms(lambda: F.linear(

@@ -12,8 +12,8 @@ On CUDA three paths by the number of rows: one row (batch-1 decode) `gemv`, on t
 bias fused (BENCHMARKS.md run 55: faster than tinygemm, which also waits for the GPU to drain before each
 launch); 2 to MM_ROWS_MAX rows `mm`, on the tensor cores with the codes made bfloat16 in registers (run 56, a
 7B layer's four projections: 1.1x tinygemm's speed at 4 rows and 3.1x at 16, where tinygemm pays per row;
-1.4x dequantize + cuBLAS's at 256); beyond, prefill, the codes are dequantized into a scratch bfloat16 weight for cuBLAS (`dequantize`, one Triton pass), small beside
-the GEMM. `layout_reference` and `dequantize_reference` write the layout out in torch; the kernels are tested
+1.4x dequantize + cuBLAS's at 256); beyond, prefill, the codes are dequantized into a scratch bfloat16
+weight for cuBLAS (`dequantize`, one Triton pass), small beside the GEMM. `layout_reference` and `dequantize_reference` write the layout out in torch; the kernels are tested
 against them.
 """
 
