@@ -106,6 +106,22 @@ def test_mixed_block_formats_match_transformers(mixed_gguf, keep_codes, monkeypa
     assert (ours - ref).abs().max() / ref.abs().max() < 1e-5
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_the_block_table_stays_mapped_from_the_file(mixed_gguf, tmp_path, monkeypatch):
+    """The input table kept as blocks is the GGUF's own bytes, mapped (only looked-up rows' pages become
+    resident), not a copy read into the heap."""
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.loader.resolve import resolve_model
+
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model(str(mixed_gguf))
+    model = load_model(folder, load_model_config(folder), torch.bfloat16, "cpu")
+    table = model.model.embed_tokens.gguf_table[1]
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    spans = [tuple(int(a, 16) for a in m[0].split("-")) for m in maps if m[-1] == str(mixed_gguf.resolve())]
+    assert any(lo <= table.data_ptr() and table.data_ptr() + table.nbytes <= hi for lo, hi in spans)
+
+
 def test_a_wide_lm_head_runs_as_two_4bit_planes_on_the_cpu(tmp_path, monkeypatch):
     """An lm_head of Q8_0 blocks (the demo model's) in a bfloat16 model on the CPU: two 4-bit planes through
     torch's int4 matmul instead of a bfloat16 copy; its logits stay within bfloat16's rounding of the

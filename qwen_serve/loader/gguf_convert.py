@@ -1,8 +1,8 @@
 """Describes a qwen2- or llama-architecture GGUF file as an HF-style folder in the cache, once per file.
 
 The weights stay in the GGUF: the folder holds what the rest of the engine reads from a Hugging Face
-checkpoint, and an index of the file's tensors that `iter_gguf_weights` reads at load (plain reads at
-their offsets, no GGUF parsing, no converted copy):
+checkpoint, and an index of the file's tensors that `iter_gguf_weights` reads at load (plain reads or
+maps at their offsets, no GGUF parsing, no converted copy):
   config.json             Qwen2ForCausalLM / LlamaForCausalLM hyperparameters from `qwen2.*` / `llama.*`
                           metadata, and a `gguf` quantization_config naming each weight's GGML type
                           (layers/quantization/gguf.py)
@@ -366,9 +366,14 @@ _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def iter_gguf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of a folder made by `write_hf_folder`, read from its GGUF one tensor at a time (plain
-    reads, as loader/model_loader.read_safetensors does): float tensors in their dtype and HF shape, block
-    formats as their raw bytes, uint8 [rows, bytes a row]."""
+    """The weights of a folder made by `write_hf_folder`, read from its GGUF one tensor at a time: float
+    tensors in their dtype and HF shape, block formats as their raw bytes, uint8 [rows, bytes a row].
+
+    Float tensors are read with plain reads (as loader/model_loader.read_safetensors does: they are copied
+    into the model, and a mapped file's touched pages would stay resident). Block tensors are mapped, each
+    in its own map: a layer that decodes them drops its map once done, and an input table kept as the
+    file's blocks (layers/quantization/gguf.py) stays mapped, so only the pages of rows looked up become
+    resident (a Q5_0 table of 152K rows: ~2 KB a token of the vocabulary used, not 89 MiB)."""
     index = json.loads((folder / GGUF_INDEX).read_text())
     path = Path(index["gguf"])
     if not path.is_file():
@@ -377,14 +382,17 @@ def iter_gguf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ValueError(f"{path} changed since it was indexed into {folder}; pass the .gguf file again")
     with path.open("rb") as f:
         for name, e in sorted(index["tensors"].items(), key=lambda kv: kv[1]["offset"]):
-            buf = torch.empty(e["nbytes"], dtype=torch.uint8)
-            f.seek(e["offset"])
-            if f.readinto(memoryview(buf.numpy())) != e["nbytes"]:
-                raise ValueError(f"{path}: short read for tensor {name}")
+            if e["offset"] + e["nbytes"] > index["size"]:
+                raise ValueError(f"{path}: tensor {name} ends past the end of the file")
             if e["type"] in _FLOAT_DTYPES:
+                buf = torch.empty(e["nbytes"], dtype=torch.uint8)
+                f.seek(e["offset"])
+                if f.readinto(memoryview(buf.numpy())) != e["nbytes"]:
+                    raise ValueError(f"{path}: short read for tensor {name}")
                 tensor = buf.view(_FLOAT_DTYPES[e["type"]]).reshape(e["shape"])
-            else:
-                tensor = buf.reshape(e["shape"][0], -1)
+            else:  # copy-on-write: a private, writable view of the file's bytes
+                mapped = np.memmap(path, dtype=np.uint8, mode="c", offset=e["offset"], shape=(e["nbytes"],))
+                tensor = torch.from_numpy(mapped).reshape(e["shape"][0], -1)
             if "interleaved_heads" in e:
                 tensor = rotary_rows_in_order(tensor, e["interleaved_heads"])
             yield name, tensor
