@@ -164,6 +164,17 @@ def test_int4pack_mm_config_fits_the_kernel(monkeypatch):
                 assert after == (m <= 32 and group % 128 == 0)
 
 
+def test_int4pack_cpu_packing_in_slices_is_the_whole(monkeypatch):
+    """The CPU packer's slices of CPU_PACK_ROWS rows joined are the weight packed at once (uint8 codes in)."""
+    from qwen_serve.kernels import int4pack
+
+    codes = torch.randint(0, 16, (64 * 5 + 16, 256), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    zeros, scales = torch.zeros(codes.shape[0], 2), torch.ones(codes.shape[0], 2)
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    monkeypatch.setattr(int4pack, "CPU_PACK_ROWS", 64)
+    assert torch.equal(int4pack.pack(codes, zeros, scales, torch.bfloat16)[0], whole)
+
+
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
 def test_int4pack_cuda_layout_round_trip(inner_k_tiles):
     """The CUDA layout written out in torch (what the GPU kernels are tested on in Triton's interpreter):

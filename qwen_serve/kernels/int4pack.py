@@ -61,16 +61,23 @@ def supported(group: int, in_features: int, out_features: int, dtype: torch.dtyp
             and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
+# Rows the CPU packer takes at a time: a multiple of its row blocks (slices packed apart and joined are the
+# whole packed at once), and an lm_head of 152K rows then needs 16K rows of int32 codes, not 545 MB.
+CPU_PACK_ROWS = 16384
+
+
 def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [N, K] in 0..15, zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] ->
     (packed weight, scales_and_zeros [groups, N, 2] in `dtype`) on the codes' device."""
-    codes = codes.to(torch.int32).contiguous()
     if codes.is_cuda:  # two codes a byte, the even input in the high nibble
+        codes = codes.to(torch.int32)
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
         packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES)
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    else:  # the CPU packer wants int32 codes: a slice of rows at a time keeps that copy small
+        packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[start : start + CPU_PACK_ROWS].to(torch.int32).contiguous(), 1)
+            for start in range(0, codes.shape[0], CPU_PACK_ROWS)])
     return packed, scales_and_zeros(zeros, scales, dtype)
 
 

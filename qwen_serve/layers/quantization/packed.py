@@ -53,7 +53,7 @@ def repack(layer: nn.Module, codes: torch.Tensor, zeros: torch.Tensor, scales: t
         planes = [(codes, zeros, scales)]
         if bits > 4:
             mins = zeros if zeros.dtype.is_floating_point else zeros.float() * scales.float()
-            planes = split_planes(codes.to(torch.int32), mins, scales, bits)
+            planes = split_planes(codes, mins, scales, bits)
         for suffix, (c, z, sc) in zip(("", "_high"), planes):
             packed, scales_and_zeros = int4pack.pack(c, z, sc, int4_dtype)
             layer.register_buffer(f"int4{suffix}_weight", packed, persistent=False)
