@@ -71,7 +71,7 @@ def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     """codes [N, K] in 0..15, zeros [N, groups] (zero point codes, or float minimums), scales [N, groups] ->
     (packed weight, scales_and_zeros [groups, N, 2] in `dtype`) on the codes' device."""
     if codes.is_cuda:  # two codes a byte, the even input in the high nibble
-        codes = codes.to(torch.int32)
+        codes = codes.to(torch.int32).contiguous()
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
         packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES)
     else:  # the CPU packer wants int32 codes: a slice of rows at a time keeps that copy small
