@@ -25,8 +25,12 @@ def test_warm_up_steps_cover_each_kind_within_the_limits():
     steps = eager_warm_up_steps(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=32768, block_size=16,
                                 dense_min_len=1024)
     assert steps == [WarmUpStep((1024,), (16,)), WarmUpStep((2,) + (1,) * 255, (16,) * 256), WarmUpStep((2,), (16,))]
-    for max_num_seqs, budget, max_len in [(256, 300, 32768), (4, 8192, 1000), (1, 16384, 131072), (8, 2, 64)]:
-        steps = eager_warm_up_steps(max_num_seqs, budget, max_len, 16, 1024)
+    # The quantized linears' row buckets: a chunk of each power of two tokens up to their bound.
+    steps = eager_warm_up_steps(256, 8192, 32768, 16, 1024, linear_rows_max=256)
+    assert [s.query_lens for s in steps[3:]] == [(4,), (8,), (16,), (32,), (64,), (128,), (256,)]
+    for max_num_seqs, budget, max_len in [(256, 300, 32768), (4, 8192, 1000), (1, 16384, 131072), (8, 2, 64),
+                                          (4, 100, 80)]:
+        steps = eager_warm_up_steps(max_num_seqs, budget, max_len, 16, 1024, linear_rows_max=256)
         assert steps, (max_num_seqs, budget, max_len)
         for step in steps:
             assert step.num_tokens <= budget and len(step.query_lens) <= max_num_seqs

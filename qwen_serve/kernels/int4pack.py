@@ -290,7 +290,7 @@ def _dot(a, b, acc, IN_FLOAT32: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant for any rows of a tile size (warm_up.py)
 def _mm_kernel(x_ptr, xsum_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
                WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, IN_FLOAT32: tl.constexpr, USE_PDL: tl.constexpr):

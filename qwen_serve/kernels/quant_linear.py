@@ -155,7 +155,7 @@ def _gemv_kernel(x_ptr, w_ptr, z_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_w, strid
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one variant for any rows of a tile size (warm_up.py)
 def _mm_kernel(
     x_ptr, w_ptr, z_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_g, stride_y,
     GROUP: tl.constexpr, BITS: tl.constexpr, MIN_FORM: tl.constexpr, MAGIC: tl.constexpr, OFFSET: tl.constexpr,

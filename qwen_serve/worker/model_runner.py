@@ -34,6 +34,7 @@ import torch
 from qwen_serve.config import KV_CACHE_DTYPES, EngineConfig
 from qwen_serve.distributed.parallel import ParallelContext, kv_head_range
 from qwen_serve.engine.speculative import SpeculativeConfig
+from qwen_serve.kernels import int4pack, quant_linear
 from qwen_serve.layers.attention import AttentionMetadata, OutputRows, bind_kv_cache, forward_context, raw_bytes
 from qwen_serve.layers.options import LayerOptions, triton_available
 from qwen_serve.models.config import ModelConfig
@@ -196,7 +197,8 @@ class ModelRunner:
         table points at block 0, which the steps only read."""
         start = time.perf_counter()
         steps = eager_warm_up_steps(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.max_model_len,
-                                    self.block_size, dense_min_len)
+                                    self.block_size, dense_min_len,
+                                    max(int4pack.MM_ROWS_MAX, quant_linear.MM_MAX_ROWS))
         for step in steps:
             positions, query_start, seq_lens = [], [0], []
             for n, ctx in zip(step.query_lens, step.context_lens):

@@ -9,7 +9,11 @@ depends only on a few of its traits, so one step of each kind covers every step 
 - the most sampling rows a step can hold: the last layer attends for those rows as a decode-shaped
   batch, whose key tiles widen once the batch covers every multiprocessor;
 - one sampling row after a short chunk: the same decode-shaped batch at its narrowest, and the
-  paged-attention kernel's prefill variant.
+  paged-attention kernel's prefill variant;
+- a chunk of each power of two tokens up to `linear_rows_max`: the quantized linears' tensor-core kernels
+  pick their tiles by the rows' power of two up to there (kernels/int4pack.py `mm_config`,
+  kernels/quant_linear.py `mm_config`), so a mixed step of 37 tokens needs the 64-row variant (run 61: eight
+  of them compiled inside the 256-request throughput run, 3.5 of its 16.9 s).
 Decode-only steps replay CUDA graphs, whose capture compiles their own variants.
 """
 
@@ -32,7 +36,7 @@ class WarmUpStep:
 
 
 def eager_warm_up_steps(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int, block_size: int,
-                        dense_min_len: int | None) -> list[WarmUpStep]:
+                        dense_min_len: int | None, linear_rows_max: int = 0) -> list[WarmUpStep]:
     """The steps (see the module docstring) that fit the engine's limits: at most max_num_seqs sequences
     and max_num_batched_tokens tokens a step, contexts within max_model_len. Every chunk follows a cached
     prefix of one block, as later chunks of a prompt do."""
@@ -47,4 +51,8 @@ def eager_warm_up_steps(max_num_seqs: int, max_num_batched_tokens: int, max_mode
     if rows > 1:
         steps.append(WarmUpStep((2,) + (1,) * (rows - 1), (ctx,) * rows))
     steps.append(WarmUpStep((2,), (ctx,)))
+    n = 4
+    while n <= min(linear_rows_max, max_num_batched_tokens) and ctx + n <= max_model_len:
+        steps.append(WarmUpStep((n,), (ctx,)))
+        n *= 2
     return steps
