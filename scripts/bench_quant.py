@@ -32,9 +32,8 @@ MM = [(0, bn, bk, w, split) for bn in (64, 128) for bk in (128,) for w in (4,) f
 # (BLOCK_N, CHUNKS, warps) of quant_linear's dequantize pass; (k-tiles a program, warps) of int4pack's.
 DEQUANT = [(bn, c, w) for bn in (8, 16, 32) for c in (4, 8, 16) for w in (4, 8)]
 INT4PACK_DEQUANT = [(t, w) for t in (1, 2, 4, 8) for w in (2, 4, 8)]
-# (BLOCK_M, BLOCK_N, warps, SPLIT_K, SCALE_AFTER) of int4pack's tensor-core kernel; BLOCK_M 0: the row count's.
-INT4PACK_MM = [(bm, bn, w, split, after) for bm in (0, 128) for bn, w in ((64, 4), (128, 4), (128, 8))
-               for split in (1, 2, 4, 8) for after in (True, False)]
+# (BLOCK_M, BLOCK_N, warps, SPLIT_K) of int4pack's tensor-core kernel; BLOCK_M 0: the row count's.
+INT4PACK_MM = [(bm, bn, w, split) for bm in (0, 128) for bn, w in ((64, 4), (128, 4), (128, 8)) for split in (1, 2, 4, 8)]
 # (outputs, k-tiles a step, warps) of int4pack's GEMV.
 INT4PACK_GEMV = [(r, t, w) for r in (4, 8, 16) for t in (4, 8, 16) for w in (1, 2, 4) if 8 <= r * t * 16 // (32 * w) <= 32]
 
@@ -92,8 +91,8 @@ def main() -> None:
                 if 1 < m <= 512:
                     block_m = next(b for b in (16, 32, 64, 128, 256) if m <= b or b == 256)
                     mm_settings = [(min(bm or block_m, block_m), *c) for bm, *c in INT4PACK_MM]
-                    # 256 rows x 128 outputs: only 8 warps with the weight rounded first hold the accumulator
-                    settings += [("int4pack-mm", c) for c in mm_settings if c[0] < 256 or c[1:3] != (128, 4) and not c[4]]
+                    # 256 rows x 128 outputs: only 8 warps hold the accumulator
+                    settings += [("int4pack-mm", c) for c in mm_settings if c[0] < 256 or c[1:3] != (128, 4)]
             settings = list(dict.fromkeys((p, c) for p, c in settings if not args.paths or p in args.paths.split(",")))
             packs = {}  # INNER_K_TILES -> int4pack.pack's tensors, made once per shape
 

@@ -147,21 +147,20 @@ def test_bfloat16_quantized_model_stays_close(quantized):
 
 def test_int4pack_mm_config_fits_the_kernel(monkeypatch):
     """The CUDA tensor-core kernel's settings for every row count it serves, on the 7B's and the demo's layer
-    shapes: blocks Triton lowers to tensor-core tiles (128 x 256 accumulators only with 8 warps and the weights
-    rounded first, which keeps them in registers), K split in powers of two into no more pieces than it has
-    k-tiles, the scale after the dot only where groups are whole k-tiles."""
+    shapes: blocks Triton lowers to tensor-core tiles (128 x 256 accumulators only with 8 warps), K split in
+    powers of two into no more pieces than it has k-tiles, and split only where the grid alone would leave
+    multiprocessors idle."""
     from qwen_serve.kernels import int4pack
 
     monkeypatch.setattr(int4pack, "_multiprocessors", lambda index: 132)
     shapes = [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944), (1152, 896), (9728, 896), (896, 4864)]
     for m in range(2, int4pack.MM_ROWS_MAX + 1):
         for n, k in shapes:
-            for group in int4pack.GROUPS:
-                block_m, block_n, warps, split, after = int4pack.mm_config(m, n, k, group, 4, torch.device("cuda", 0))
-                assert block_m in (16, 32, 64, 128, 256) and (block_m >= m or block_m == 128)
-                assert (block_n, warps) == ((128, 8) if block_m == 256 else (64, 4)) and not (block_m == 256 and after)
-                assert split & (split - 1) == 0 and 1 <= split <= min(8, k // 128)
-                assert after == (m <= 32 and group % 128 == 0)
+            block_m, block_n, warps, split = int4pack.mm_config(m, n, k, 4, torch.device("cuda", 0))
+            assert block_m in (16, 32, 64, 128, 256) and (block_m >= m or block_m == 128)
+            assert block_n in (64, 128) and warps in (4, 8) and not (block_m * block_n > 128 * 128 and warps == 4)
+            assert split & (split - 1) == 0 and 1 <= split <= min(8, k // 128)
+            assert split == 1 or -(-n // block_n) * -(-m // block_m) < 132 * 8
 
 
 def test_int4pack_cpu_packing_in_slices_is_the_whole(monkeypatch):

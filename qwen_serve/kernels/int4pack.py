@@ -10,11 +10,11 @@ different layouts; `pack` makes the one `linear` will read on the codes' device.
 
 On CUDA three paths by the number of rows: one row (batch-1 decode) `gemv`, on the CUDA cores with PDL and the
 bias fused (BENCHMARKS.md run 55: faster than tinygemm, which also waits for the GPU to drain before each
-launch); 2 to MM_ROWS_MAX rows `mm`, on the tensor cores with the codes made bfloat16 in registers (run 56, a
-7B layer's four projections: 1.1x tinygemm's speed at 4 rows and 3.1x at 16, where tinygemm pays per row;
-1.4x dequantize + cuBLAS's at 256); beyond, prefill, the codes are dequantized into a scratch bfloat16
-weight for cuBLAS (`dequantize`, one Triton pass), small beside the GEMM. `layout_reference` and `dequantize_reference` write the layout out in torch; the kernels are tested
-against them.
+launch); 2 to MM_ROWS_MAX rows `mm`, on the tensor cores with the weights made bfloat16 in registers (runs 56
+and 60, a 7B layer's four projections: 1.2x tinygemm's speed at 4 rows and 3.5x at 16, where tinygemm pays
+per row; 1.8x dequantize + cuBLAS's at 256); beyond, prefill, the codes are dequantized into a scratch
+bfloat16 weight for cuBLAS (`dequantize`, one Triton pass), small beside the GEMM. `layout_reference` and
+`dequantize_reference` write the layout out in torch; the kernels are tested against them.
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ GEMV_TILES = {"short": (8, 4, 2), "long": (8, 16, 4)}
 GEMV_LONG_K = 8192
 # CUDA: 2 to this many rows `mm`, beyond it dequantize + cuBLAS.
 MM_ROWS_MAX = 256
-# `mm` on 129-256 rows: blocks of 256 rows x 128 outputs for weights of at least this many codes (the 7B's
-# gate_up and down in run 56), blocks of 128 x 64 for smaller ones (its qkv and o).
+# `mm` on 129-256 rows: blocks of 256 rows for weights of at least this many codes (the 7B's gate_up and down
+# in runs 56 and 60), of 128 for smaller ones (its qkv and o).
 MM_WIDE_CODES = 20_000_000
+# `mm`'s layers of at least this many inputs (the 7B's down): few outputs for their size, so wider output
+# blocks and more of K split (run 60).
+MM_LONG_K = 8192
 
 
 def supported(group: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -282,6 +285,17 @@ def _codes_as_bfloat16(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _weights(v, scale, zero, PACKED_BF16: tl.constexpr):
+    """bfloat16 codes 128 + q -> the weights (q - 8) scale + zero in bfloat16, rounded once. PACKED_BF16: two
+    at a time in bfloat16x2 PTX (q - 8 is exact; one fused multiply-add), else through float32."""
+    if PACKED_BF16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 c, t; mov.b32 c, 0x43084308; sub.rn.bf16x2 t, $1, c; fma.rn.bf16x2 $0, t, $2, $3; }",
+            "=r,r,r,r", [v, scale, zero], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return ((v.to(tl.float32) - 136.0) * scale.to(tl.float32) + zero.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _dot(a, b, acc, IN_FLOAT32: tl.constexpr):
     """tl.dot of bfloat16 operands; IN_FLOAT32 for Triton's interpreter, whose bfloat16 dot multiplies the raw
     bits."""
@@ -291,16 +305,14 @@ def _dot(a, b, acc, IN_FLOAT32: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])  # one variant for any rows of a tile size (warm_up.py)
-def _mm_kernel(x_ptr, xsum_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
+def _mm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, GROUP: tl.constexpr,
                WORDS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SPLIT: tl.constexpr, SCALE_AFTER: tl.constexpr, IN_FLOAT32: tl.constexpr, USE_PDL: tl.constexpr):
+               SPLIT: tl.constexpr, IN_FLOAT32: tl.constexpr, PACKED_BF16: tl.constexpr, USE_PDL: tl.constexpr):
     """y.T [BLOCK_N, BLOCK_M] from the packed codes as they lie, a k-tile (32 * WORDS inputs) a step, on the
     tensor cores with the weight as the dot's first operand (a decode batch is the narrow side). The codes
-    become bfloat16 128 + q (`_codes_as_bfloat16`); with w = (q - 8) s + zero, either
-    SCALE_AFTER (groups of whole k-tiles): sum w x = s dot(128 + q, x) - (136 s - zero) sum x per k-tile, with
-    x's per-tile sums precomputed (xsum [M, K / span], float32); or each weight is made in float32,
-    (128 + q) s + (zero - 136 s), and rounded to bfloat16 before the dot. SPLIT: the programs along the
-    grid's third axis share an output block's k-tiles and add into a float32 y."""
+    become bfloat16 128 + q (`_codes_as_bfloat16`), then the weights (q - 8) s + zero (`_weights`, rounded once
+    to bfloat16, as the dequantize pass does). SPLIT: the programs along the grid's third axis share an output
+    block's k-tiles and add into a float32 y."""
     SPAN: tl.constexpr = 32 * WORDS
     TW: tl.constexpr = 4 * WORDS
     k_tiles = K // SPAN
@@ -309,36 +321,31 @@ def _mm_kernel(x_ptr, xsum_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, 
     t_end = tl.minimum(t_start + per_split, k_tiles)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_ok = rn < N
-    m_ok = rm < M
+    # outputs and rows past the edge read the last one's (stored nowhere): no masks in the loop
+    rn_in = tl.minimum(rn, N - 1)
+    rm_in = tl.minimum(rm, M - 1)
     w = tl.arange(0, TW)
-    row_words = (rn // 8).to(tl.int64) * k_tiles * 8 * TW + (rn % 8) * TW
+    row_words = (rn_in // 8).to(tl.int64) * k_tiles * 8 * TW + (rn_in % 8) * TW
     w_ptrs = w_ptr + row_words[:, None] + t_start * 8 * TW + w[None, :]
-    x_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_x + t_start * SPAN + tl.arange(0, SPAN)[:, None]
+    x_ptrs = x_ptr + rm_in[None, :].to(tl.int64) * stride_x + t_start * SPAN + tl.arange(0, SPAN)[:, None]
     j = tl.arange(0, WORDS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     wait_for_previous(USE_PDL)
     for t in range(t_start, t_end):
-        words = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
-        v = _codes_as_bfloat16(words, BLOCK_N, WORDS)
-        xt = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)  # [SPAN, BM]
-        if SCALE_AFTER:
-            scale, zero = _bfloat16_halves(tl.load(sz_ptr + (t * SPAN // GROUP) * N + rn, mask=n_ok, other=0))
-            x_sum = tl.load(xsum_ptr + rm * k_tiles + t, mask=m_ok, other=0.0)
-            acc += scale[:, None] * _dot(v, xt, None, IN_FLOAT32)
-            acc -= (136.0 * scale - zero)[:, None] * x_sum[None, :]
-        else:
-            groups = (t * SPAN + 32 * j) // GROUP  # each input's group is its word column j's
-            scale, zero = _bfloat16_halves(tl.load(sz_ptr + groups[None, :] * N + rn[:, None], mask=n_ok[:, None],
-                                                   other=0))  # [BN, WORDS]
-            scale = scale[:, :, None]
-            shift = zero[:, :, None] - 136.0 * scale
-            wq = tl.reshape(v.to(tl.float32), (BLOCK_N, WORDS, 32)) * scale + shift
-            acc = _dot(tl.reshape(wq.to(tl.bfloat16), (BLOCK_N, SPAN)), xt, acc, IN_FLOAT32)
+        v = _codes_as_bfloat16(tl.load(w_ptrs), BLOCK_N, WORDS)
+        xt = tl.load(x_ptrs)  # [SPAN, BM]
+        groups = (t * SPAN + 32 * j) // GROUP  # each input's group is its word column j's
+        pairs = tl.load(sz_ptr + groups[None, :] * N + rn_in[:, None])  # [BN, WORDS]
+        scale = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)[:, :, None]
+        zero = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)[:, :, None]
+        v3 = tl.reshape(v, (BLOCK_N, WORDS, 32))
+        wq = _weights(v3, tl.broadcast_to(scale, v3.shape), tl.broadcast_to(zero, v3.shape), PACKED_BF16)
+        acc = _dot(tl.reshape(wq, (BLOCK_N, SPAN)), xt, acc, IN_FLOAT32)
         w_ptrs += 8 * TW
         x_ptrs += SPAN
     out = y_ptr + rm[None, :] * stride_y + rn[:, None]
-    ok = n_ok[:, None] & m_ok[None, :]
+    n_ok = rn < N
+    ok = n_ok[:, None] & (rm < M)[None, :]
     if SPLIT:
         tl.atomic_add(out, acc, mask=ok, sem="relaxed")
     else:
@@ -348,20 +355,19 @@ def _mm_kernel(x_ptr, xsum_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, 
 
 
 def mm(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
-       bias: torch.Tensor | None, config: tuple[int, int, int, int, bool]) -> torch.Tensor:
+       bias: torch.Tensor | None, config: tuple[int, int, int, int]) -> torch.Tensor:
     """x [M, K] bfloat16 (contiguous) -> [M, N] through `_mm_kernel`; `config`: (BLOCK_M, BLOCK_N, warps,
-    SPLIT_K, SCALE_AFTER)."""
+    SPLIT_K)."""
     n_tiles, k_tiles, _, words = packed.shape
     n, k = n_tiles * 8, k_tiles * words * 32
     m = x.shape[0]
-    block_m, block_n, warps, split, scale_after = config
-    x_sum = torch.sum(x.view(m, k_tiles, words * 32), dim=-1, dtype=torch.float32) if scale_after else x
+    block_m, block_n, warps, split = config
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split == 1 else torch.zeros(
         m, n, dtype=torch.float32, device=x.device)
     _mm_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)](
-        x, x_sum, packed, scales_and_zeros.view(torch.int32), bias if bias is not None else x, y, m, n, k,
+        x, packed, scales_and_zeros.view(torch.int32), bias if bias is not None else x, y, m, n, k,
         x.stride(0), y.stride(0), GROUP=group, WORDS=words, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, SPLIT=split > 1, SCALE_AFTER=scale_after, IN_FLOAT32=_INTERPRETED,
+        BLOCK_N=block_n, SPLIT=split > 1, IN_FLOAT32=_INTERPRETED, PACKED_BF16=not _INTERPRETED,
         num_warps=warps, **launch_options(x.device))
     if split == 1:
         return y
@@ -373,21 +379,25 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def mm_config(m: int, n: int, k: int, group: int, words: int, device: torch.device) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, warps, SPLIT_K, SCALE_AFTER) of `mm` for an [M, K] x [N, K] product, a rule fitted to
-    run 56's sweep on the 7B's projections at 4-256 rows (a layer 2% slower than each case's best setting
-    summed over those row counts, 8% at 128 rows): the rows' block, K split (in powers of two, up to 8) until
-    4 programs a multiprocessor are in flight up to 64 rows and 1 beyond, and the scale after the dot up to 32
-    rows (groups of whole k-tiles), where the epilogue is cheap beside rounding each weight."""
+def mm_config(m: int, n: int, k: int, words: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, SPLIT_K) of `mm` for an [M, K] x [N, K] product, a rule fitted to run 60's
+    sweep on the 7B's projections at 4-256 rows (a layer within 1.2% of each case's best setting at every row
+    count): the rows' block; layers of fewer than MM_LONG_K inputs in blocks of 128 outputs, K split (in
+    powers of two, up to 8) until 8 programs a multiprocessor are in flight, up to 8 rows, and in unsplit
+    blocks of 64 beyond; longer layers (few outputs for their size) in blocks of 128 (8 warps from 128 rows),
+    split until 2 programs a multiprocessor up to 64 rows and 1 beyond."""
     span = 32 * words
     block_m = next(b for b in (16, 32, 64, 128, 256) if m <= b or b == 256)
     if block_m == 256 and n * k < MM_WIDE_CODES:
         block_m = 128
-    block_n, warps = (128, 8) if block_m == 256 else (64, 4)
+    if k >= MM_LONG_K:
+        block_n, warps, per_sm = 128, 8 if block_m >= 128 else 4, 2 if m <= 64 else 1
+    else:
+        block_n, warps, per_sm = (128, 4, 8) if m <= 8 else (64, 4, 0)
     tiles = -(-n // block_n) * -(-m // block_m)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    split = max(1, min(8, k // span, round((4 if m <= 64 else 1) * _multiprocessors(index) / tiles)))
-    return block_m, block_n, warps, 1 << (split.bit_length() - 1), m <= 32 and group % span == 0
+    split = max(1, min(8, k // span, round(per_sm * _multiprocessors(index) / tiles)))
+    return block_m, block_n, warps, 1 << (split.bit_length() - 1)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: torch.Tensor,
@@ -400,7 +410,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: 
         return F.linear(x, dequantize(packed, scales_and_zeros, group), bias)
     if x.is_cuda:
         n_tiles, k_tiles, _, words = packed.shape
-        config = mm_config(x.shape[0], n_tiles * 8, k_tiles * words * 32, group, words, x.device)
+        config = mm_config(x.shape[0], n_tiles * 8, k_tiles * words * 32, words, x.device)
         return mm(x, packed, group, scales_and_zeros, bias, config)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros)
     return out if bias is None else out + bias

@@ -193,9 +193,8 @@ def test_int4pack_gemv_matches_reference(shape, group, min_form, words):
 def test_int4pack_mm_matches_reference(shape, rows, group, min_form):
     """The tensor-core kernel on the packed codes, at tile settings whose edges the shapes cut (rows and
     outputs not a multiple of the block's, k-tiles not of the split's), against the float32 reference of the
-    same bfloat16 scales and zeros. With the scale after the dot what remains is the output's rounding
-    (relative ~2e-3) and the order of accumulation; where each weight is rounded to bfloat16 first, that
-    rounding too, as the dequantize + cuBLAS path it replaces does (~2e-3 more)."""
+    same bfloat16 scales and zeros: the output's rounding (relative ~2e-3), the order of accumulation and each
+    weight's rounding to bfloat16, as the dequantize + cuBLAS path it replaces does (~2e-3 more)."""
     from qwen_serve.kernels import int4pack
 
     n, k = shape
@@ -209,12 +208,10 @@ def test_int4pack_mm_matches_reference(shape, rows, group, min_form):
     dev = [t.to(DEVICE) for t in (x, packed, scales_zeros, bias)]
     configs = [(16, 16, 4, 1), (32, 16, 4, 3)] if INTERPRETED else [
         (16, 64, 4, 1), (64, 128, 8, 3), (256, 64, 4, 1), (256, 128, 8, 2)]
-    for block_m, block_n, warps, split in configs:
-        for scale_after in (True, False) if group % 128 == 0 else (False,):
-            config = (block_m, block_n, warps, split, scale_after)
-            out = int4pack.mm(dev[0], dev[1], group, dev[2], dev[3], config)
-            assert out.shape == (rows, n) and out.dtype == torch.bfloat16
-            assert rel_err(out, ref) < (5e-3 if scale_after else 8e-3), config
+    for config in configs:
+        out = int4pack.mm(dev[0], dev[1], group, dev[2], dev[3], config)
+        assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+        assert rel_err(out, ref) < 8e-3, config
     if DEVICE == "cuda":  # as served
         assert rel_err(int4pack.linear(dev[0], dev[1], group, dev[2], None), ref - bias.float()) < 8e-3
 
