@@ -324,6 +324,28 @@ def test_quantized_engine_on_gpu_with_cuda_graphs(quantized):
     assert tokens == _greedy(deq_folder, **gpu)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["awq-g128-tied", "gptq-8bit-g128-v2"])
+def test_quantized_engine_compiles_nothing_after_start_up(case, tmp_path):
+    """Mixed steps of every row count (prompts of many lengths, one chunked) on 4-bit codes (int4pack's
+    tensor-core kernel) and 8-bit ones (quant_linear's): the warm-up compiled every tile variant they need."""
+    from qwen_serve.bench.compiles import triton_compiles
+    from qwen_serve.engine.llm import LLM
+
+    q_folder, _ = make_quantized_checkpoint(tmp_path, **CASES[case])
+    engine = LLMEngine(EngineConfig(model=str(q_folder), dtype="bfloat16", device="cuda", block_size=16,
+                                    num_kv_blocks=512, max_model_len=512, max_num_seqs=64,
+                                    max_num_batched_tokens=320), q_folder)
+    gen = torch.Generator().manual_seed(0)
+    lens = [400] + torch.randint(2, 60, (80,), generator=gen).tolist()
+    prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in lens]
+    params = [SamplingParams(temperature=0.0, max_tokens=2 + i % 9, ignore_eos=True) for i in range(len(prompts))]
+    with triton_compiles() as compiles:
+        outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
+    assert compiles.available and compiles.as_json()["kernels"] == {}
+
+
 def test_gptq_shards_with_different_g_idx_are_refused(tmp_path):
     """q, k and v (and gate, up) read one input, so GPTQ gives them one g_idx; a checkpoint whose shards
     disagree cannot be served by one fused matmul and is refused, naming the tensor."""
