@@ -24,10 +24,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
+from qwen_serve.kernels.triton_or_none import tl, triton
 
 # Group sizes the packed int4 matmul takes (both devices).
 GROUPS = (32, 64, 128, 256)

@@ -19,8 +19,8 @@ import functools
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from qwen_serve.kernels.triton_or_none import tl, triton
 
 
 @functools.lru_cache(maxsize=None)

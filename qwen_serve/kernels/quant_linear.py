@@ -26,10 +26,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from qwen_serve.kernels.pdl import launch_options, wait_for_previous
+from qwen_serve.kernels.triton_or_none import tl, triton
 
 MM_MAX_ROWS = 128
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter: no inline PTX

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # an import hook refusing it, or a module entry without a spec
+        return False
 
 
 @dataclass(frozen=True, slots=True)
