@@ -271,14 +271,19 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, group: int, scales_and_zeros: to
 
 
 @triton.jit
+def _bfloat16_pair(pairs):
+    """int32 words holding two bfloat16 -> (the low one, the high one) as bfloat16."""
+    return pairs.to(tl.int16).to(tl.bfloat16, bitcast=True), (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _codes_as_bfloat16(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """An output's words of one k-tile [BLOCK_N, 4 * WORDS] -> its codes as bfloat16 128 + q [BLOCK_N, 32 * WORDS] in
     input order. Nibbles i and i + 4 of a word are inputs 2 apart (h = 0, 1), so one shift and one mask put both
     in a word as two bfloat16: q OR-ed into the mantissa of 128 (exact, no conversion). The word order
     (b, j, h, i) then permutes to the input order (j, i, b, h) in registers, so that x is used as it lies."""
     pairs = (words[:, :, None] >> (4 * tl.arange(0, 4))[None, None, :]) & 0x000F000F | 0x43004300  # [BN, w, i]
-    low = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    high = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    low, high = _bfloat16_pair(pairs)
     v = tl.reshape(tl.join(low, high), (BLOCK_N, 4, WORDS, 4, 2))  # [n, b, j, i, h]
     return tl.reshape(tl.permute(v, (0, 2, 3, 1, 4)), (BLOCK_N, 32 * WORDS))
 
@@ -334,11 +339,10 @@ def _mm_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_y, 
         v = _codes_as_bfloat16(tl.load(w_ptrs), BLOCK_N, WORDS)
         xt = tl.load(x_ptrs)  # [SPAN, BM]
         groups = (t * SPAN + 32 * j) // GROUP  # each input's group is its word column j's
-        pairs = tl.load(sz_ptr + groups[None, :] * N + rn_in[:, None])  # [BN, WORDS]
-        scale = pairs.to(tl.int16).to(tl.bfloat16, bitcast=True)[:, :, None]
-        zero = (pairs >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)[:, :, None]
+        scale, zero = _bfloat16_pair(tl.load(sz_ptr + groups[None, :] * N + rn_in[:, None]))  # [BN, WORDS] each
         v3 = tl.reshape(v, (BLOCK_N, WORDS, 32))
-        wq = _weights(v3, tl.broadcast_to(scale, v3.shape), tl.broadcast_to(zero, v3.shape), PACKED_BF16)
+        wq = _weights(v3, tl.broadcast_to(scale[:, :, None], v3.shape), tl.broadcast_to(zero[:, :, None], v3.shape),
+                      PACKED_BF16)
         acc = _dot(tl.reshape(wq, (BLOCK_N, SPAN)), xt, acc, IN_FLOAT32)
         w_ptrs += 8 * TW
         x_ptrs += SPAN

@@ -240,8 +240,9 @@ class GGUFConfig(QuantizationConfig):
 class GGUFLinearMethod(LinearMethod):
     """Collects each shard's GGUF tensor at load; once a layer has them all, `process_weights_after_loading`
     turns it into an unquantized one (CPU, float types) or a packed-integer one (GPU), replacing itself as
-    the layer's method (so only one layer's raw blocks are held at a time); an input table that is only
-    looked up keeps its blocks and this method, which looks rows up from them."""
+    the layer's method and dropping the layer's raw blocks (mapped from the file, loader/gguf_convert.py, so
+    holding every layer's until then costs no heap); an input table that is only looked up keeps its blocks
+    and this method, which looks rows up from them."""
 
     def __init__(self, config: GGUFConfig) -> None:
         self.config = config
