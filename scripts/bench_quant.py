@@ -4,7 +4,7 @@ MM_MAX_ROWS rows), the tensor-core kernel at each tile setting below, dequantize
 (beyond MM_MAX_ROWS rows at each of DEQUANT's settings), and (4 bits) torch's packed int4 matmul (tinygemm)
 at two of its K tilings, int4pack's one-row GEMV on the same layout at each of INT4PACK_GEMV's settings (with
 PDL as served, and without: PDL lets each of the timed back-to-back calls start under the one before), its
-tensor-core kernel at each of INT4PACK_MM's settings (2-512 rows), `int4pack.linear` as served, and the
+tensor-core kernel at each of INT4PACK_MM's settings (1-512 rows), `int4pack.linear` as served, and the
 dequantization of its layout (kernels/int4pack.py) for cuBLAS (beyond MM_MAX_ROWS rows at each of
 INT4PACK_DEQUANT's settings), and FP8 W8A8 (kernels/fp8.py: the activations'
 per-token quantization included). Fixed seeds; CUDA only. `--paths` times only the paths named.
@@ -88,7 +88,7 @@ def main() -> None:
                     settings += [("int4pack-gemv-nopdl", t) for t in INT4PACK_GEMV]
                     settings += [("tinygemm+bias", 8)]  # as before run 55
                 settings += [("int4pack-linear", None)]  # as served
-                if 1 < m <= 512:
+                if m <= 512:
                     block_m = next(b for b in (16, 32, 64, 128, 256) if m <= b or b == 256)
                     mm_settings = [(min(bm or block_m, block_m), *c) for bm, *c in INT4PACK_MM]
                     # 256 rows x 128 outputs: only 8 warps hold the accumulator

@@ -28,6 +28,10 @@ def test_warm_up_steps_cover_each_kind_within_the_limits():
     # The quantized linears' row buckets: a chunk of each power of two tokens up to their bound.
     steps = eager_warm_up_steps(256, 8192, 32768, 16, 1024, linear_rows_max=256)
     assert [s.query_lens for s in steps[3:]] == [(4,), (8,), (16,), (32,), (64,), (128,), (256,)]
+    # ... and one chunk past the bound (the dequantize path) where the dense chunk is not one.
+    steps = eager_warm_up_steps(64, 320, 512, 16, 1024, linear_rows_max=256)
+    assert [s.query_lens for s in steps[2:]] == [(4,), (8,), (16,), (32,), (64,), (128,), (256,), (257,)]
+    assert max(eager_warm_up_steps(64, 256, 512, 16, 1024, linear_rows_max=256)[-1].query_lens) == 256
     for max_num_seqs, budget, max_len in [(256, 300, 32768), (4, 8192, 1000), (1, 16384, 131072), (8, 2, 64),
                                           (4, 100, 80)]:
         steps = eager_warm_up_steps(max_num_seqs, budget, max_len, 16, 1024, linear_rows_max=256)

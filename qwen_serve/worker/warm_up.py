@@ -13,7 +13,9 @@ depends only on a few of its traits, so one step of each kind covers every step 
 - a chunk of each power of two tokens up to `linear_rows_max`: the quantized linears' tensor-core kernels
   pick their tiles by the rows' power of two up to there (kernels/int4pack.py `mm_config`,
   kernels/quant_linear.py `mm_config`), so a mixed step of 37 tokens needs the 64-row variant (run 61: eight
-  of them compiled inside the 256-request throughput run, 3.5 of its 16.9 s).
+  of them compiled inside the 256-request throughput run, 3.5 of its 16.9 s); and a chunk of one token
+  more, where the budget allows one, for their dequantize path beyond (run 65: compiled by the first
+  such step otherwise).
 Decode-only steps replay CUDA graphs, whose capture compiles their own variants.
 """
 
@@ -55,4 +57,9 @@ def eager_warm_up_steps(max_num_seqs: int, max_num_batched_tokens: int, max_mode
     while n <= min(linear_rows_max, max_num_batched_tokens) and ctx + n <= max_model_len:
         steps.append(WarmUpStep((n,), (ctx,)))
         n *= 2
+    # and one past the bound (their dequantize path), unless the dense chunk above is one
+    past = linear_rows_max + 1
+    if (linear_rows_max and past <= max_num_batched_tokens and ctx + past <= max_model_len
+            and not any(max(s.query_lens) >= past for s in steps)):
+        steps.append(WarmUpStep((past,), (ctx,)))
     return steps

@@ -188,7 +188,7 @@ def test_int4pack_gemv_matches_reference(shape, group, min_form, words):
 
 
 @pytest.mark.parametrize("group,min_form", [(32, False), (128, False), (256, False), (32, True)])
-@pytest.mark.parametrize("rows", [5, 17, 130] if INTERPRETED else [2, 17, 64, 200])
+@pytest.mark.parametrize("rows", [1, 5, 17, 130] if INTERPRETED else [1, 2, 17, 64, 200])
 @pytest.mark.parametrize("shape", [(48, 256)] if INTERPRETED else [(4608, 3584), (3584, 18944), (200, 512)])
 def test_int4pack_mm_matches_reference(shape, rows, group, min_form):
     """The tensor-core kernel on the packed codes, at tile settings whose edges the shapes cut (rows and
