@@ -107,6 +107,25 @@ def test_suite_on_random_quantized_weights(method: str, tmp_path: Path) -> None:
     _check_batch1(result["qwen_serve"]["decode"], 16, 8)
 
 
+def test_suite_profiles_the_throughput_workload_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--profile-throughput N: the timed figures as without it, then the same workload on other prompts under
+    torch's profiler; on the CPU its N operators with the most CPU time, largest first, within the total."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY))
+    out = tmp_path / "suite.json"
+    args = ["bench", "suite", "--random-config", str(config), *SCALED_DOWN, "--sections", "throughput",
+            "--transformers-sections", "none", "--profile-throughput", "4", "--output-json", str(out)]
+    assert main(args) == 0
+    figures = json.loads(out.read_text())["qwen_serve"]["throughput"]
+    _check_throughput(figures, 8)
+    profile = figures["profile"]
+    assert profile["wall_s"] > 0 and len(profile["top"]) == 4
+    times = [op["self_ms"] for op in profile["top"]]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= profile["total_self_ms"]
+    assert all(op["calls"] >= 1 and op["name"] for op in profile["top"])
+    assert "throughput under the profiler" in capsys.readouterr().out
+
+
 def test_suite_on_a_checkpoint_with_sections_left_out(tmp_path: Path) -> None:
     folder = make_tiny_checkpoint(tmp_path / "tiny", max_pos=160)
     out = tmp_path / "suite.json"

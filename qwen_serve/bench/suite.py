@@ -6,7 +6,9 @@ Sections (`--sections`, all by default; `--transformers-sections` picks transfor
   contexts    batch 1 at each `--contexts` length (4K..32K): TTFT of that prompt, then decode tok/s over
               64 new tokens at that context; our engine prefills in chunks of --max-num-batched-tokens
   throughput  256 requests, input and output lengths uniform in 100-1024 (seeded), all submitted at once,
-              final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions
+              final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions;
+              with --profile-throughput N, then once more on other prompts of the same lengths under torch's
+              profiler (untimed): the N kernels with the most device time (on the CPU: operators, CPU time)
   long        one 131,072-token context with --rope-scaling (default yarn), its own engine with
               max_model_len = --long-context-len, one sequence, chunks of --long-context-chunk
 All generation is greedy with ignore_eos, so every request produces exactly what it asked for; the JSON
@@ -134,6 +136,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="transformers' throughput: requests per generate call (default: 128)")
     g.add_argument("--transformers-max-requests", type=int, default=None,
                    help="transformers' throughput: only the first N requests, to bound its time (default: all)")
+    g.add_argument("--profile-throughput", type=int, default=0, metavar="N",
+                   help="after the throughput section, profile the same workload once more (other prompts) and "
+                        "report the N kernels with the most device time (default: 0, no profile)")
     g.add_argument("--output-json", default="bench-suite.json",
                    help="where to write the results (default: bench-suite.json)")
 
@@ -144,6 +149,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("repeats", "long_context_repeats", "transformers_batch_size", "throughput_requests"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.profile_throughput < 0:
+        raise ValueError("--profile-throughput must be 0 (none) or a number of kernels")
     # A decode rate needs a first token and at least one more after it.
     for name in ("decode_new_tokens", "context_new_tokens", "long_context_new_tokens"):
         if getattr(args, name) < 2:
@@ -376,6 +383,34 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _top_kernels(run: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
+    """One call of `run` under torch's profiler: the `top` kernels by device time summed over their calls
+    (CUDA graphs' kernels included), or on the CPU the operators by their own CPU time; and the total."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        wall = time.perf_counter() - start
+    ops = [{"name": e.key, "calls": e.count,
+            "self_ms": (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3}
+           for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
+    ops = sorted((o for o in ops if o["self_ms"] > 0), key=lambda o: -o["self_ms"])
+    return {"of": "kernels" if on_gpu else "operators", "wall_s": wall,
+            "total_self_ms": sum(o["self_ms"] for o in ops), "top": ops[:top]}
+
+
+def _print_profile(profile: dict[str, Any]) -> None:
+    print(f"throughput under the profiler: {profile['wall_s']:.1f} s wall, {profile['total_self_ms']:,.0f} ms in "
+          f"{profile['of']}; the most:")
+    for op in profile["top"]:
+        share = op["self_ms"] / profile["total_self_ms"]
+        print(f"  {op['self_ms']:10,.1f} ms {share:6.1%} {op['calls']:8,d} calls  {op['name'][:100]}")
+
+
 def _unless_oom(device: torch.device, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """transformers' measurement, or a note that it ran out of GPU memory (the rest of the run goes on)."""
     try:
@@ -504,7 +539,13 @@ def _measure_main_sections(session: _Session, work: Workload, ours: _Ours) -> No
             # Warm-up on other prompts, so the prefix cache serves none of the measured ones.
             ours.batch(mixed_work(random.Random("throughput-warm-up"), vocab, min(4, len(work.throughput)),
                                    args.throughput_input_len, [2, 2]))
-            return ours.batch(work.throughput)
+            figures = ours.batch(work.throughput)
+            if args.profile_throughput:
+                # Other prompts: the measured ones are in the prefix cache now.
+                again = mixed_work(random.Random("throughput-profile"), vocab, len(work.throughput),
+                                   args.throughput_input_len, args.throughput_output_len)
+                figures["profile"] = _top_kernels(lambda: ours.batch(again), session.device, args.profile_throughput)
+            return figures
 
         session.section("qwen_serve", "throughput", throughput)
 
@@ -739,6 +780,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, max_model_len: int, work:
     results["table"] = [r.as_json() for r in rows]
     session.save()
     _print_table(results, rows)
+    if "profile" in results["qwen_serve"].get("throughput", {}):
+        _print_profile(results["qwen_serve"]["throughput"]["profile"])
     return results
 
 
