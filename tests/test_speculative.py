@@ -14,7 +14,7 @@ from qwen_serve.config import EngineConfig
 from qwen_serve.engine.llm import LLM
 from qwen_serve.engine.llm_engine import LLMEngine
 from qwen_serve.engine.sampling_params import SamplingParams
-from qwen_serve.engine.speculative import NgramProposer, SpeculationGate, SpeculativeConfig
+from qwen_serve.engine.speculative import NgramProposer, ShadowDrafts, SpeculationGate, SpeculativeConfig
 
 from conftest import make_tiny_checkpoint
 
@@ -263,13 +263,64 @@ def test_gate_pauses_speculation_that_gains_nothing_and_measures_again():
     assert gate.open()
 
 
+def test_shadow_gate_opens_on_drafts_it_did_not_verify_and_closes_on_verified_ones():
+    """Lookup's gate: closed from the start; unverified proposals' outcomes open it at 2 min_gain, verify
+    steps' outcomes close it below min_gain; no probes, no pauses."""
+    gate = SpeculationGate(shadow=True)
+    assert not gate.open()
+    for _ in range(200):  # proposals the decoded tokens never matched: it never opens
+        gate.record_shadow(0)
+    assert not gate.open() and gate.gain == 0.0
+    gate.record_shadow(4)  # one proposal whose 4 drafts all matched: 4/16 = 0.25 >= 0.2
+    assert gate.open()
+    steps = 0
+    while gate.open():  # verify steps that gain nothing: 0.25 * (15/16)^n < 0.1 after 15
+        gate.record(0, 2)
+        steps += 1
+    assert steps == 15 and gate.paused_for == 0
+    assert not SpeculationGate(min_gain=0.0, shadow=True).closed  # engines that do not overlap: open
+
+
+def test_shadow_drafts_count_what_verifying_would_have_accepted():
+    class Fixed:
+        def propose(self, token_ids, max_tokens):
+            return [7, 8, 9][:max_tokens] if token_ids[-1] == 6 else []
+
+    shadow = ShadowDrafts(Fixed(), 3)
+    shadow.propose(1, [5, 6])  # guesses positions 2, 3, 4
+    shadow.propose(2, [5, 5])  # no drafts: decided at once, 0
+    assert shadow.resolve(2, [5, 5]) == [0] and 2 not in shadow.pending
+    assert shadow.resolve(1, [5, 6, 7]) == []  # so far so good: undecided
+    shadow.propose(1, [5, 6, 7])  # not due: one proposal every k + 1 = 4 tokens
+    assert len(shadow.pending[1]) == 1
+    shadow.propose(1, [5, 6, 7, 8, 9, 1])  # due (6 >= 2 + 4); the last token is not 6: no drafts
+    assert shadow.resolve(1, [5, 6, 7, 8, 9, 1]) == [3, 0]
+    shadow.propose(3, [6])
+    assert shadow.resolve(3, [6, 7, 1]) == [1]  # decided by the mismatch before all three are decoded
+    shadow.propose(3, [6])
+    shadow.forget(3)  # a sequence gone
+    assert 3 not in shadow.pending and shadow.resolve(3, [6, 7]) == []
+
+
 def test_gate_on_an_engine_closes_where_drafting_gains_nothing(tiny):
     """An engine that overlaps its steps (as on a GPU), sampling at temperature 1 from a random model: lookup
-    drafts from the repeating prompt are rejected and the output repeats nothing, so after a probe that
-    gains nothing it decodes without drafting (overlapped again). Without overlap the gate stays open."""
+    drafts from the repeating prompt would be rejected and the output repeats nothing, so the gate, closed
+    from the start, never opens: no step verifies drafts (all stay overlapped). Without overlap the gate
+    stays open."""
     assert _engine(tiny, NGRAM, gate=True).spec_gate.min_gain == 0.0
     params = SamplingParams(temperature=1.0, max_tokens=60, ignore_eos=True, seed=0)
     gated = _engine(tiny, NGRAM, gate=True, overlap_steps="on")
     assert len(_generate(gated, [_prompts()[0]], params)[0].outputs[0].token_ids) == 60
-    assert gated.spec_gate.paused_for > 0 and gated.spec_gate.gain < gated.spec_gate.min_gain
-    assert gated.stats().spec_num_drafts < 20
+    assert not gated.spec_gate.open() and gated.spec_gate.gain < gated.spec_gate.min_gain
+    assert gated.stats().spec_num_drafts == 0
+    assert gated.shadow.pending == {}  # the finished sequence's proposals are dropped
+
+
+def test_gate_on_an_engine_opens_where_lookup_drafts_would_be_accepted(tiny):
+    """The same overlapped engine, greedy on text that repeats itself: the unverified proposals match what
+    is decoded, the gate opens and verify steps follow, and the output is plain decoding's."""
+    params = _greedy(max_tokens=60)
+    plain = _generate(_engine(tiny, None), [_prompts()[3]], params)[0].outputs[0].token_ids
+    gated = _engine(tiny, NGRAM, gate=True, overlap_steps="on")
+    assert _generate(gated, [_prompts()[3]], params)[0].outputs[0].token_ids == plain
+    assert gated.stats().spec_num_drafts > 0 and gated.stats().spec_num_accepted_tokens > 0

@@ -32,8 +32,9 @@ from qwen_serve.engine.output_processor import OutputProcessor
 from qwen_serve.engine.outputs import EngineStats, RequestOutput
 from qwen_serve.engine.request import Request, Sequence
 from qwen_serve.engine.sampling_params import RequestOutputKind, SamplingParams, defaults_from_generation_config
-from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput
-from qwen_serve.engine.speculative import SpeculationGate, SpeculationStats, SpeculativeConfig, make_proposer
+from qwen_serve.engine.scheduler import Scheduler, SchedulerOutput, drafts_allowed
+from qwen_serve.engine.speculative import (NgramProposer, ShadowDrafts, SpeculationGate, SpeculationStats,
+                                           SpeculativeConfig, make_proposer)
 from qwen_serve.engine.step_builder import build_step_input
 from qwen_serve.models.config import ModelConfig
 from qwen_serve.worker.step_input import SampledToken
@@ -94,8 +95,11 @@ class LLMEngine:
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
         # Where steps are not overlapped (the CPU) a verify step costs about a plain one, so drafts never
-        # cost more than they gain and the gate stays open.
-        self.spec_gate = SpeculationGate() if self.overlap else SpeculationGate(min_gain=0.0)
+        # cost more than they gain and the gate stays open. Lookup drafts cost nothing to make, so a closed
+        # gate learns from drafts it does not verify instead of from probes.
+        shadow = isinstance(self.scheduler.proposer, NgramProposer)
+        self.spec_gate = SpeculationGate(shadow=shadow) if self.overlap else SpeculationGate(min_gain=0.0, shadow=shadow)
+        self.shadow = ShadowDrafts(self.scheduler.proposer, self.speculative.num_speculative_tokens) if shadow else None
         self.outputs = OutputProcessor(tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._defaults = defaults_from_generation_config(self.generation_config)
@@ -170,10 +174,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         # Speculation pays while decode is bound by reading the weights (few sequences); its steps are not
         # overlapped, since drafts are proposed from each sequence's last token, which must be on the host.
-        speculate = (self.speculative is not None
-                     and len(self.scheduler.running) <= self.speculative.disable_by_batch_size
-                     and self.spec_gate.open())
+        may = self.speculative is not None and len(self.scheduler.running) <= self.speculative.disable_by_batch_size
+        speculate = may and self.spec_gate.open()
         sched = self.scheduler.schedule(speculate)
+        if self.shadow is not None:
+            for seq_id in sched.finished_seq_ids:
+                self.shadow.forget(seq_id)
+            if may and not speculate:
+                for chunk in sched.chunks:
+                    if chunk.num_tokens == 1 and chunk.sample_seqs == [chunk.seq] and drafts_allowed(chunk.seq):
+                        self.shadow.propose(chunk.seq.seq_id, chunk.seq.token_ids)
         now = time.time()
         for chunk in sched.chunks:
             request = chunk.seq.request
@@ -223,6 +233,11 @@ class LLMEngine:
             if request.first_token_time is None:
                 request.first_token_time = now
             accepted = self._append(seq, sampled, drafts)
+            if self.shadow is not None:
+                for would_accept in self.shadow.resolve(seq.seq_id, seq.token_ids):
+                    self.spec_gate.record_shadow(would_accept)
+                if seq.is_finished:
+                    self.shadow.forget(seq.seq_id)
             if drafts:
                 self.spec_stats.num_drafts += 1
                 self.spec_stats.num_draft_tokens += len(drafts)

@@ -28,6 +28,12 @@ from qwen_serve.engine.request import Request, Sequence, SequenceStatus
 from qwen_serve.engine.speculative import Proposer
 
 
+def drafts_allowed(seq: Sequence) -> bool:
+    """Whether a sequence may be speculated: not with penalties, which count the tokens before each row."""
+    p = seq.request.params
+    return p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+
+
 @dataclass(slots=True)
 class ScheduledChunk:
     """`num_tokens` tokens of `seq` starting at position `start` (its computed count before the step)."""
@@ -147,8 +153,7 @@ class Scheduler:
         """Drafts for a sequence one known token behind, within the step's budget, its max_tokens and the
         context, and that its grammar allows; none where rows cannot be sampled independently (penalties)."""
         p = seq.request.params
-        if self.proposer is None or seq.num_pending_tokens \
-                or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+        if self.proposer is None or seq.num_pending_tokens or not drafts_allowed(seq):
             return []
         room = budget - 1  # a step adds up to drafts + 1 tokens; all must fit
         if p.max_tokens is not None:

@@ -191,7 +191,14 @@ class SpeculationGate:
     `min_gain`. The probes are what a workload that never gains pays: on the H100's worst case 0.974x of
     plain decode with a fixed pause and ~11-step probes (run 44), 0.993x with these (run 46). Engines that
     do not overlap steps (the CPU's) keep it open (min_gain 0): there a verify step costs about what a plain
-    one does, and pausing cut the demo's plain-chat speed-up from 1.58x to 1.14-1.27x (BENCHMARKS.md)."""
+    one does, and pausing cut the demo's plain-chat speed-up from 1.58x to 1.14-1.27x (BENCHMARKS.md).
+
+    With `shadow` (prompt lookup, whose drafts cost a host-side search) a closed gate needs no probe: the
+    engine proposes drafts for the sequences it decodes without verifying them (`ShadowDrafts`), and each
+    proposal, once the tokens it guessed are decoded, gives the drafts speculation would have had accepted
+    (`record_shadow`). The same moving average takes those while closed and the verify steps' outcomes while
+    open; it opens at 2 min_gain and closes below min_gain. It starts closed, so a workload that never gains
+    verifies nothing at all."""
 
     min_gain: float = 0.1
     pause_steps: int = 64
@@ -203,12 +210,17 @@ class SpeculationGate:
     probe_total: float = 0.0
     paused_for: int = 0
     closes: int = 0  # in a row, without the average recovering to 2 min_gain in between
+    shadow: bool = False
+    closed: bool = field(init=False)  # with shadow: until the shadow drafts show a gain
 
     def __post_init__(self) -> None:
-        self.probing = self.probe_steps
+        self.probing = 0 if self.shadow else self.probe_steps
+        self.closed = self.shadow and self.min_gain > 0
 
     def open(self) -> bool:
         """Whether this step may speculate (called once a step while speculation is on)."""
+        if self.shadow:
+            return not self.closed
         if self.paused_for == 0:
             return True
         self.paused_for -= 1
@@ -219,6 +231,10 @@ class SpeculationGate:
     def record(self, accepted: int, num_seqs: int) -> None:
         """A speculating step's outcome: `accepted` drafts over its `num_seqs` sampling sequences."""
         rate = accepted / max(num_seqs, 1)
+        if self.shadow:
+            self.gain += self.weight * (rate - self.gain)
+            self.closed = self.gain < self.min_gain
+            return
         if self.probing:
             self.probe_total += rate
             self.probing -= 1
@@ -232,6 +248,64 @@ class SpeculationGate:
         elif self.gain < self.min_gain:
             self.paused_for = min(self.pause_steps << min(self.closes, 16), self.max_pause_steps)
             self.closes += 1
+
+    def record_shadow(self, accepted: int) -> None:
+        """With shadow: one unverified proposal's outcome, the drafts the decoded tokens matched."""
+        self.gain += self.weight * (accepted - self.gain)
+        if self.gain >= 2 * self.min_gain:
+            self.closed = False
+
+
+def matched(drafts: list[int], tokens: list[int]) -> int:
+    """How many drafts verifying would accept before these decoded tokens: the leading ones they equal."""
+    n = 0
+    while n < len(drafts) and n < len(tokens) and drafts[n] == tokens[n]:
+        n += 1
+    return n
+
+
+@dataclass(slots=True)
+class ShadowDrafts:
+    """Drafts proposed for sequences that decode without them while the gate is closed, each kept (with the
+    position of the token it guesses first) until the tokens it guessed are decoded. One proposal a sequence
+    every k + 1 tokens: a sample of the steps that does not depend on their outcome, at a fraction of the
+    lookups' host time (a search through the whole context each)."""
+
+    proposer: Proposer
+    k: int
+    pending: dict[int, list[tuple[int, list[int]]]] = field(default_factory=dict)  # seq id -> proposals
+    next_at: dict[int, int] = field(default_factory=dict)  # seq id -> length at which it proposes again
+
+    def propose(self, seq_id: int, token_ids: list[int]) -> None:
+        """A proposal from the tokens decoded so far (a step may still be computing the next one), if due."""
+        if len(token_ids) < self.next_at.get(seq_id, 0):
+            return
+        self.next_at[seq_id] = len(token_ids) + self.k + 1
+        self.pending.setdefault(seq_id, []).append((len(token_ids), self.proposer.propose(token_ids, self.k)))
+
+    def resolve(self, seq_id: int, token_ids: list[int]) -> list[int]:
+        """The drafts each proposal would have had accepted, for those whose guessed tokens are all decoded
+        now (or that a mismatch already decides)."""
+        proposals = self.pending.get(seq_id)
+        if not proposals:
+            return []
+        done, left = [], []
+        for start, drafts in proposals:
+            decoded = token_ids[start : start + len(drafts)]
+            n = matched(drafts, decoded)
+            if n < len(decoded) or len(decoded) == len(drafts):  # a mismatch decided it, or all are decoded
+                done.append(n)
+            else:
+                left.append((start, drafts))
+        if left:
+            self.pending[seq_id] = left
+        else:
+            del self.pending[seq_id]
+        return done
+
+    def forget(self, seq_id: int) -> None:
+        self.pending.pop(seq_id, None)
+        self.next_at.pop(seq_id, None)
 
 
 @dataclass(slots=True)
