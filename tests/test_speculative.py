@@ -211,6 +211,23 @@ def test_draft_model_of_another_vocabulary_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.gpu
+def test_on_cuda_the_lookup_gate_opens_where_drafts_would_be_accepted(tiny):
+    """The GPU's gate (overlapped steps, graph-captured decode): closed at first, opened by the drafts it
+    proposed without verifying on text that repeats itself, and the greedy tokens are plain decoding's."""
+    cuda = dict(device="cuda", num_kv_blocks=None, gpu_memory_utilization=0.5)
+    baseline = _engine(tiny, None, **cuda)
+    plain = _generate(baseline, [_prompts()[3]], _greedy(max_tokens=60))[0].outputs[0].token_ids
+    baseline.close()
+    engine = _engine(tiny, NGRAM, gate=True, **cuda)
+    try:
+        assert engine.overlap and engine.shadow is not None
+        assert _generate(engine, [_prompts()[3]], _greedy(max_tokens=60))[0].outputs[0].token_ids == plain
+        assert engine.stats().spec_num_drafts > 0 and engine.stats().spec_num_accepted_tokens > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["ngram", "draft"])
 def test_on_cuda_greedy_output_is_unchanged(tiny, spec):
     """On a GPU (verify steps eager beside graph-captured decode steps; a draft model's engine with a KV cache
