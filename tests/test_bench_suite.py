@@ -11,6 +11,7 @@ import torch
 
 from conftest import make_tiny_checkpoint
 from qwen_serve.cli import main
+from qwen_serve.bench.suite import step_times
 
 # Small enough for seconds on two cores; max_position_embeddings 160 holds the 128-token context plus its
 # new tokens, and YaRN (factor 4 over 160) stretches it to 640 for the 256-token long context.
@@ -73,6 +74,10 @@ def test_suite_on_a_tiny_random_config(tmp_path: Path, capsys: pytest.CaptureFix
     _check_throughput(ours["throughput"], 8)
     _check_throughput(theirs["throughput"], 8)
     assert ours["throughput"]["preemptions"] == 0
+    steps = ours["throughput"]["steps"]
+    assert {b["kind"] for b in steps} == {"decode", "prefill"}
+    assert max(b["up_to"] for b in steps if b["kind"] == "decode") <= 8  # --max-num-seqs
+    assert 0 < sum(b["s"] for b in steps) <= ours["throughput"]["wall_s"]
     assert theirs["throughput"]["sub_batches"] == 3 and theirs["throughput"]["batch_size"] == 3
     assert theirs["throughput"]["generated_tokens_with_surplus"] >= theirs["throughput"]["output_tokens"]
     assert ours["contexts"]["chunk"] == 48 and ours["long"]["chunk"] == 96
@@ -88,6 +93,7 @@ def test_suite_on_a_tiny_random_config(tmp_path: Path, capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     assert "decode b=1 prompt 16 + 8 new" in printed
     assert "throughput, 8 requests (transformers: 8 in sub-batches of 3): output" in printed
+    assert "throughput steps, launch to launch" in printed
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "gguf"])
@@ -105,6 +111,17 @@ def test_suite_on_random_quantized_weights(method: str, tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["quantization"] == method and result["qwen_serve"]["engine"]["quantization"] == method
     _check_batch1(result["qwen_serve"]["decode"], 16, 8)
+
+
+def test_step_times_bucket_launch_to_launch_by_kind_and_size() -> None:
+    """Decode steps (a token a sequence) by sequences, the rest by tokens, up to powers of two; the last
+    launch has no end and counts nowhere."""
+    launches = [(0.0, 100, 2), (0.5, 2, 2), (0.6, 3, 3), (0.8, 1, 1), (0.85, 5, 1), (0.9, 2, 2)]
+    got = {(b["kind"], b["up_to"]): (b["steps"], round(b["s"], 6), round(b["ms_per_step"], 3))
+           for b in step_times(launches)}
+    assert got == {("prefill", 128): (1, 0.5, 500.0), ("decode", 2): (1, 0.1, 100.0), ("decode", 4): (1, 0.2, 200.0),
+                   ("decode", 1): (1, 0.05, 50.0), ("prefill", 8): (1, 0.05, 50.0)}
+    assert step_times(launches[:1]) == []
 
 
 def test_suite_profiles_the_throughput_workload_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,8 @@ Sections (`--sections`, all by default; `--transformers-sections` picks transfor
   contexts    batch 1 at each `--contexts` length (4K..32K): TTFT of that prompt, then decode tok/s over
               64 new tokens at that context; our engine prefills in chunks of --max-num-batched-tokens
   throughput  256 requests, input and output lengths uniform in 100-1024 (seeded), all submitted at once,
-              final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions;
+              final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions,
+              and the time of its steps by size (launch to launch: a step's time once steps overlap on a GPU);
               with --profile-throughput N, then once more on other prompts of the same lengths under torch's
               profiler (untimed): the N kernels with the most device time (on the CPU: operators, CPU time)
   long        one 131,072-token context with --rope-scaling (default yarn), its own engine with
@@ -325,6 +326,26 @@ class _Ours:
                 "preemptions": self.engine.stats().num_preemptions - preempted}
 
 
+def step_times(launches: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
+    """Launch-to-launch times of the (time, tokens, sequences) launches (the last has no end), by kind and size:
+    decode steps (a token a sequence) by their sequences, the rest (prompt chunks or drafts) by their tokens,
+    each up to a power of two."""
+    buckets: dict[tuple[str, int], list[float]] = {}
+    for (start, tokens, seqs), (end, _, _) in zip(launches, launches[1:]):
+        kind, size = ("decode", seqs) if tokens == seqs else ("prefill", tokens)
+        buckets.setdefault((kind, 1 << max(0, size - 1).bit_length()), []).append(end - start)
+    return [{"kind": kind, "up_to": up_to, "steps": len(times), "s": sum(times),
+             "ms_per_step": 1e3 * sum(times) / len(times)} for (kind, up_to), times in sorted(buckets.items())]
+
+
+def _print_steps(steps: list[dict[str, Any]]) -> None:
+    print("throughput steps, launch to launch:")
+    for b in steps:
+        unit = "sequences" if b["kind"] == "decode" else "tokens"
+        print(f"  {b['kind']:7s} <= {b['up_to']:5d} {unit:9s} {b['steps']:5d} steps {b['s']:7.2f} s "
+              f"{b['ms_per_step']:8.2f} ms a step")
+
+
 def _batch_figures(work: list[tuple[list[int], int]], output_tokens: int, wall: float) -> dict[str, Any]:
     prompt_tokens = sum(len(p) for p, _ in work)
     return {"requests": len(work), "prompt_tokens": prompt_tokens,
@@ -539,7 +560,10 @@ def _measure_main_sections(session: _Session, work: Workload, ours: _Ours) -> No
             # Warm-up on other prompts, so the prefix cache serves none of the measured ones.
             ours.batch(mixed_work(random.Random("throughput-warm-up"), vocab, min(4, len(work.throughput)),
                                    args.throughput_input_len, [2, 2]))
+            ours.engine.launch_log = []
             figures = ours.batch(work.throughput)
+            figures["steps"] = step_times(ours.engine.launch_log)
+            ours.engine.launch_log = None
             if args.profile_throughput:
                 # Other prompts: the measured ones are in the prefix cache now.
                 again = mixed_work(random.Random("throughput-profile"), vocab, len(work.throughput),
@@ -780,6 +804,8 @@ def measure(args: argparse.Namespace, spec: ModelSpec, max_model_len: int, work:
     results["table"] = [r.as_json() for r in rows]
     session.save()
     _print_table(results, rows)
+    if "steps" in results["qwen_serve"].get("throughput", {}):
+        _print_steps(results["qwen_serve"]["throughput"]["steps"])
     if "profile" in results["qwen_serve"].get("throughput", {}):
         _print_profile(results["qwen_serve"]["throughput"]["profile"])
     return results

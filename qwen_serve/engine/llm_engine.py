@@ -94,6 +94,9 @@ class LLMEngine:
                 raise
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
+        # When a list, each launched step's (time.perf_counter(), tokens, sequences) is appended: launch to
+        # launch is a step's time once steps overlap (bench suite's step times by size).
+        self.launch_log: list[tuple[float, int, int]] | None = None
         # Where steps are not overlapped (the CPU) a verify step costs about a plain one, so drafts never
         # cost more than they gain and the gate stays open. Lookup drafts cost nothing to make, so a closed
         # gate learns from drafts it does not verify instead of from probes.
@@ -193,6 +196,9 @@ class LLMEngine:
         try:
             handle = _Launched(sched, self.executor.launch(build_step_input(sched, self.model_config.vocab_size)),
                                speculate)
+            if self.launch_log is not None:
+                self.launch_log.append((time.perf_counter(), sum(c.num_tokens for c in sched.chunks),
+                                        len(sched.chunks)))
         except BaseException:
             if previous is not None:
                 self._forget(previous)
