@@ -66,7 +66,8 @@ def _replay_ms(calls, reps: int) -> float:
 def graph_ms(fn, reps: int = 20) -> float:
     """Median ms of one call of `fn`; unless --warm, after a read of three times L2's size before each call (the
     time of the reads alone, timed the same way, taken off). Reads leave L2's lines clean, so evicting them
-    costs the timed call nothing."""
+    costs the timed call nothing; what a served kernel gains from PDL (starting under the kernel before it)
+    is lost here, since the reads are a torch kernel."""
     fn()
     torch.cuda.synchronize()
     if EVICT is None:
