@@ -420,13 +420,18 @@ def _top_kernels(run: Callable[[], Any], device: torch.device, top: int) -> dict
             "self_ms": (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3}
            for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
     ops = sorted((o for o in ops if o["self_ms"] > 0), key=lambda o: -o["self_ms"])
-    return {"of": "kernels" if on_gpu else "operators", "wall_s": wall,
+    from qwen_serve.kernels import pdl
+
+    return {"of": "kernels" if on_gpu else "operators", "wall_s": wall, "pdl": pdl.enabled(device),
             "total_self_ms": sum(o["self_ms"] for o in ops), "top": ops[:top]}
 
 
 def _print_profile(profile: dict[str, Any]) -> None:
     print(f"throughput under the profiler: {profile['wall_s']:.1f} s wall, {profile['total_self_ms']:,.0f} ms in "
           f"{profile['of']}; the most:")
+    if profile["pdl"]:  # BENCHMARKS.md, runs 68-69
+        print("  (PDL on: a Triton kernel's time includes its wait for the kernel before it; QWEN_SERVE_PDL=0 "
+              "separates them)")
     for op in profile["top"]:
         share = op["self_ms"] / profile["total_self_ms"]
         print(f"  {op['self_ms']:10,.1f} ms {share:6.1%} {op['calls']:8,d} calls  {op['name'][:100]}")
