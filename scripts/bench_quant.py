@@ -11,8 +11,8 @@ per-token quantization included). Fixed seeds; CUDA only. `--paths` times only t
 
   python3 scripts/bench_quant.py --out run.json
 Rows: op (shape), rows M, path/setting, ms (median of CUDA-graph replays; each call after L2 is filled with
-other data, as a served layer finds it, unless --warm), effective GB/s (weight bytes read); printed: the best setting of
-each path.
+other data, as a served layer finds it, unless --warm), effective GB/s (weight bytes read); printed: the best
+setting of each path.
 """
 
 from __future__ import annotations

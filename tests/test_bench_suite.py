@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_checkpoint
-from qwen_serve.cli import main
 from qwen_serve.bench.suite import step_times
+from qwen_serve.cli import main
 
 # Small enough for seconds on two cores; max_position_embeddings 160 holds the 128-token context plus its
 # new tokens, and YaRN (factor 4 over 160) stretches it to 640 for the 256-token long context.

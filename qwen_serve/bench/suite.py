@@ -410,6 +410,8 @@ def _top_kernels(run: Callable[[], Any], device: torch.device, top: int) -> dict
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    from qwen_serve.kernels import pdl
+
     on_gpu = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
         start = time.perf_counter()
@@ -420,8 +422,6 @@ def _top_kernels(run: Callable[[], Any], device: torch.device, top: int) -> dict
             "self_ms": (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3}
            for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == on_gpu]
     ops = sorted((o for o in ops if o["self_ms"] > 0), key=lambda o: -o["self_ms"])
-    from qwen_serve.kernels import pdl
-
     return {"of": "kernels" if on_gpu else "operators", "wall_s": wall, "pdl": pdl.enabled(device),
             "total_self_ms": sum(o["self_ms"] for o in ops), "top": ops[:top]}
 
