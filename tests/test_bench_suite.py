@@ -93,7 +93,7 @@ def test_suite_on_a_tiny_random_config(tmp_path: Path, capsys: pytest.CaptureFix
     printed = capsys.readouterr().out
     assert "decode b=1 prompt 16 + 8 new" in printed
     assert "throughput, 8 requests (transformers: 8 in sub-batches of 3): output" in printed
-    assert "throughput steps, launch to launch" in printed
+    assert "throughput steps, each from the step before's results to its own" in printed
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq", "gguf"])
@@ -113,15 +113,15 @@ def test_suite_on_random_quantized_weights(method: str, tmp_path: Path) -> None:
     _check_batch1(result["qwen_serve"]["decode"], 16, 8)
 
 
-def test_step_times_bucket_launch_to_launch_by_kind_and_size() -> None:
-    """Decode steps (a token a sequence) by sequences, the rest by tokens, up to powers of two; the last
-    launch has no end and counts nowhere."""
-    launches = [(0.0, 100, 2), (0.5, 2, 2), (0.6, 3, 3), (0.8, 1, 1), (0.85, 5, 1), (0.9, 2, 2)]
+def test_step_times_bucket_by_kind_and_size() -> None:
+    """Each step's time runs from the step before's results to its own; decode steps (a token a sequence)
+    by sequences, the rest by tokens, up to powers of two; the first step has no start and counts nowhere."""
+    steps = [(0.0, 7, 7), (0.5, 100, 2), (0.6, 2, 2), (0.8, 3, 3), (0.85, 1, 1), (0.9, 5, 1), (1.0, 4, 4)]
     got = {(b["kind"], b["up_to"]): (b["steps"], round(b["s"], 6), round(b["ms_per_step"], 3))
-           for b in step_times(launches)}
-    assert got == {("prefill", 128): (1, 0.5, 500.0), ("decode", 2): (1, 0.1, 100.0), ("decode", 4): (1, 0.2, 200.0),
-                   ("decode", 1): (1, 0.05, 50.0), ("prefill", 8): (1, 0.05, 50.0)}
-    assert step_times(launches[:1]) == []
+           for b in step_times(steps)}
+    assert got == {("prefill", 128): (1, 0.5, 500.0), ("decode", 2): (1, 0.1, 100.0),
+                   ("decode", 4): (2, 0.3, 150.0), ("decode", 1): (1, 0.05, 50.0), ("prefill", 8): (1, 0.05, 50.0)}
+    assert step_times(steps[:1]) == []
 
 
 def test_suite_profiles_the_throughput_workload_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,7 +7,7 @@ Sections (`--sections`, all by default; `--transformers-sections` picks transfor
               64 new tokens at that context; our engine prefills in chunks of --max-num-batched-tokens
   throughput  256 requests, input and output lengths uniform in 100-1024 (seeded), all submitted at once,
               final outputs only (as vLLM's offline throughput): output and total tok/s, wall time, preemptions,
-              and the time of its steps by size (launch to launch: a step's time once steps overlap on a GPU);
+              and the time of its steps by size (from one step's results to the next's);
               with --profile-throughput N, then once more on other prompts of the same lengths under torch's
               profiler (untimed): the N kernels with the most device time (on the CPU: operators, CPU time)
   long        one 131,072-token context with --rope-scaling (default yarn), its own engine with
@@ -326,12 +326,13 @@ class _Ours:
                 "preemptions": self.engine.stats().num_preemptions - preempted}
 
 
-def step_times(launches: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
-    """Launch-to-launch times of the (time, tokens, sequences) launches (the last has no end), by kind and size:
-    decode steps (a token a sequence) by their sequences, the rest (prompt chunks or drafts) by their tokens,
-    each up to a power of two."""
+def step_times(steps: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
+    """The engine's `step_log` (each step's (time its results reached the host, tokens, sequences)) as the time
+    from one step's results to the next's, the later step's (the first has no start), by kind and size: decode
+    steps (a token a sequence) by their sequences, the rest (prompt chunks or drafts) by their tokens, each up
+    to a power of two."""
     buckets: dict[tuple[str, int], list[float]] = {}
-    for (start, tokens, seqs), (end, _, _) in zip(launches, launches[1:]):
+    for (start, _, _), (end, tokens, seqs) in zip(steps, steps[1:]):
         kind, size = ("decode", seqs) if tokens == seqs else ("prefill", tokens)
         buckets.setdefault((kind, 1 << max(0, size - 1).bit_length()), []).append(end - start)
     return [{"kind": kind, "up_to": up_to, "steps": len(times), "s": sum(times),
@@ -339,7 +340,7 @@ def step_times(launches: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
 
 
 def _print_steps(steps: list[dict[str, Any]]) -> None:
-    print("throughput steps, launch to launch:")
+    print("throughput steps, each from the step before's results to its own:")
     for b in steps:
         unit = "sequences" if b["kind"] == "decode" else "tokens"
         print(f"  {b['kind']:7s} <= {b['up_to']:5d} {unit:9s} {b['steps']:5d} steps {b['s']:7.2f} s "
@@ -565,10 +566,10 @@ def _measure_main_sections(session: _Session, work: Workload, ours: _Ours) -> No
             # Warm-up on other prompts, so the prefix cache serves none of the measured ones.
             ours.batch(mixed_work(random.Random("throughput-warm-up"), vocab, min(4, len(work.throughput)),
                                    args.throughput_input_len, [2, 2]))
-            ours.engine.launch_log = []
+            ours.engine.step_log = []
             figures = ours.batch(work.throughput)
-            figures["steps"] = step_times(ours.engine.launch_log)
-            ours.engine.launch_log = None
+            figures["steps"] = step_times(ours.engine.step_log)
+            ours.engine.step_log = None
             if args.profile_throughput:
                 # Other prompts: the measured ones are in the prefix cache now.
                 again = mixed_work(random.Random("throughput-profile"), vocab, len(work.throughput),

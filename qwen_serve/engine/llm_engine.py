@@ -94,9 +94,10 @@ class LLMEngine:
                 raise
         self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and self.device.type == "cuda")
         self._in_flight: _Launched | None = None  # launched, not yet collected (overlapped steps only)
-        # When a list, each launched step's (time.perf_counter(), tokens, sequences) is appended: launch to
-        # launch is a step's time once steps overlap (bench suite's step times by size).
-        self.launch_log: list[tuple[float, int, int]] | None = None
+        # When a list, each step's (time.perf_counter() when its results reached the host, tokens, sequences)
+        # is appended: from one to the next is the later step's time, and the host's between steps where they
+        # do not overlap (bench suite's step times by size).
+        self.step_log: list[tuple[float, int, int]] | None = None
         # Where steps are not overlapped (the CPU) a verify step costs about a plain one, so drafts never
         # cost more than they gain and the gate stays open. Lookup drafts cost nothing to make, so a closed
         # gate learns from drafts it does not verify instead of from probes.
@@ -196,9 +197,6 @@ class LLMEngine:
         try:
             handle = _Launched(sched, self.executor.launch(build_step_input(sched, self.model_config.vocab_size)),
                                speculate)
-            if self.launch_log is not None:
-                self.launch_log.append((time.perf_counter(), sum(c.num_tokens for c in sched.chunks),
-                                        len(sched.chunks)))
         except BaseException:
             if previous is not None:
                 self._forget(previous)
@@ -224,6 +222,8 @@ class LLMEngine:
             result = self.executor.collect(handle.ticket)
         finally:
             self._forget(handle)
+        if self.step_log is not None:
+            self.step_log.append((time.perf_counter(), handle.num_tokens, handle.num_chunks))
         now = time.time()
         self.outputs.add_prompt_logprobs([(handle.chunk_seq(p.seq_id), p) for p in result.prompt_logprobs])
         touched: dict[str, Request] = {}
@@ -325,6 +325,14 @@ class _Launched:
         self.seqs = [s for s, _ in self.samples]
         self.num_rows = sum(1 + len(d) for _, d in self.samples)
         self._chunks = sched.chunks
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self._chunks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
 
     def chunk_seq(self, seq_id: int) -> Sequence:
         return next(c.seq for c in self._chunks if c.seq.seq_id == seq_id)
