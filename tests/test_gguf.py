@@ -122,16 +122,23 @@ def test_the_block_table_stays_mapped_from_the_file(mixed_gguf, tmp_path, monkey
     assert any(lo <= table.data_ptr() and table.data_ptr() + table.nbytes <= hi for lo, hi in spans)
 
 
-def test_a_wide_lm_head_runs_as_two_4bit_planes_on_the_cpu(tmp_path, monkeypatch):
-    """An lm_head of Q8_0 blocks (the demo model's) in a bfloat16 model on the CPU: two 4-bit planes through
-    torch's int4 matmul instead of a bfloat16 copy; its logits stay within bfloat16's rounding of the
-    float32 model's (the plain weights dequantized at load)."""
+@pytest.mark.parametrize("kernels", [True, False], ids=["blocks", "planes"])
+def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tmp_path, monkeypatch, kernels):
+    """An lm_head of Q8_0 blocks (the demo model's) in a bfloat16 model on the CPU: from its blocks through
+    kernels/cpu_gguf.py, as the layers of wider codes are, or where those kernels cannot be built, as two 4-bit
+    planes through torch's int4 matmul; never a bfloat16 copy. Its logits stay within bfloat16's rounding of
+    the float32 model's (the plain weights dequantized at load)."""
     import functools
 
+    from qwen_serve.kernels import cpu_gguf
     from qwen_serve.layers.attention import AttentionMetadata, forward_context
     from qwen_serve.loader.model_loader import load_model, load_model_config
     from qwen_serve.loader.resolve import resolve_model
 
+    if kernels and not cpu_gguf.available():
+        pytest.skip("the GGUF CPU kernels cannot be built here")
+    if not kernels:
+        monkeypatch.setattr(cpu_gguf, "available", lambda: False)
     monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
     vocab = -(-len(_tiny_vocab()[0]) // 16) * 16  # the CPU's int4 packing takes outputs in 16s
     hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=vocab, hidden=256)
@@ -141,7 +148,12 @@ def test_a_wide_lm_head_runs_as_two_4bit_planes_on_the_cpu(tmp_path, monkeypatch
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = load_model(folder, load_model_config(folder), dtype, "cpu")
-        assert hasattr(model.lm_head, "int4_high_weight") == (dtype == torch.bfloat16)
+        bf16 = dtype == torch.bfloat16
+        assert hasattr(model.lm_head, "gguf_blocks") == (bf16 and kernels)
+        assert hasattr(model.lm_head, "int4_high_weight") == (bf16 and not kernels)
+        assert hasattr(model.lm_head, "weight") == (not bf16)
+        # q|k|v of Q4_K, Q5_K, Q6_K: wider codes, so from the blocks too
+        assert hasattr(model.model.layers[0].self_attn.qkv_proj, "gguf_blocks") == (bf16 and kernels)
         with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
             logits[dtype] = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
     ref = logits[torch.float32]

@@ -11,15 +11,15 @@ Linears (the lm_head among them, unless it is also the input table) whose shards
 int4 matmul where it runs (kernels/int4pack.py: bfloat16 on a GPU, bfloat16 / float16 on the CPU). Otherwise,
 served on a GPU, the decoded codes are packed (4 bits for Q4_0 / Q4_K, 8 for the others) for the kernels of
 kernels/quant_linear.py in their "min form"; the shards of a merged layer (q|k|v, gate|up) of different
-formats share the wider code and the smaller group, which is exact too. On the CPU an lm_head of wider codes
-in groups the int4 matmul takes (Q5_0, Q5_K, Q8_0) runs through it as two 4-bit planes
-(layers/quantization/packed.py); the other layers of those formats, and what the int4 matmul does not take
-(Q6_K's groups of 16, float32 models), are dequantized once at load into the compute dtype and served as
-unquantized: at a prefill's rows torch's CPU int4 matmul runs 2-3x slower than a bfloat16 weight (gate_up
-of the demo model at 46 rows: 5.1 against 3.1 ms), and it computes from no wider code; an input table that
-is not also the lm_head keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16
-tensors, and the formats the gguf package dequantizes but this file does not decode (Q4_1, Q5_1, Q2_K, Q3_K,
-the IQ types), are served plain on every device.
+formats share the wider code and the smaller group, which is exact too. On the CPU, in bfloat16 / float16
+models, those layers keep the file's blocks and compute from them (`GGUFBlocksMethod`, kernels/cpu_gguf.py).
+Where those kernels cannot be built, an lm_head of wider codes in groups the int4 matmul takes (Q5_0, Q5_K,
+Q8_0) runs through it as two 4-bit planes (layers/quantization/packed.py) and the other layers are dequantized
+once at load into the compute dtype and served as unquantized; so are all of a float32 model's (whose users
+want the exact weights: the kernels round the activations to int8). An input table that is not also the lm_head
+keeps its codes (its lookups dequantize the rows they take). F32 / F16 / BF16 tensors, and the formats the
+gguf package dequantizes but this file does not decode (Q4_1, Q5_1, Q2_K, Q3_K, the IQ types), are served
+plain on every device.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qwen_serve.kernels import int4pack
+from qwen_serve.kernels import cpu_gguf, int4pack
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig, new_param
 from qwen_serve.layers.quantization.packed import PackedIntMethod, repack
 from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
@@ -314,10 +315,19 @@ class GGUFLinearMethod(LinearMethod):
         # on the CPU the lm_head's wider codes too, as two 4-bit planes: it multiplies only the sampled rows,
         # where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x slower a plane.
         lookup, logits = getattr(layer, "used_for_lookup", False), getattr(layer, "used_for_logits", False)
-        int4 = (blocks and not lookup
-                and (all(BLOCK_FORMATS[t].bits == 4 for t in types) or (device.type == "cpu" and logits))
-                and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
-                                       sum(self._shards(layer).values()), layer.compute_dtype, device))
+        int4_fits = blocks and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
+                                                  sum(self._shards(layer).values()), layer.compute_dtype, device)
+        four_bit = blocks and all(BLOCK_FORMATS[t].bits == 4 for t in types)
+        # On the CPU the layers of wider codes compute from the file's blocks where the kernels build; torch's int4
+        # matmul stays faster for 4-bit ones (a Q4_K down of the demo model at 1 / 16 rows: 0.065 / 0.41 ms
+        # against 0.089 / 1.14). float32 models keep exact weights (the kernels round the activations to int8).
+        if (device.type == "cpu" and blocks and (not lookup or logits) and not (four_bit and int4_fits)
+                and layer.compute_dtype in (torch.bfloat16, torch.float16) and cpu_gguf.available()):
+            layer.gguf_blocks = [(t, shards[s][1].contiguous()) for s, t in zip(names, types)]
+            del layer.weight, layer.gguf_shards
+            layer.quant_method = GGUFBlocksMethod()
+            return
+        int4 = int4_fits and not lookup and (four_bit or (device.type == "cpu" and logits))
         # An input table that is only looked up stays the file's own blocks on every device (Q5_0: 5.5 bits a
         # value, where repacked codes take 8 and float32 factors 2 more): `embedding` dequantizes its rows.
         if lookup and not logits and blocks:
@@ -344,3 +354,32 @@ class GGUFLinearMethod(LinearMethod):
         del layer.weight, layer.gguf_shards
         repack(layer, codes, mins, scales, bits, int4_dtype=layer.compute_dtype if int4 else None)
         layer.quant_method = PackedIntMethod(bits)
+
+
+class GGUFBlocksMethod(LinearMethod):
+    """A CPU layer that keeps the file's blocks (`gguf_blocks`: type name and uint8 [rows, row bytes] a shard)
+    and computes from them (kernels/cpu_gguf.py): calls of few rows take the blocks' integer dot products;
+    from DEQUANTIZE_FROM_ROWS rows (prefill) the weight is dequantized for the call into the compute dtype
+    and multiplied by torch, which is faster there and holds the copy only for the call."""
+
+    # The demo model's gate_up (9728 x 896, Q5_0), 2 threads, ms: blocks' dot products / dequantize + F.linear
+    # (1.0 ms of it the dequantization): 8 rows 0.84 / 1.6, 16 rows 1.7 / 1.9, 32 rows 3.4 / 2.3.
+    DEQUANTIZE_FROM_ROWS = 16
+
+    def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        raise NotImplementedError("made from a GGUF layer's blocks at load (GGUFLinearMethod)")
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if x.shape[0] < self.DEQUANTIZE_FROM_ROWS:
+            out = cpu_gguf.linear(x.contiguous(), layer.gguf_blocks, bias)
+        else:
+            out = F.linear(x, cpu_gguf.dequantize(layer.gguf_blocks, shape[-1], x.dtype), bias)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a table that is also the lm_head (one shard)."""
+        (type_name, blocks), = layer.gguf_blocks
+        return dequantize(blocks[ids], type_name, (ids.numel(), layer.in_features), layer.compute_dtype)
