@@ -1,5 +1,5 @@
 """Greedy output of the demo model served from its GGUF blocks (bfloat16; its Q4_K layers through torch's
-int4 matmul) against the same model dequantized (every layer a plain bfloat16 weight, and float32): the
+int4 matmul, the others through kernels/cpu_gguf.py where it builds) against the same model dequantized (every layer a plain bfloat16 weight, and float32): the
 share of generated tokens that agree, position by position, and where each pair first diverges.
 
     python3 scripts/demo_token_agreement.py [--tokens 128]
@@ -44,15 +44,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from qwen_serve.kernels import int4pack
+    from qwen_serve.kernels import cpu_gguf, int4pack
 
     served = greedy("bfloat16", args.tokens)
-    supported = int4pack.supported
-    int4pack.supported = lambda *args: False  # every layer a plain dequantized weight
+    supported, available = int4pack.supported, cpu_gguf.available
+    int4pack.supported, cpu_gguf.available = (lambda *args: False), (lambda: False)  # every layer a plain weight
     try:
         plain_bf16 = greedy("bfloat16", args.tokens)
     finally:
-        int4pack.supported = supported
+        int4pack.supported, cpu_gguf.available = supported, available
     plain_fp32 = greedy("float32", args.tokens)
     for name, ref in (("dequantized bfloat16", plain_bf16), ("dequantized float32", plain_fp32)):
         share, first = agreement(served, ref)

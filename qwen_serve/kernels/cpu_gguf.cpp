@@ -283,16 +283,27 @@ Shard make_shard(int64_t type, const torch::Tensor& blocks, int64_t in_features,
   return {fn, blocks.data_ptr<uint8_t>(), blocks.size(1), in_features / values, begin, begin + blocks.size(0)};
 }
 
-// Rounds rows of x (float32 [M, K]) to int8 in blocks of 32: d = max|x| / 127, q = round-half-even(x / d),
-// taken as x * (1 / d) in float32, as `quantize_reference` does.
-void quantize(const float* x, int64_t rows, int64_t k, int8_t* q, float* d, int32_t* isum, float* sum32) {
+// 8 values of x as float32 (exact: every input dtype but float64, whose rounding is the activations' own).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const double* p) {
+  return _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(p + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(p)));
+}
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Rounds rows of x ([M, K]) to int8 in blocks of 32: d = max|x| / 127, q = round-half-even(x / d), taken as
+// x * (1 / d) in float32, as `quantize_reference` does.
+template <typename scalar_t>
+void quantize(const scalar_t* x, int64_t rows, int64_t k, int8_t* q, float* d, int32_t* isum, float* sum32) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t b = m * k / 32; b < (m + 1) * k / 32; ++b) {
-        const float* v = x + b * 32;
-        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-               v3 = _mm256_loadu_ps(v + 24);
+        const scalar_t* v = x + b * 32;
+        __m256 v0 = load8(v), v1 = load8(v + 8), v2 = load8(v + 16), v3 = load8(v + 24);
         __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
                                     _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
@@ -336,19 +347,20 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
     shards.push_back(make_shard(types[s], blocks[s], k, n));
     n = shards.back().end;
   }
-  const torch::Tensor x32 = x.to(torch::kFloat).contiguous();
-  torch::Tensor bias32;
+  // x and the bias are read in their own dtype (no converted copies: a decode step makes ~100 of these calls)
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor bias_x;
   if (bias.has_value()) {
-    bias32 = bias->to(torch::kFloat).contiguous();
-    TORCH_CHECK(bias32.numel() == n, "the bias has ", bias32.numel(), " values for ", n, " outputs");
+    bias_x = bias->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(bias_x.numel() == n, "the bias has ", bias_x.numel(), " values for ", n, " outputs");
   }
-  const float* bias_ptr = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   std::vector<int8_t> q(m_rows * k);
   std::vector<float> d(m_rows * k / 32), sum32(m_rows * k / 32);
   std::vector<int32_t> isum(m_rows * k / 32);
-  quantize(x32.data_ptr<float>(), m_rows, k, q.data(), d.data(), isum.data(), sum32.data());
   torch::Tensor out = torch::empty({m_rows, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gguf_linear", [&] {
+    quantize(xc.data_ptr<scalar_t>(), m_rows, k, q.data(), d.data(), isum.data(), sum32.data());
+    const scalar_t* bias_ptr = bias_x.defined() ? bias_x.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, (n + WEIGHT_TILE - 1) / WEIGHT_TILE, 1, [&](int64_t tile_begin, int64_t tile_end) {
       Act act[ROWS];
@@ -363,7 +375,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
             const Shard* s = &shards[0];
             while (j >= s->end) ++s;
             s->dots(s->data + (j - s->begin) * s->row_bytes, s->blocks, act, rows, result);
-            const float b = bias_ptr ? bias_ptr[j] : 0.f;
+            const float b = bias_ptr ? static_cast<float>(bias_ptr[j]) : 0.f;
             for (int r = 0; r < rows; ++r) o[(m0 + r) * n + j] = static_cast<scalar_t>(result[r] + b);
           }
         }
@@ -374,29 +386,41 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
 }
 
 // Dequantization into the compute dtype, for calls of many rows: there a bfloat16 matmul of the whole weight
-// (oneDNN) beats the int8 dot products, which scale every block of every row apart. Plain loops over a
-// block's values (the compiler vectorizes them), w = scale * code - min as in layers/quantization/gguf.py.
+// (oneDNN) beats the int8 dot products, which scale every block of every row apart. Each group of 32 codes is
+// unpacked as the dot products unpack it, made signed, and written as w = scale * code - min in float32
+// (exact: every format's scale times code fits float32's 24 bits, so the one rounding is the minimum's, as
+// in layers/quantization/gguf.py), then rounded once to the compute dtype.
+
+// 32 signed codes -> v[0..31] = scale * code - min, the first 16 with `scale_lo`, the others `scale_hi`.
+inline void put32(__m256i codes, float scale_lo, float scale_hi, float min, float* v) {
+  const __m128i halves[2] = {_mm256_castsi256_si128(codes), _mm256_extracti128_si256(codes, 1)};
+  const __m256 m = _mm256_set1_ps(min);
+  for (int h = 0; h < 2; ++h) {
+    const __m256 s = _mm256_set1_ps(h ? scale_hi : scale_lo);
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(halves[h]));
+    const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(halves[h], 8)));
+    _mm256_storeu_ps(v + 16 * h, _mm256_fmsub_ps(s, a, m));
+    _mm256_storeu_ps(v + 16 * h + 8, _mm256_fmsub_ps(s, b, m));
+  }
+}
+
 template <Type T> void decode_block(const uint8_t* b, float* v);
 
 template <> void decode_block<Q4_0>(const uint8_t* b, float* v) {
   const float d = half_at(b);
-  for (int j = 0; j < 16; ++j) v[j] = d * ((b[2 + j] & 0xF) - 8), v[j + 16] = d * ((b[2 + j] >> 4) - 8);
+  put32(_mm256_sub_epi8(nibbles(b + 2), _mm256_set1_epi8(8)), d, d, 0.f, v);
 }
 
 template <> void decode_block<Q5_0>(const uint8_t* b, float* v) {
   const float d = half_at(b);
   uint32_t high;
   std::memcpy(&high, b + 2, 4);
-  for (int j = 0; j < 16; ++j) {
-    const int fifth_lo = (high >> j) & 1, fifth_hi = (high >> (j + 16)) & 1;  // int: the codes minus 16 go negative
-    v[j] = d * (((b[6 + j] & 0xF) | (fifth_lo << 4)) - 16);
-    v[j + 16] = d * (((b[6 + j] >> 4) | (fifth_hi << 4)) - 16);
-  }
+  put32(_mm256_sub_epi8(add_fifth_bits(nibbles(b + 6), high), _mm256_set1_epi8(16)), d, d, 0.f, v);
 }
 
 template <> void decode_block<Q8_0>(const uint8_t* b, float* v) {
   const float d = half_at(b);
-  for (int j = 0; j < 32; ++j) v[j] = d * static_cast<int8_t>(b[2 + j]);
+  put32(load32(b + 2), d, d, 0.f, v);
 }
 
 template <bool FifthBit> void decode_k_block(const uint8_t* b, float* v) {
@@ -404,14 +428,18 @@ template <bool FifthBit> void decode_k_block(const uint8_t* b, float* v) {
   int sc[8], mn[8];
   k_scales(b + 4, sc, mn);
   const uint8_t* qs = b + (FifthBit ? 48 : 16);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int c = 0; c < 4; ++c) {
-    const float s_lo = d * sc[2 * c], m_lo = dmin * mn[2 * c], s_hi = d * sc[2 * c + 1], m_hi = dmin * mn[2 * c + 1];
-    for (int l = 0; l < 32; ++l) {
-      int lo = qs[32 * c + l] & 0xF, hi = qs[32 * c + l] >> 4;
-      if constexpr (FifthBit) lo |= ((b[16 + l] >> (2 * c)) & 1) << 4, hi |= ((b[16 + l] >> (2 * c + 1)) & 1) << 4;
-      v[64 * c + l] = s_lo * lo - m_lo;
-      v[64 * c + 32 + l] = s_hi * hi - m_hi;
+    const __m256i q = load32(qs + 32 * c);
+    __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+    if constexpr (FifthBit) {
+      const __m256i qh = load32(b + 16), bit_lo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+      const __m256i bit_hi = _mm256_set1_epi8(static_cast<char>(2 << (2 * c))), five = _mm256_set1_epi8(0x10);
+      lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_lo), bit_lo), five));
+      hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_hi), bit_hi), five));
     }
+    put32(lo, d * sc[2 * c], d * sc[2 * c], dmin * mn[2 * c], v + 64 * c);
+    put32(hi, d * sc[2 * c + 1], d * sc[2 * c + 1], dmin * mn[2 * c + 1], v + 64 * c + 32);
   }
 }
 template <> void decode_block<Q4_K>(const uint8_t* b, float* v) { decode_k_block<false>(b, v); }
@@ -420,18 +448,45 @@ template <> void decode_block<Q5_K>(const uint8_t* b, float* v) { decode_k_block
 template <> void decode_block<Q6_K>(const uint8_t* b, float* v) {
   const float d = half_at(b + 208);
   const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
   for (int h = 0; h < 2; ++h) {
-    const uint8_t *ql = b + 64 * h, *qh = b + 128 + 32 * h;
-    float* out = v + 128 * h;
-    const int8_t* sc = scales + 8 * h;
-    for (int l = 0; l < 32; ++l) {
-      const int is = l / 16;
-      out[l] = d * sc[is] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
-      out[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-      out[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-      out[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+    const __m256i a = load32(b + 64 * h), c = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+    const __m256i codes[4] = {
+        _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top2)),
+        _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top2)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(qh, top2)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top2))};
+    for (int t = 0; t < 4; ++t) {
+      const int j = 4 * h + t;
+      put32(_mm256_sub_epi8(codes[t], offset), d * scales[2 * j], d * scales[2 * j + 1], 0.f, v + 32 * j);
     }
   }
+}
+
+// n floats -> the compute dtype, rounded to nearest even.
+template <typename scalar_t> void convert(const float* v, scalar_t* out, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(v[k]);
+}
+
+template <> void convert<float>(const float* v, float* out, int64_t n) { std::memcpy(out, v, n * sizeof(float)); }
+
+template <> void convert<at::BFloat16>(const float* v, at::BFloat16* out, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {  // the weights are finite: round the float's bits (what c10's conversion does)
+    __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(v + k));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+  }
+  for (; k < n; ++k) out[k] = static_cast<at::BFloat16>(v[k]);
+}
+
+template <> void convert<at::Half>(const float* v, at::Half* out, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_cvtps_ph(_mm256_loadu_ps(v + k), _MM_FROUND_TO_NEAREST_INT));
+  for (; k < n; ++k) out[k] = static_cast<at::Half>(v[k]);
 }
 
 template <Type T> void decode_row(const uint8_t* row, int64_t blocks, float* v) {
@@ -473,7 +528,7 @@ torch::Tensor dequantize(const std::vector<torch::Tensor>& blocks, const std::ve
         size_t s = 0;
         while (j >= shards[s].end) ++s;
         decoders[s](shards[s].data + (j - shards[s].begin) * shards[s].row_bytes, shards[s].blocks, values.data());
-        for (int64_t k = 0; k < in_features; ++k) o[j * in_features + k] = static_cast<scalar_t>(values[k]);
+        convert(values.data(), o + j * in_features, in_features);
       }
     });
   });

@@ -362,8 +362,13 @@ class GGUFBlocksMethod(LinearMethod):
     from DEQUANTIZE_FROM_ROWS rows (prefill) the weight is dequantized for the call into the compute dtype
     and multiplied by torch, which is faster there and holds the copy only for the call."""
 
-    # The demo model's gate_up (9728 x 896, Q5_0), 2 threads, ms: blocks' dot products / dequantize + F.linear
-    # (1.0 ms of it the dequantization): 8 rows 0.84 / 1.6, 16 rows 1.7 / 1.9, 32 rows 3.4 / 2.3.
+    # The demo model's layers, 2 threads, ms: blocks' dot products / dequantize + F.linear (2026-12-07):
+    #   rows                 4          8          14         24         46
+    #   qkv 1152x896     0.05/0.13  0.09/0.13  0.16/0.14  0.26/0.16  0.50/0.21
+    #   gate_up 9728x896 0.37/1.18  0.75/1.87  1.97/1.96  3.25/2.36  5.13/2.27
+    #   down 896x4864    0.20/0.55  0.41/0.61  0.73/0.72  1.20/0.78  2.35/1.05  (Q6_K)
+    # Level at 12-14 rows alone, but in the engine a 14-row prefill took 68-70 ms from 16 against 74-78 from 12
+    # (scripts/bench_cpu_vs_llamacpp.py, alternated): the call's fresh bfloat16 weight costs more there.
     DEQUANTIZE_FROM_ROWS = 16
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
