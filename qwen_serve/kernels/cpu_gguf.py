@@ -56,6 +56,7 @@ def build(arch: str = "native"):
         # -fopenmp for at::parallel_for's pragmas; not linked: the symbols resolve to torch's own OpenMP runtime
         # (a second one would spin its own threads against torch's on the same cores)
         name = f"qwen_serve_cpu_gguf_{arch}_{_cpu_id() if arch == 'native' else 'any'}"
+        log.info("GGUF CPU kernels: loading %s (built at first use, ~20 s on 2 cores)", name)
         return load(name=name, sources=[str(Path(__file__).with_name("cpu_gguf.cpp"))],
                     extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja, or a CPU without the instructions: keep the torch path
