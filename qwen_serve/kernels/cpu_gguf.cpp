@@ -163,6 +163,32 @@ template <> struct Format<Q8_0> {
   }
 };
 
+// Chunk c (of 4) of a Q4_K / Q5_K block: the codes of its sub-blocks 2c (`lo`) and 2c + 1 (`hi`).
+template <bool FifthBit> inline void k_chunk_codes(const uint8_t* b, int c, __m256i& lo, __m256i& hi) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), q = load32(b + (FifthBit ? 48 : 16) + 32 * c);
+  lo = _mm256_and_si256(q, low4);
+  hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+  if constexpr (FifthBit) {
+    const __m256i qh = load32(b + 16), bit_lo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
+    const __m256i bit_hi = _mm256_set1_epi8(static_cast<char>(2 << (2 * c))), five = _mm256_set1_epi8(0x10);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_lo), bit_lo), five));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_hi), bit_hi), five));
+  }
+}
+
+// Half h (of 2) of a Q6_K block: the codes (0-63) of its 4 sub-blocks of 32. Each half of 128 values keeps its
+// low nibbles in 64 bytes (bytes 0-31: values 0-31 low, 64-95 high; bytes 32-63: 32-63, 96-127) and its top
+// two bits in 32 bytes (bit pairs 0, 2, 4, 6 for values 0-31, 32-63, 64-95, 96-127).
+inline void q6_k_half_codes(const uint8_t* b, int h, __m256i* codes) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30);
+  const __m256i a = load32(b + 64 * h), c = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
+  codes[0] = _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top2));
+  codes[1] = _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top2));
+  codes[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(qh, top2));
+  codes[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
+                             _mm256_and_si256(_mm256_srli_epi16(qh, 2), top2));
+}
+
 // Q4_K and Q5_K: 256 values in 4 chunks of 64; a chunk's 32 bytes hold sub-block 2c in their low nibbles
 // and 2c + 1 in their high ones; Q5_K's 32 bytes of fifth bits hold chunk c's in bits 2c and 2c + 1.
 // w = d * scale_j * code - dmin * min_j with six-bit scale_j, min_j per sub-block j of 32.
@@ -173,17 +199,9 @@ template <bool FifthBit> struct KFormat {
     const float d = half_at(b), dmin = half_at(b + 2);
     int sc[8], mn[8];
     k_scales(b + 4, sc, mn);
-    const uint8_t* qs = b + (FifthBit ? 48 : 16);
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int c = 0; c < 4; ++c) {
-      const __m256i q = load32(qs + 32 * c);
-      __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-      if constexpr (FifthBit) {
-        const __m256i qh = load32(b + 16), bit_lo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
-        const __m256i bit_hi = _mm256_set1_epi8(static_cast<char>(2 << (2 * c))), five = _mm256_set1_epi8(0x10);
-        lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_lo), bit_lo), five));
-        hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_hi), bit_hi), five));
-      }
+      __m256i lo, hi;
+      k_chunk_codes<FifthBit>(b, c, lo, hi);
       for (int r = 0; r < R; ++r) {
         const int64_t j = 8 * i + 2 * c;
         add_scaled(acc0[r], udot(lo, _mm256_loadu_si256(xq(x[r], j))), d * sc[2 * c] * x[r].d[j]);
@@ -200,24 +218,17 @@ template <bool FifthBit> struct KFormat {
 template <> struct Format<Q4_K> : KFormat<false> {};
 template <> struct Format<Q5_K> : KFormat<true> {};
 
-// Q6_K: 256 six-bit codes (w = d * scale * (code - 32)) with an int8 scale per 16. Each half of 128 values
-// keeps its low nibbles in 64 bytes (bytes 0-31: values 0-31 low, 64-95 high; bytes 32-63: 32-63, 96-127)
-// and its top two bits in 32 bytes (bit pairs 0, 2, 4, 6 for values 0-31, 32-63, 64-95, 96-127).
+// Q6_K: 256 six-bit codes (w = d * scale * (code - 32)) with an int8 scale per 16 (`q6_k_half_codes`).
 template <> struct Format<Q6_K> {
   static constexpr int values = 256, bytes = 210;
   template <int R>
   static void block(const uint8_t* b, int64_t i, const Act* x, __m256* acc0, __m256* acc1, float*) {
     const float d = half_at(b + 208);
     const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-    const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
+    const __m256i offset = _mm256_set1_epi8(32);
     for (int h = 0; h < 2; ++h) {
-      const __m256i a = load32(b + 64 * h), c = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
-      const __m256i codes[4] = {
-          _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top2)),
-          _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top2)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(qh, top2)),
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4),
-                          _mm256_and_si256(_mm256_srli_epi16(qh, 2), top2))};
+      __m256i codes[4];
+      q6_k_half_codes(b, h, codes);
       for (int t = 0; t < 4; ++t) {
         const int j = 4 * h + t;  // sub-block of 32 in the block; its two halves have their own scales
         const __m256i lane_scales = _mm256_set_m128i(_mm_set1_epi32(scales[2 * j + 1]), _mm_set1_epi32(scales[2 * j]));
@@ -427,17 +438,9 @@ template <bool FifthBit> void decode_k_block(const uint8_t* b, float* v) {
   const float d = half_at(b), dmin = half_at(b + 2);
   int sc[8], mn[8];
   k_scales(b + 4, sc, mn);
-  const uint8_t* qs = b + (FifthBit ? 48 : 16);
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int c = 0; c < 4; ++c) {
-    const __m256i q = load32(qs + 32 * c);
-    __m256i lo = _mm256_and_si256(q, low4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-    if constexpr (FifthBit) {
-      const __m256i qh = load32(b + 16), bit_lo = _mm256_set1_epi8(static_cast<char>(1 << (2 * c)));
-      const __m256i bit_hi = _mm256_set1_epi8(static_cast<char>(2 << (2 * c))), five = _mm256_set1_epi8(0x10);
-      lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_lo), bit_lo), five));
-      hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit_hi), bit_hi), five));
-    }
+    __m256i lo, hi;
+    k_chunk_codes<FifthBit>(b, c, lo, hi);
     put32(lo, d * sc[2 * c], d * sc[2 * c], dmin * mn[2 * c], v + 64 * c);
     put32(hi, d * sc[2 * c + 1], d * sc[2 * c + 1], dmin * mn[2 * c + 1], v + 64 * c + 32);
   }
@@ -448,14 +451,10 @@ template <> void decode_block<Q5_K>(const uint8_t* b, float* v) { decode_k_block
 template <> void decode_block<Q6_K>(const uint8_t* b, float* v) {
   const float d = half_at(b + 208);
   const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
-  const __m256i low4 = _mm256_set1_epi8(0x0F), top2 = _mm256_set1_epi8(0x30), offset = _mm256_set1_epi8(32);
+  const __m256i offset = _mm256_set1_epi8(32);
   for (int h = 0; h < 2; ++h) {
-    const __m256i a = load32(b + 64 * h), c = load32(b + 64 * h + 32), qh = load32(b + 128 + 32 * h);
-    const __m256i codes[4] = {
-        _mm256_or_si256(_mm256_and_si256(a, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), top2)),
-        _mm256_or_si256(_mm256_and_si256(c, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), top2)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low4), _mm256_and_si256(qh, top2)),
-        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), low4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), top2))};
+    __m256i codes[4];
+    q6_k_half_codes(b, h, codes);
     for (int t = 0; t < 4; ++t) {
       const int j = 4 * h + t;
       put32(_mm256_sub_epi8(codes[t], offset), d * scales[2 * j], d * scales[2 * j + 1], 0.f, v + 32 * j);
