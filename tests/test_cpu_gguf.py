@@ -100,3 +100,14 @@ def test_blocks_of_the_wrong_width_are_refused():
         cpu_gguf.linear(torch.randn(1, 128), [("Q5_0", blocks)], None)
     with pytest.raises(RuntimeError, match="do not hold 96 values"):
         cpu_gguf.linear(torch.randn(1, 96), [("Q5_0", blocks[:, :-1].contiguous())], None)
+
+
+def test_a_lock_left_by_an_interrupted_build_is_removed(tmp_path):
+    """torch waits on its build lock without a timeout: one older than any build is cleared, a fresh one (a
+    build under way in another process) is left alone."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    now = lock.stat().st_mtime
+    assert not cpu_gguf.remove_stale_lock(tmp_path, now=now + 60) and lock.exists()
+    assert cpu_gguf.remove_stale_lock(tmp_path, now=now + cpu_gguf.STALE_LOCK_S + 1) and not lock.exists()
+    assert not cpu_gguf.remove_stale_lock(tmp_path)  # none there

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +43,24 @@ def _cpu_id() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+# A build cut short (Ctrl-C at the first start, a killed process) leaves torch's lock file in the build folder,
+# and every later start would wait on it forever (torch's FileBaton has no timeout): a lock older than any
+# build takes is removed.
+STALE_LOCK_S = 600
+
+
+def remove_stale_lock(build_dir: Path, now: float | None = None) -> bool:
+    lock = build_dir / "lock"
+    try:
+        if (time.time() if now is None else now) - lock.stat().st_mtime <= STALE_LOCK_S:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    log.warning("removed %s, left by a build of the GGUF CPU kernels that did not finish", lock)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def build(arch: str = "native"):
     """The kernels compiled for `arch` (gcc's -march: "native" serves; the tests also build "haswell", AVX2
@@ -51,12 +70,13 @@ def build(arch: str = "native"):
         log.info("GGUF CPU kernels need AVX2; this CPU runs the dequantized layers")
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         # -fopenmp for at::parallel_for's pragmas; not linked: the symbols resolve to torch's own OpenMP runtime
         # (a second one would spin its own threads against torch's on the same cores)
         name = f"qwen_serve_cpu_gguf_{arch}_{_cpu_id() if arch == 'native' else 'any'}"
         log.info("GGUF CPU kernels: loading %s (built at first use, ~20 s on 2 cores)", name)
+        remove_stale_lock(Path(_get_build_directory(name, verbose=False)))
         return load(name=name, sources=[str(Path(__file__).with_name("cpu_gguf.cpp"))],
                     extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja, or a CPU without the instructions: keep the torch path
