@@ -43,8 +43,8 @@ inline float half_at(const uint8_t* p) {
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 // `init` plus 32 unsigned codes times 32 int8 activations -> 8 int32 lanes, lane i the sum of products
-// 4i..4i+3. Without VNNI, maddubs's int16 pair sums cannot saturate: codes are < 64 here (Q8_0 goes through
-// `sdot`, magnitudes <= 128) and activations within +-127.
+// 4i..4i+3. Without VNNI, maddubs's int16 pair sums cannot saturate: codes are < 64 here (Q8_0 and Q6_K go
+// through `sdot`, magnitudes <= 128) and activations within +-127.
 inline __m256i udot(__m256i codes, __m256i x, __m256i init = _mm256_setzero_si256()) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(init, codes, x);
@@ -55,7 +55,7 @@ inline __m256i udot(__m256i codes, __m256i x, __m256i init = _mm256_setzero_si25
 #endif
 }
 
-// Signed codes (Q8_0): |w| times x with w's sign.
+// Signed codes (Q8_0, Q6_K less its offset): |w| times x with w's sign.
 inline __m256i sdot(__m256i w, __m256i x) { return udot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
 
 // 16 bytes at p -> 32 codes: their low nibbles (values 0-15), then their high ones (16-31).
@@ -120,7 +120,8 @@ inline void k_scales(const uint8_t* s, int* sc, int* mn) {
 
 // Each format's `block` adds one block's products for R activation rows into two sets of accumulators (two
 // chains of multiply-adds, so neither waits on the other's latency) and, where the format has minimums,
-// what they take away into `mins`. Codes with an offset (w = d * (code - offset)) are made signed first.
+// what they take away into `mins`. Q6_K's codes are made signed (less their offset of 32); Q4_0's and
+// Q5_0's offsets start the dot product instead (`offset32`).
 template <Type T> struct Format;
 
 // One block of 32 unsigned codes with w = d * (code - 2^shift), d the float16 at d_ptr: the offset's products
