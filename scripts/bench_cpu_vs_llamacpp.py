@@ -1,6 +1,6 @@
 """The demo model on the CPU, batch 1, qwen-serve beside llama.cpp (llama-cpp-python) on the same GGUF file:
-resident memory after load and after decoding (mapped file pages count once touched), TTFT of a chat prompt and greedy decode tok/s over 64 tokens, best of 3, each
-engine in its own process (so each RSS is its own). llama-cpp-python is a benchmark peer, not a dependency:
+resident memory after load and after decoding (mapped file pages count once touched), TTFT of a chat prompt
+and greedy decode tok/s over 64 tokens, best of 3, each engine in its own process (so each RSS is its own). llama-cpp-python is a benchmark peer, not a dependency:
 `pip install llama-cpp-python` builds it (~10 minutes on 2 cores).
 
     python3 scripts/bench_cpu_vs_llamacpp.py            # both, one after the other
@@ -53,7 +53,8 @@ def run_ours(threads: int) -> dict:
             first = first if first is not None else time.perf_counter() - start
         results.append((first, (NEW_TOKENS - 1) / (time.perf_counter() - start - first)))
     return {"engine": "qwen-serve", "prompt_tokens": len(ids), "rss_after_load_gib": rss,
-            "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3, "decode_tok_s": max(r[1] for r in results)}
+            "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3,
+            "decode_tok_s": max(r[1] for r in results)}
 
 
 def run_llamacpp(threads: int) -> dict:
@@ -76,7 +77,8 @@ def run_llamacpp(threads: int) -> dict:
                 break
         results.append((first, (NEW_TOKENS - 1) / (time.perf_counter() - start - first)))
     return {"engine": "llama.cpp", "prompt_tokens": len(ids), "rss_after_load_gib": rss,
-            "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3, "decode_tok_s": max(r[1] for r in results)}
+            "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3,
+            "decode_tok_s": max(r[1] for r in results)}
 
 
 def main() -> None:

@@ -142,7 +142,8 @@ def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tm
     monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
     vocab = -(-len(_tiny_vocab()[0]) // 16) * 16  # the CPU's int4 packing takes outputs in 16s
     hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=vocab, hidden=256)
-    path = write_tiny_gguf(tmp_path / "q8.gguf", hf, blocks=functools.partial(_blocks, types={**MIXED, "output": "Q8_0"}))
+    blocks = functools.partial(_blocks, types={**MIXED, "output": "Q8_0"})
+    path = write_tiny_gguf(tmp_path / "q8.gguf", hf, blocks=blocks)
     folder = resolve_model(str(path))
     ids = [5, 77, 260, 3, 99, 200, 1, 42]
     logits = {}
@@ -154,6 +155,32 @@ def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tm
         assert hasattr(model.lm_head, "weight") == (not bf16)
         # q|k|v of Q4_K, Q5_K, Q6_K: wider codes, so from the blocks too
         assert hasattr(model.model.layers[0].self_attn.qkv_proj, "gguf_blocks") == (bf16 and kernels)
+        with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
+            logits[dtype] = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
+    ref = logits[torch.float32]
+    assert ((logits[torch.bfloat16] - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_a_tied_table_on_the_cpu_is_looked_up_and_multiplied_from_its_blocks(tmp_path, monkeypatch):
+    """No output tensor: the Q5_0 input table is also the lm_head. In a bfloat16 CPU model it keeps its blocks
+    for both (rows looked up dequantized, logits through kernels/cpu_gguf.py), within bfloat16's rounding of the
+    float32 model's logits."""
+    from qwen_serve.kernels import cpu_gguf
+    from qwen_serve.layers.attention import AttentionMetadata, forward_context
+    from qwen_serve.loader.model_loader import load_model, load_model_config
+    from qwen_serve.loader.resolve import resolve_model
+
+    if not cpu_gguf.available():
+        pytest.skip("the GGUF CPU kernels cannot be built here")
+    monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
+    hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=len(_tiny_vocab()[0]), hidden=256, tied=True)
+    folder = resolve_model(str(write_tiny_gguf(tmp_path / "tied.gguf", hf, blocks=_blocks)))
+    ids = [5, 77, 260, 3, 99, 200, 1, 42]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(folder, load_model_config(folder), dtype, "cpu")
+        table = model.model.embed_tokens
+        assert hasattr(table, "gguf_blocks") == (dtype == torch.bfloat16)
         with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
             logits[dtype] = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
     ref = logits[torch.float32]

@@ -331,7 +331,8 @@ void quantize(const scalar_t* x, int64_t rows, int64_t k, int8_t* q, float* d, i
             _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), packed);
         alignas(32) int32_t s[8];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(s), _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        const __m256i sums = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(s), sums);
         d[b] = scale;
         isum[b] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
         sum32[b] = scale * static_cast<float>(isum[b]);
@@ -347,8 +348,8 @@ constexpr int64_t WEIGHT_TILE = 16;
 
 // x [M, K] (float32 / bfloat16 / float16) times the layer made of `blocks` (each a shard [rows, row bytes] of
 // `types`, stacked along the outputs), plus `bias` -> [M, outputs] in x's dtype.
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks, const std::vector<int64_t>& types,
-                     const c10::optional<torch::Tensor>& bias) {
+torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks,
+                     const std::vector<int64_t>& types, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   TORCH_CHECK(blocks.size() == types.size() && !blocks.empty(), "one type for each shard of blocks");
   const int64_t m_rows = x.size(0), k = x.size(1);
@@ -485,7 +486,8 @@ template <> void convert<at::BFloat16>(const float* v, at::BFloat16* out, int64_
 template <> void convert<at::Half>(const float* v, at::Half* out, int64_t n) {
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm256_cvtps_ph(_mm256_loadu_ps(v + k), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + k), _MM_FROUND_TO_NEAREST_INT));
   for (; k < n; ++k) out[k] = static_cast<at::Half>(v[k]);
 }
 

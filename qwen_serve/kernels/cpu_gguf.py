@@ -96,8 +96,7 @@ def linear(x: torch.Tensor, shards: list[tuple[str, torch.Tensor]], bias: torch.
 
 def dequantize(shards: list[tuple[str, torch.Tensor]], in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight [outputs, in_features] in `dtype`: exactly the gguf decoder's values, rounded once."""
-    return build().dequantize([blocks for _, blocks in shards], [TYPE_IDS[t] for t, _ in shards], in_features,
-                                   dtype)
+    return build().dequantize([blocks for _, blocks in shards], [TYPE_IDS[t] for t, _ in shards], in_features, dtype)
 
 
 def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

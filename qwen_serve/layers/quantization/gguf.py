@@ -210,6 +210,11 @@ def row_bytes(type_name: str, columns: int) -> int:
     return columns // block * size
 
 
+def table_rows(layer: nn.Module, type_name: str, blocks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a table kept as its blocks, dequantized into the layer's compute dtype."""
+    return dequantize(blocks[ids], type_name, (ids.numel(), layer.in_features), layer.compute_dtype)
+
+
 @dataclass(frozen=True, slots=True)
 class GGUFConfig(QuantizationConfig):
     tensor_types: dict[str, str] = field(hash=False)  # checkpoint tensor name -> GGML type name
@@ -283,8 +288,7 @@ class GGUFLinearMethod(LinearMethod):
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of an input table kept as the file's blocks (`gguf_table`), dequantized."""
-        type_name, blocks = layer.gguf_table
-        return dequantize(blocks[ids], type_name, (ids.numel(), layer.in_features), layer.compute_dtype)
+        return table_rows(layer, *layer.gguf_table, ids)
 
     def random_fill(self, layer: nn.Module, generator: torch.Generator) -> None:
         """Each shard as random blocks of the config's `random_type`; the input table and the lm_head in
@@ -311,9 +315,6 @@ class GGUFLinearMethod(LinearMethod):
         names = list(self._shards(layer))
         types = [shards[s][0] for s in names]
         blocks = all(t in BLOCK_FORMATS for t in types)
-        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs;
-        # on the CPU the lm_head's wider codes too, as two 4-bit planes: it multiplies only the sampled rows,
-        # where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x slower a plane.
         lookup, logits = getattr(layer, "used_for_lookup", False), getattr(layer, "used_for_logits", False)
         int4_fits = blocks and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
                                                   sum(self._shards(layer).values()), layer.compute_dtype, device)
@@ -327,6 +328,10 @@ class GGUFLinearMethod(LinearMethod):
             del layer.weight, layer.gguf_shards
             layer.quant_method = GGUFBlocksMethod()
             return
+        # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs;
+        # on the CPU without the blocks' kernels the lm_head's wider codes too, as two 4-bit planes: it multiplies
+        # only the sampled rows, where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x
+        # slower a plane.
         int4 = int4_fits and not lookup and (four_bit or (device.type == "cpu" and logits))
         # An input table that is only looked up stays the file's own blocks on every device (Q5_0: 5.5 bits a
         # value, where repacked codes take 8 and float32 factors 2 more): `embedding` dequantizes its rows.
@@ -387,4 +392,4 @@ class GGUFBlocksMethod(LinearMethod):
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a table that is also the lm_head (one shard)."""
         (type_name, blocks), = layer.gguf_blocks
-        return dequantize(blocks[ids], type_name, (ids.numel(), layer.in_features), layer.compute_dtype)
+        return table_rows(layer, type_name, blocks, ids)
