@@ -70,13 +70,18 @@ def build(arch: str = "native"):
         log.info("GGUF CPU kernels need AVX2; this CPU runs the dequantized layers")
         return None
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils.cpp_extension import load
 
         # -fopenmp for at::parallel_for's pragmas; not linked: the symbols resolve to torch's own OpenMP runtime
         # (a second one would spin its own threads against torch's on the same cores)
         name = f"qwen_serve_cpu_gguf_{arch}_{_cpu_id() if arch == 'native' else 'any'}"
         log.info("GGUF CPU kernels: loading %s (built at first use, ~20 s on 2 cores)", name)
-        remove_stale_lock(Path(_get_build_directory(name, verbose=False)))
+        try:  # a private helper of torch's: without it, only the stale-lock check is skipped
+            from torch.utils.cpp_extension import _get_build_directory
+
+            remove_stale_lock(Path(_get_build_directory(name, verbose=False)))
+        except (ImportError, OSError) as exc:
+            log.info("no check for a stale build lock (%s)", exc)
         return load(name=name, sources=[str(Path(__file__).with_name("cpu_gguf.cpp"))],
                     extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja, or a CPU without the instructions: keep the torch path
