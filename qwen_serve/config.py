@@ -47,7 +47,9 @@ class EngineConfig:
     num_kv_blocks: int | None = _opt(None, "force this many KV-cache blocks (tests, debugging)")
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
-    fused_kernels: bool = _opt(True, "Triton kernels for the layers on CUDA (--no-fused-kernels: the torch code, for A/B runs)")
+    fused_kernels: bool = _opt(
+        True, "fused kernels: Triton on CUDA, the C++ decode attention on the CPU (--no-fused-kernels: the torch "
+        "code, for A/B runs)")
     overlap_steps: str = _opt(
         "auto", "schedule step N+1 while the device runs step N: auto (on with CUDA), on, off"
     )

@@ -31,7 +31,7 @@ def prompt_text() -> str:
     return tok.apply_chat_template([{"role": "user", "content": PROMPT}])
 
 
-def run_ours(threads: int) -> dict:
+def run_ours(threads: int, fused_kernels: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -40,7 +40,8 @@ def run_ours(threads: int) -> dict:
     from qwen_serve.engine.sampling_params import SamplingParams
 
     # A KV cache for this one prompt (the default 2 GiB would dominate the memory figure).
-    engine = LLMEngine.from_config(EngineConfig(model="demo", device="cpu", max_model_len=1024, kv_cache_gb=0.05))
+    engine = LLMEngine.from_config(EngineConfig(model="demo", device="cpu", max_model_len=1024, kv_cache_gb=0.05,
+                                                   fused_kernels=fused_kernels))
     rss = rss_gib()
     ids = engine.tokenizer.encode(prompt_text())
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -52,7 +53,7 @@ def run_ours(threads: int) -> dict:
             engine.step()
             first = first if first is not None else time.perf_counter() - start
         results.append((first, (NEW_TOKENS - 1) / (time.perf_counter() - start - first)))
-    return {"engine": "qwen-serve", "prompt_tokens": len(ids), "rss_after_load_gib": rss,
+    return {"engine": "qwen-serve" if fused_kernels else "qwen-serve --no-fused-kernels", "prompt_tokens": len(ids), "rss_after_load_gib": rss,
             "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3,
             "decode_tok_s": max(r[1] for r in results)}
 
@@ -85,9 +86,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=["ours", "llamacpp"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-fused-kernels", action="store_true", help="ours with the torch attention (A/B)")
     args = parser.parse_args()
     if args.engine:
-        print(json.dumps(run_ours(args.threads) if args.engine == "ours" else run_llamacpp(args.threads)))
+        print(json.dumps(run_ours(args.threads, not args.no_fused_kernels) if args.engine == "ours"
+                         else run_llamacpp(args.threads)))
         return
     for engine in ("llamacpp", "ours"):
         out = subprocess.run([sys.executable, __file__, "--engine", engine, "--threads", str(args.threads)],

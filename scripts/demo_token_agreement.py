@@ -45,15 +45,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from qwen_serve.kernels import cpu_gguf, int4pack
+    from qwen_serve.kernels import cpu_extension, int4pack
 
     served = greedy("bfloat16", args.tokens)
-    supported, available = int4pack.supported, cpu_gguf.available
-    int4pack.supported, cpu_gguf.available = (lambda *args: False), (lambda: False)  # every layer a plain weight
+    supported, available = int4pack.supported, cpu_extension.available
+    int4pack.supported, cpu_extension.available = (lambda *args: False), (lambda: False)  # plain weights, torch code
     try:
         plain_bf16 = greedy("bfloat16", args.tokens)
     finally:
-        int4pack.supported, cpu_gguf.available = supported, available
+        int4pack.supported, cpu_extension.available = supported, available
     plain_fp32 = greedy("float32", args.tokens)
     for name, ref in (("dequantized bfloat16", plain_bf16), ("dequantized float32", plain_fp32)):
         share, first = agreement(served, ref)

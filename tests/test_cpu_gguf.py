@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_serve.kernels import cpu_gguf
+from qwen_serve.kernels import cpu_extension, cpu_gguf
 from qwen_serve.layers.quantization.gguf import random_blocks
 
-pytestmark = pytest.mark.skipif(not cpu_gguf.available(), reason="the GGUF CPU kernels cannot be built here")
+pytestmark = pytest.mark.skipif(not cpu_extension.available(), reason="the GGUF CPU kernels cannot be built here")
 
 FORMATS = list(cpu_gguf.TYPE_IDS)
 
@@ -46,7 +46,7 @@ def test_dequantize_matches_the_gguf_package(type_name):
 def kernels(request):
     """The kernels as served (this CPU's instructions), and built for AVX2 alone: the paths of CPUs without
     AVX-512 or VNNI (maddubs, byte shuffles) run here too."""
-    module = cpu_gguf.build(request.param)
+    module = cpu_extension.build(request.param)
     if module is None:
         pytest.skip(f"the kernels cannot be built for {request.param} here")
     return module
@@ -108,6 +108,6 @@ def test_a_lock_left_by_an_interrupted_build_is_removed(tmp_path):
     lock = tmp_path / "lock"
     lock.touch()
     now = lock.stat().st_mtime
-    assert not cpu_gguf.remove_stale_lock(tmp_path, now=now + 60) and lock.exists()
-    assert cpu_gguf.remove_stale_lock(tmp_path, now=now + cpu_gguf.STALE_LOCK_S + 1) and not lock.exists()
-    assert not cpu_gguf.remove_stale_lock(tmp_path)  # none there
+    assert not cpu_extension.remove_stale_lock(tmp_path, now=now + 60) and lock.exists()
+    assert cpu_extension.remove_stale_lock(tmp_path, now=now + cpu_extension.STALE_LOCK_S + 1) and not lock.exists()
+    assert not cpu_extension.remove_stale_lock(tmp_path)  # none there

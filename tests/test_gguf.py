@@ -130,15 +130,15 @@ def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tm
     the float32 model's (the plain weights dequantized at load)."""
     import functools
 
-    from qwen_serve.kernels import cpu_gguf
+    from qwen_serve.kernels import cpu_extension
     from qwen_serve.layers.attention import AttentionMetadata, forward_context
     from qwen_serve.loader.model_loader import load_model, load_model_config
     from qwen_serve.loader.resolve import resolve_model
 
-    if kernels and not cpu_gguf.available():
+    if kernels and not cpu_extension.available():
         pytest.skip("the GGUF CPU kernels cannot be built here")
     if not kernels:
-        monkeypatch.setattr(cpu_gguf, "available", lambda: False)
+        monkeypatch.setattr(cpu_extension, "available", lambda: False)
     monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
     vocab = -(-len(_tiny_vocab()[0]) // 16) * 16  # the CPU's int4 packing takes outputs in 16s
     hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=vocab, hidden=256)
@@ -165,12 +165,12 @@ def test_a_tied_table_on_the_cpu_is_looked_up_and_multiplied_from_its_blocks(tmp
     """No output tensor: the Q5_0 input table is also the lm_head. In a bfloat16 CPU model it keeps its blocks
     for both (rows looked up dequantized, logits through kernels/cpu_gguf.py), within bfloat16's rounding of the
     float32 model's logits."""
-    from qwen_serve.kernels import cpu_gguf
+    from qwen_serve.kernels import cpu_extension
     from qwen_serve.layers.attention import AttentionMetadata, forward_context
     from qwen_serve.loader.model_loader import load_model, load_model_config
     from qwen_serve.loader.resolve import resolve_model
 
-    if not cpu_gguf.available():
+    if not cpu_extension.available():
         pytest.skip("the GGUF CPU kernels cannot be built here")
     monkeypatch.setenv("QWEN_SERVE_CACHE", str(tmp_path / "cache"))
     hf = make_tiny_checkpoint(tmp_path / "hf", heads=4, kv_heads=2, vocab=len(_tiny_vocab()[0]), hidden=256, tied=True)

@@ -8,9 +8,11 @@
 // minimums are summed once a block from `Act::sum32`; Q8_0 and Q6_K take signed codes. The block layouts
 // are ggml's (layers/quantization/gguf.py decodes them the same way in torch).
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+
+#include "cpu_kernels.h"
 
 #include <cstdint>
 #include <cstring>
@@ -278,8 +280,8 @@ struct Shard {
   int64_t row_bytes, blocks, begin, end;  // begin, end: its outputs among the layer's
 };
 
-Shard make_shard(int64_t type, const torch::Tensor& blocks, int64_t in_features, int64_t begin) {
-  TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && blocks.is_contiguous(),
+Shard make_shard(int64_t type, const at::Tensor& blocks, int64_t in_features, int64_t begin) {
+  TORCH_CHECK(blocks.dtype() == at::kByte && blocks.dim() == 2 && blocks.is_contiguous(),
               "GGUF blocks must be a contiguous uint8 [rows, row bytes] tensor");
   DotsFn fn;
   int values, bytes;
@@ -346,10 +348,14 @@ constexpr int ROWS = 4;
 // Weight rows a task takes at a time: their bytes stay in cache over all the activation rows.
 constexpr int64_t WEIGHT_TILE = 16;
 
+}  // namespace
+
+namespace qwen_serve_cpu {
+
 // x [M, K] (float32 / bfloat16 / float16) times the layer made of `blocks` (each a shard [rows, row bytes] of
 // `types`, stacked along the outputs), plus `bias` -> [M, outputs] in x's dtype.
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& blocks,
-                     const std::vector<int64_t>& types, const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& blocks,
+                     const std::vector<int64_t>& types, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-D CPU tensor");
   TORCH_CHECK(blocks.size() == types.size() && !blocks.empty(), "one type for each shard of blocks");
   const int64_t m_rows = x.size(0), k = x.size(1);
@@ -361,8 +367,8 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
     n = shards.back().end;
   }
   // x and the bias are read in their own dtype (no converted copies: a decode step makes ~100 of these calls)
-  const torch::Tensor xc = x.contiguous();
-  torch::Tensor bias_x;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor bias_x;
   if (bias.has_value()) {
     bias_x = bias->to(x.scalar_type()).contiguous();
     TORCH_CHECK(bias_x.numel() == n, "the bias has ", bias_x.numel(), " values for ", n, " outputs");
@@ -370,7 +376,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
   std::vector<int8_t> q(m_rows * k);
   std::vector<float> d(m_rows * k / 32), sum32(m_rows * k / 32);
   std::vector<int32_t> isum(m_rows * k / 32);
-  torch::Tensor out = torch::empty({m_rows, n}, x.options());
+  at::Tensor out = at::empty({m_rows, n}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gguf_linear", [&] {
     quantize(xc.data_ptr<scalar_t>(), m_rows, k, q.data(), d.data(), isum.data(), sum32.data());
     const scalar_t* bias_ptr = bias_x.defined() ? bias_x.data_ptr<scalar_t>() : nullptr;
@@ -397,6 +403,10 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& b
   });
   return out;
 }
+
+}  // namespace qwen_serve_cpu
+
+namespace {
 
 // Dequantization into the compute dtype, for calls of many rows: there a bfloat16 matmul of the whole weight
 // (oneDNN) beats the int8 dot products, which scale every block of every row apart. Each group of 32 codes is
@@ -509,8 +519,12 @@ DecodeFn decoder(int64_t type) {
   TORCH_CHECK(false, "unknown GGUF block type id ", type);
 }
 
+}  // namespace
+
+namespace qwen_serve_cpu {
+
 // The layer's weight [outputs, in_features] in `dtype`, its shards stacked.
-torch::Tensor dequantize(const std::vector<torch::Tensor>& blocks, const std::vector<int64_t>& types,
+at::Tensor dequantize(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& types,
                          int64_t in_features, at::ScalarType dtype) {
   TORCH_CHECK(blocks.size() == types.size() && !blocks.empty(), "one type for each shard of blocks");
   std::vector<Shard> shards;
@@ -521,7 +535,7 @@ torch::Tensor dequantize(const std::vector<torch::Tensor>& blocks, const std::ve
     decoders.push_back(decoder(types[s]));
     n = shards.back().end;
   }
-  torch::Tensor out = torch::empty({n, in_features}, torch::TensorOptions().dtype(dtype));
+  at::Tensor out = at::empty({n, in_features}, at::TensorOptions().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "gguf_dequantize", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
@@ -537,9 +551,4 @@ torch::Tensor dequantize(const std::vector<torch::Tensor>& blocks, const std::ve
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ W.T + bias for W stored as GGUF blocks");
-  m.def("dequantize", &dequantize, "W stored as GGUF blocks, in a float dtype");
-}
+}  // namespace qwen_serve_cpu

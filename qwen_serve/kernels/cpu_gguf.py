@@ -8,89 +8,20 @@ the only difference from the exact weights: each output moves by at most sum(|w|
 d the block's activation scale (tests/test_cpu_gguf.py checks that bound and the kernels against
 `linear_reference`).
 
-The C++ source is compiled once per machine at first use (torch's extension builder, for the CPU it runs
-on: `-march=native`; ~20 s on 2 cores, cached under TORCH_EXTENSIONS_DIR). Where it cannot be built (no
-compiler, no AVX2) `available()` is False and the layers keep the dequantized path.
+Built at first use with the other CPU kernels (kernels/cpu_extension.py); where they cannot be built
+`cpu_extension.available()` is False and the layers keep the dequantized path.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import platform
-import time
-from pathlib import Path
-
 import torch
 
-log = logging.getLogger(__name__)
+from qwen_serve.kernels.cpu_extension import build
 
 # Block formats the kernels read, by the id cpu_gguf.cpp's `Type` gives them.
 TYPE_IDS = {"Q4_0": 0, "Q5_0": 1, "Q8_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}
 # Values an activation scale covers.
 ACTIVATION_BLOCK = 32
-
-
-def _cpu_id() -> str:
-    """A short hash of this CPU's instruction-set flags: a build for one CPU's "native" is cached under its own
-    name, so a home directory shared by machines of different CPUs never loads another's (illegal
-    instructions)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() + torch.backends.cpu.get_cpu_capability()
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
-
-
-# A build cut short (Ctrl-C at the first start, a killed process) leaves torch's lock file in the build folder,
-# and every later start would wait on it forever (torch's FileBaton has no timeout): a lock older than any
-# build takes is removed.
-STALE_LOCK_S = 600
-
-
-def remove_stale_lock(build_dir: Path, now: float | None = None) -> bool:
-    lock = build_dir / "lock"
-    try:
-        if (time.time() if now is None else now) - lock.stat().st_mtime <= STALE_LOCK_S:
-            return False
-        lock.unlink()
-    except FileNotFoundError:
-        return False
-    log.warning("removed %s, left by a build of the GGUF CPU kernels that did not finish", lock)
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def build(arch: str = "native"):
-    """The kernels compiled for `arch` (gcc's -march: "native" serves; the tests also build "haswell", AVX2
-    without AVX-512 or VNNI, so that the fallback paths run on any machine), or None with the reason logged
-    where they cannot be built here."""
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):  # "AVX2" / "AVX512": torch's own dispatch level
-        log.info("GGUF CPU kernels need AVX2; this CPU runs the dequantized layers")
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        # -fopenmp for at::parallel_for's pragmas; not linked: the symbols resolve to torch's own OpenMP runtime
-        # (a second one would spin its own threads against torch's on the same cores)
-        name = f"qwen_serve_cpu_gguf_{arch}_{_cpu_id() if arch == 'native' else 'any'}"
-        log.info("GGUF CPU kernels: loading %s (built at first use, ~20 s on 2 cores)", name)
-        try:  # a private helper of torch's: without it, only the stale-lock check is skipped
-            from torch.utils.cpp_extension import _get_build_directory
-
-            remove_stale_lock(Path(_get_build_directory(name, verbose=False)))
-        except (ImportError, OSError) as exc:
-            log.info("no check for a stale build lock (%s)", exc)
-        return load(name=name, sources=[str(Path(__file__).with_name("cpu_gguf.cpp"))],
-                    extra_cflags=["-O3", f"-march={arch}", "-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler or ninja, or a CPU without the instructions: keep the torch path
-        log.warning("GGUF CPU kernels could not be built (%s); serving dequantized GGUF layers instead", exc)
-        return None
-
-
-def available() -> bool:
-    return build() is not None
 
 
 def linear(x: torch.Tensor, shards: list[tuple[str, torch.Tensor]], bias: torch.Tensor | None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_serve.kernels import cpu_attention
 from qwen_serve.layers.options import LayerOptions
 from qwen_serve.layers.rotary import RotaryEmbedding
 
@@ -338,6 +339,7 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.rotary = rotary
         self.fused = opts.fused
+        self.cpu_kernels = opts.fused_kernels
         self.backend: AttentionBackend = TorchAttentionBackend()
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -349,6 +351,11 @@ class Attention(nn.Module):
         n = qkv.shape[0]
         meta = current_metadata(n)
         use_cache = self.k_cache is not None and meta.slot_mapping is not None
+        if (self.cpu_kernels and use_cache and rows is None and meta.is_decode_only and meta.num_seqs == 1
+                and cpu_attention.supported(qkv, self.k_cache)):  # batch-1 decode on the CPU: one C++ call
+            return cpu_attention.decode(qkv, self.rotary.table(qkv.device), self.k_cache, self.v_cache, positions,
+                                        meta.slot_mapping, meta.block_tables[0], meta.max_seq_len, self.num_heads,
+                                        self.num_kv_heads, self.scale)
         if self.fused and qkv.is_cuda:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             from qwen_serve.kernels import fused

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_serve.kernels import cpu_gguf, int4pack
+from qwen_serve.kernels import cpu_extension, cpu_gguf, int4pack
 from qwen_serve.layers.quantization.base import LinearMethod, QuantizationConfig, new_param
 from qwen_serve.layers.quantization.packed import PackedIntMethod, repack
 from qwen_serve.layers.quantization.unquantized import UnquantizedLinearMethod
@@ -323,7 +323,7 @@ class GGUFLinearMethod(LinearMethod):
         # matmul stays faster for 4-bit ones (a Q4_K down of the demo model at 1 / 16 rows: 0.065 / 0.41 ms
         # against 0.089 / 1.14). float32 models keep exact weights (the kernels round the activations to int8).
         if (device.type == "cpu" and blocks and (not lookup or logits) and not (four_bit and int4_fits)
-                and layer.compute_dtype in (torch.bfloat16, torch.float16) and cpu_gguf.available()):
+                and layer.compute_dtype in (torch.bfloat16, torch.float16) and cpu_extension.available()):
             layer.gguf_blocks = [(t, shards[s][1].contiguous()) for s, t in zip(names, types)]
             del layer.weight, layer.gguf_shards
             layer.quant_method = GGUFBlocksMethod()

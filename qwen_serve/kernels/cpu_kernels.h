@@ -1,0 +1,23 @@
+// The CPU kernels' entry points (kernels/cpu_extension.py builds the files below into one module).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace qwen_serve_cpu {
+
+// cpu_gguf.cpp
+at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& blocks,
+                     const std::vector<int64_t>& types, const c10::optional<at::Tensor>& bias);
+at::Tensor dequantize(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& types,
+                         int64_t in_features, at::ScalarType dtype);
+
+// cpu_attention.cpp
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotary, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& position, const at::Tensor& slot,
+                               const at::Tensor& table, int64_t length, int64_t heads, int64_t kv_heads,
+                               double scale);
+
+}  // namespace qwen_serve_cpu
