@@ -48,8 +48,8 @@ class EngineConfig:
     enable_prefix_caching: bool = _opt(True, "reuse the KV cache of shared prompt prefixes")
     enforce_eager: bool = _opt(False, "no CUDA graphs")
     fused_kernels: bool = _opt(
-        True, "fused kernels: Triton on CUDA, the C++ decode attention on the CPU (--no-fused-kernels: the torch "
-        "code, for A/B runs)")
+        True, "fused kernels: Triton on CUDA, C++ ones on the CPU (decode attention, RMSNorm) (--no-fused-kernels: "
+        "the torch code, for A/B runs)")
     overlap_steps: str = _opt(
         "auto", "schedule step N+1 while the device runs step N: auto (on with CUDA), on, off"
     )

@@ -1,6 +1,6 @@
 """The CPU kernels, C++ beside this file built into one module by torch's extension builder: cpu_gguf.cpp
-(GGUF linears from the file's blocks, kernels/cpu_gguf.py) and cpu_attention.cpp (one sequence's decode
-attention, kernels/cpu_attention.py).
+(GGUF linears from the file's blocks, kernels/cpu_gguf.py), cpu_attention.cpp (one sequence's decode
+attention, kernels/cpu_attention.py) and cpu_norm.cpp (RMSNorm, kernels/cpu_norm.py).
 
 Compiled once per machine at first use, for the CPU it runs on (`-march=native`; ~30 s on 2 cores, cached
 under TORCH_EXTENSIONS_DIR). Where it cannot be built (no compiler, no AVX2) `available()` is False and the
@@ -20,7 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("cpu_gguf.cpp", "cpu_attention.cpp", "cpu_bindings.cpp")
+SOURCES = ("cpu_gguf.cpp", "cpu_attention.cpp", "cpu_norm.cpp", "cpu_bindings.cpp")
 
 
 def _cpu_id() -> str:

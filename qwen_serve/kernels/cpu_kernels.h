@@ -20,4 +20,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotary, con
                                const at::Tensor& table, int64_t length, int64_t heads, int64_t kv_heads,
                                double scale);
 
+// cpu_norm.cpp: (weight * norm(x + residual), x + residual); without a residual, (weight * norm(x), x).
+std::vector<at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                 const at::Tensor& weight, double eps);
+
 }  // namespace qwen_serve_cpu

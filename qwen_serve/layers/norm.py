@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwen_serve.kernels import cpu_norm
 from qwen_serve.layers.options import LayerOptions
 
 
@@ -27,6 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size, dtype=params_dtype), requires_grad=False)
         self.eps = eps
         self.fused = opts.fused
+        self.cpu_kernels = opts.fused_kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Adds `residual` first when given; returns (normed, new residual)."""
@@ -34,4 +36,6 @@ class RMSNorm(nn.Module):
             from qwen_serve.kernels import fused
 
             return fused.rms_norm(x, residual, self.weight, self.eps)
+        if self.cpu_kernels and cpu_norm.supported(x, self.weight):
+            return cpu_norm.rms_norm(x, residual, self.weight, self.eps)
         return rms_norm_reference(x, residual, self.weight, self.eps)
