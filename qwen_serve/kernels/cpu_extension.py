@@ -2,7 +2,7 @@
 (GGUF linears from the file's blocks, kernels/cpu_gguf.py), cpu_attention.cpp (one sequence's decode
 attention, kernels/cpu_attention.py) and cpu_norm.cpp (RMSNorm, kernels/cpu_norm.py).
 
-Compiled once per machine at first use, for the CPU it runs on (`-march=native`; ~30 s on 2 cores, cached
+Compiled once per machine at first use, for the CPU it runs on (`-march=native`; ~40 s on 2 cores, cached
 under TORCH_EXTENSIONS_DIR). Where it cannot be built (no compiler, no AVX2) `available()` is False and the
 layers keep their torch paths.
 """
@@ -66,7 +66,7 @@ def build(arch: str = "native"):
         # -fopenmp for at::parallel_for's pragmas; not linked: the symbols resolve to torch's own OpenMP runtime
         # (a second one would spin its own threads against torch's on the same cores)
         name = f"qwen_serve_cpu_{arch}_{_cpu_id() if arch == 'native' else 'any'}"
-        log.info("CPU kernels: loading %s (built at first use, ~30 s on 2 cores)", name)
+        log.info("CPU kernels: loading %s (built at first use, ~40 s on 2 cores)", name)
         try:  # a private helper of torch's: without it, only the stale-lock check is skipped
             from torch.utils.cpp_extension import _get_build_directory
 
