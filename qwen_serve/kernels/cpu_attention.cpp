@@ -1,8 +1,9 @@
-// One decode step's attention for a single sequence on the CPU, in one call: RoPE on the new token's q and k
-// heads (in place in the qkv projection's output), its k and v into their cache slot, and each query head's
-// attention over the sequence's cached tokens. The torch path (layers/attention.py: `RotaryEmbedding.rotate_`,
-// `write_kv_cache`, `TorchAttentionBackend._decode_one_cpu`) runs ~15 operators a layer for this, and copies
-// every cached key and value to float32 each time; that is its reference. Computed in float32 as it is.
+// A decode step's attention on the CPU in one call: RoPE on each sequence's new token's q and k heads (in place
+// in the qkv projection's output), its k and v into their cache slot, and each query head's attention over the
+// sequence's cached tokens. The torch path (layers/attention.py: `RotaryEmbedding.rotate_`, `write_kv_cache`,
+// `TorchAttentionBackend`'s decode) runs ~15 operators a layer for this, and copies every cached key and value
+// (to float32 for one sequence, padded to the longest for several) each time; that is its reference. Computed
+// in float32.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -128,17 +129,17 @@ void attend_head(const T* q, const T* k_cache, const T* v_cache, const Sequence&
 
 namespace qwen_serve_cpu {
 
-// qkv [1, (heads + 2 kv_heads) head_dim]: the step's one token (RoPE'd in place); rotary [positions, head_dim]
-// float32; caches [blocks, block_size, kv_heads, head_dim] of qkv's dtype; position, slot: [1] (a negative slot
-// writes nothing, as `write_kv_cache`); table: the sequence's block ids (int32 or int64), covering `length`
-// tokens, the new one included.
-// Returns the attention output [1, heads * head_dim].
+// qkv [n, (heads + 2 kv_heads) head_dim]: one token of each of n sequences (q and k RoPE'd in place); rotary
+// [positions, head_dim] float32; caches [blocks, block_size, kv_heads, head_dim] of qkv's dtype; positions,
+// slots: int64 [n] (a negative slot writes nothing, as `write_kv_cache`); block_tables [n, max_blocks] (int32 or
+// int64), row i covering seq_lens[i] tokens, the new one included.
+// Returns the attention output [n, heads * head_dim].
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotary, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& position, const at::Tensor& slot,
-                               const at::Tensor& table, int64_t length, int64_t heads, int64_t kv_heads,
-                               double scale) {
-  TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous() && qkv.dim() == 2 && qkv.size(0) == 1,
-              "qkv must be one contiguous CPU row");
+                            const at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots,
+                            const at::Tensor& block_tables, const std::vector<int64_t>& seq_lens, int64_t heads,
+                            int64_t kv_heads, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.is_contiguous() && qkv.dim() == 2, "qkv must be contiguous CPU rows");
+  const int64_t n = qkv.size(0);
   TORCH_CHECK(k_cache.dtype() == qkv.dtype() && v_cache.dtype() == qkv.dtype() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4,
               "the caches must be contiguous [blocks, block_size, kv_heads, head_dim] in qkv's dtype");
@@ -148,36 +149,54 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotary, con
               "qkv's width must be (heads + 2 kv_heads) head_dim");
   TORCH_CHECK(rotary.scalar_type() == at::kFloat && rotary.is_contiguous() && rotary.size(1) == head_dim,
               "the rotary table must be float32 [positions, head_dim]");
-  const int64_t pos = position.item<int64_t>(), where = slot.item<int64_t>();
-  TORCH_CHECK(pos >= 0 && pos < rotary.size(0), "position ", pos, " is outside the rotary table");
-  TORCH_CHECK(where < num_blocks * block_size, "slot ", where, " is outside the cache");  // < 0: no write
-  TORCH_CHECK(table.dim() == 1 && length >= 1 && length <= table.numel() * block_size,
-              "the block table covers fewer than ", length, " tokens");
-  std::vector<int64_t> blocks((length + block_size - 1) / block_size);
-  AT_DISPATCH_INDEX_TYPES(table.scalar_type(), "block_table", [&] {
-    const at::Tensor ids = table.contiguous();
-    std::copy_n(ids.data_ptr<index_t>(), blocks.size(), blocks.begin());
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  positions.is_contiguous() && slots.is_contiguous() && positions.numel() == n && slots.numel() == n,
+              "positions and slots must be int64, one a sequence");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == n && static_cast<int64_t>(seq_lens.size()) == n,
+              "one block table and one length a sequence");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* where = slots.data_ptr<int64_t>();
+  const int64_t max_blocks = block_tables.size(1);
+  std::vector<int64_t> ids(n * max_blocks);
+  AT_DISPATCH_INDEX_TYPES(block_tables.scalar_type(), "block_tables", [&] {
+    const at::Tensor t = block_tables.contiguous();
+    std::copy_n(t.data_ptr<index_t>(), ids.size(), ids.begin());
   });
-  TORCH_CHECK(std::all_of(blocks.begin(), blocks.end(), [&](int64_t b) { return b >= 0 && b < num_blocks; }),
-              "a block id is outside the cache");
-  const Sequence seq{blocks.data(), length, block_size, kv_heads};
+  std::vector<Sequence> seqs;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t length = seq_lens[i];
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < rotary.size(0), "position ", pos[i], " is outside the rotary table");
+    TORCH_CHECK(where[i] < num_blocks * block_size, "slot ", where[i], " is outside the cache");  // < 0: no write
+    TORCH_CHECK(length >= 1 && length <= max_blocks * block_size, "the block table covers fewer than ", length,
+                " tokens");
+    const int64_t* blocks = ids.data() + i * max_blocks;
+    TORCH_CHECK(std::all_of(blocks, blocks + (length + block_size - 1) / block_size,
+                            [&](int64_t b) { return b >= 0 && b < num_blocks; }),
+                "a block id is outside the cache");
+    seqs.push_back({blocks, length, block_size, kv_heads});
+  }
   const int64_t group = heads / kv_heads, half = head_dim / 2, width = kv_heads * head_dim;
-  at::Tensor out = at::empty({1, heads * head_dim}, qkv.options());
+  const int64_t row = qkv.size(1);
+  at::Tensor out = at::empty({n, heads * head_dim}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "decode_attention", [&] {
-    scalar_t* x = qkv.data_ptr<scalar_t>();
-    const float* cs = rotary.data_ptr<float>() + pos * head_dim;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) rotate_head(x + h * head_dim, cs, cs + half, half);
     scalar_t* kc = k_cache.data_ptr<scalar_t>();
     scalar_t* vc = v_cache.data_ptr<scalar_t>();
-    if (where >= 0) {
-      std::memcpy(kc + where * width, x + heads * head_dim, width * sizeof(scalar_t));
-      std::memcpy(vc + where * width, x + (heads + kv_heads) * head_dim, width * sizeof(scalar_t));
+    for (int64_t i = 0; i < n; ++i) {  // every token's keys are in the cache before any attention reads it
+      scalar_t* x = qkv.data_ptr<scalar_t>() + i * row;
+      const float* cs = rotary.data_ptr<float>() + pos[i] * head_dim;
+      for (int64_t h = 0; h < heads + kv_heads; ++h) rotate_head(x + h * head_dim, cs, cs + half, half);
+      if (where[i] >= 0) {
+        std::memcpy(kc + where[i] * width, x + heads * head_dim, width * sizeof(scalar_t));
+        std::memcpy(vc + where[i] * width, x + (heads + kv_heads) * head_dim, width * sizeof(scalar_t));
+      }
     }
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t h = begin; h < end; ++h)
-        attend_head(x + h * group * head_dim, kc, vc, seq, head_dim, h, group, static_cast<float>(scale),
-                    o + h * group * head_dim);
+    at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t i = j / kv_heads, h = j % kv_heads;
+        attend_head(qkv.data_ptr<scalar_t>() + i * row + h * group * head_dim, kc, vc, seqs[i], head_dim, h, group,
+                    static_cast<float>(scale), o + i * heads * head_dim + h * group * head_dim);
+      }
     });
   });
   return out;

@@ -352,9 +352,9 @@ class Attention(nn.Module):
         meta = current_metadata(n)
         use_cache = self.k_cache is not None and meta.slot_mapping is not None
         if (self.cpu_kernels and not qkv.is_cuda and use_cache and rows is None and meta.is_decode_only
-                and meta.num_seqs == 1 and cpu_attention.supported(qkv, self.k_cache)):  # CPU batch-1 decode
+                and cpu_attention.supported(qkv, self.k_cache)):  # a decode step on the CPU: one C++ call
             return cpu_attention.decode(qkv, self.rotary.table(qkv.device), self.k_cache, self.v_cache, positions,
-                                        meta.slot_mapping, meta.block_tables[0], meta.max_seq_len, self.num_heads,
+                                        meta.slot_mapping, meta.block_tables, meta.seq_lens, self.num_heads,
                                         self.num_kv_heads, self.scale)
         if self.fused and qkv.is_cuda:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -4,7 +4,7 @@ tensor-parallel rank.
 The model passes one `LayerOptions` to each layer it builds; a layer decides its kernels from it and
 from its input's device, never from the environment. With `fused_kernels` (the default) CUDA inputs
 go to the Triton kernels in `qwen_serve.kernels` where Triton imports, and CPU inputs to the C++ ones
-where those build (a batch-1 decode step's attention, RMSNorm: kernels/cpu_attention.py, cpu_norm.py);
+where those build (a decode step's attention, RMSNorm: kernels/cpu_attention.py, cpu_norm.py);
 the torch code each kernel replaces stays in its layer and is the reference the tests compare against.
 """
 
