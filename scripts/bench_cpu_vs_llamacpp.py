@@ -1,6 +1,7 @@
 """The demo model on the CPU, batch 1, qwen-serve beside llama.cpp (llama-cpp-python) on the same GGUF file:
 resident memory after load and after decoding (mapped file pages count once touched), TTFT of a chat prompt
-and greedy decode tok/s over 64 tokens, best of 3, each engine in its own process (so each RSS is its own). llama-cpp-python is a benchmark peer, not a dependency:
+and greedy decode tok/s over 64 tokens, best of 3, each engine in its own process (so each RSS is its own).
+llama-cpp-python is a benchmark peer, not a dependency:
 `pip install llama-cpp-python` builds it (~10 minutes on 2 cores).
 
     python3 scripts/bench_cpu_vs_llamacpp.py            # both, one after the other
@@ -53,7 +54,8 @@ def run_ours(threads: int, fused_kernels: bool = True) -> dict:
             engine.step()
             first = first if first is not None else time.perf_counter() - start
         results.append((first, (NEW_TOKENS - 1) / (time.perf_counter() - start - first)))
-    return {"engine": "qwen-serve" if fused_kernels else "qwen-serve --no-fused-kernels", "prompt_tokens": len(ids), "rss_after_load_gib": rss,
+    name = "qwen-serve" if fused_kernels else "qwen-serve --no-fused-kernels"
+    return {"engine": name, "prompt_tokens": len(ids), "rss_after_load_gib": rss,
             "rss_after_decode_gib": rss_gib(), "ttft_ms": min(r[0] for r in results) * 1e3,
             "decode_tok_s": max(r[1] for r in results)}
 
@@ -86,7 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=["ours", "llamacpp"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-fused-kernels", action="store_true", help="ours with the torch attention (A/B)")
+    parser.add_argument("--no-fused-kernels", action="store_true",
+                        help="ours with the torch attention and RMSNorm (A/B)")
     args = parser.parse_args()
     if args.engine:
         print(json.dumps(run_ours(args.threads, not args.no_fused_kernels) if args.engine == "ours"

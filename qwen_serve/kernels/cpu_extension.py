@@ -1,5 +1,5 @@
 """The CPU kernels, C++ beside this file built into one module by torch's extension builder: cpu_gguf.cpp
-(GGUF linears from the file's blocks, kernels/cpu_gguf.py), cpu_attention.cpp (one sequence's decode
+(GGUF linears from the file's blocks, kernels/cpu_gguf.py), cpu_attention.cpp (a decode step's
 attention, kernels/cpu_attention.py) and cpu_norm.cpp (RMSNorm, kernels/cpu_norm.py).
 
 Compiled once per machine at first use, for the CPU it runs on (`-march=native`; ~40 s on 2 cores, cached
