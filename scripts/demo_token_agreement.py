@@ -1,7 +1,7 @@
-"""Greedy output of the demo model served from its GGUF blocks (bfloat16; its Q4_K layers through torch's
-int4 matmul, the others through kernels/cpu_gguf.py where it builds) against the same model dequantized
-(every layer a plain bfloat16 weight, and float32): the share of generated tokens that agree, position by
-position, and where each pair first diverges.
+"""Greedy output of the demo model served from its GGUF blocks (bfloat16; every layer through kernels/cpu_gguf.py
+where it builds, else the 4-bit ones through torch's int4 matmul) against the same model dequantized (every layer a
+plain bfloat16 weight, and float32): the share of generated tokens that agree, position by position, and where each
+pair first diverges.
 
     python3 scripts/demo_token_agreement.py [--tokens 128]
 """

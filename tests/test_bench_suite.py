@@ -99,8 +99,9 @@ def test_suite_on_a_tiny_random_config(tmp_path: Path, capsys: pytest.CaptureFix
 @pytest.mark.parametrize("method", ["awq", "gptq", "gguf"])
 def test_suite_on_random_quantized_weights(method: str, tmp_path: Path) -> None:
     """--quantization without --model: random codes in the layout of Qwen's releases (AWQ, GPTQ) or random
-    Q4_K blocks with bfloat16 tables (GGUF); bfloat16 on the CPU, so the 4-bit layers run torch's int4
-    matmul. Q4_K's blocks of 256 inputs need a hidden size of 256."""
+    Q4_K blocks with bfloat16 tables (GGUF); bfloat16 on the CPU, so the AWQ / GPTQ layers run torch's int4
+    matmul and the GGUF ones their blocks' kernels (where those build). Q4_K's blocks of 256 inputs need a
+    hidden size of 256."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**TINY, "hidden_size": 256, "intermediate_size": 512, "torch_dtype": "bfloat16"}))
     out = tmp_path / "suite.json"

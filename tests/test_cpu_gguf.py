@@ -3,12 +3,11 @@ dequantization."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from qwen_serve.kernels import cpu_extension, cpu_gguf
-from qwen_serve.layers.quantization.gguf import random_blocks
+from qwen_serve.layers.quantization.gguf import dequantize, random_blocks
 
 pytestmark = pytest.mark.skipif(not cpu_extension.available(), reason="the GGUF CPU kernels cannot be built here")
 
@@ -21,25 +20,11 @@ def _in_features(type_name: str) -> int:
 
 def _layer(type_name: str, seed: int) -> list[tuple[str, torch.Tensor]]:
     """Three shards, as a merged q|k|v: the format under test, Q8_0 and Q5_0 (every kernel's output lands at
-    an offset among the layer's outputs)."""
+    an offset among the layer's outputs; none is a whole number of the many-row path's tiles of 16)."""
     gen = torch.Generator().manual_seed(seed)
     k = _in_features(type_name)
     return [(type_name, random_blocks(type_name, 37, k, gen)), ("Q8_0", random_blocks("Q8_0", 8, k, gen)),
             ("Q5_0", random_blocks("Q5_0", 19, k, gen))]
-
-
-@pytest.mark.parametrize("type_name", FORMATS)
-def test_dequantize_matches_the_gguf_package(type_name):
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    gen = torch.Generator().manual_seed(1)
-    k = _in_features(type_name)
-    blocks = random_blocks(type_name, 33, k, gen)
-    theirs = torch.from_numpy(np.ascontiguousarray(dequantize(blocks.numpy(), GGMLQuantizationType[type_name]),
-                                                   dtype=np.float32)).reshape(33, k)
-    assert torch.equal(cpu_gguf.dequantize([(type_name, blocks)], k, torch.float32), theirs)
-    assert torch.equal(cpu_gguf.dequantize([(type_name, blocks)], k, torch.bfloat16), theirs.bfloat16())
 
 
 @pytest.fixture(scope="module", params=["native", "haswell"])
@@ -52,7 +37,15 @@ def kernels(request):
     return module
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6])  # the kernels take activation rows 4 at a time
+def _weight(shards: list[tuple[str, torch.Tensor]], k: int) -> torch.Tensor:
+    """The layer's weight in float64, from the torch decoder (tests/test_gguf.py checks it against the gguf
+    package's own dequantization)."""
+    return torch.cat([dequantize(blocks, t, (blocks.shape[0], k)) for t, blocks in shards]).double()
+
+
+# 1-2 rows: the row kernels (4 activation rows at a time); from 3, the tiles (8 rows at a time on AVX-512, 2 on
+# AVX2): 9 and 17 leave a remainder there.
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 9, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("type_name", FORMATS)
 def test_linear_matches_its_reference(kernels, type_name, dtype, rows):
@@ -66,8 +59,7 @@ def test_linear_matches_its_reference(kernels, type_name, dtype, rows):
     ours = kernels.linear(x, [b for _, b in shards], [cpu_gguf.TYPE_IDS[t] for t, _ in shards], bias)
     ref = cpu_gguf.linear_reference(x.double(), shards, bias.double())
     assert ours.dtype == dtype and ours.shape == (rows, 64)
-    weight = cpu_gguf.dequantize(shards, k, torch.float64)
-    scale = x.double().abs() @ weight.abs().T
+    scale = x.double().abs() @ _weight(shards, k).abs().T
     rounding = ref.abs() * (2**-8 if dtype == torch.bfloat16 else 0)
     assert ((ours.double() - ref).abs() <= 1e-5 * scale + rounding + 1e-12).all()
 
@@ -79,7 +71,7 @@ def test_rounding_the_activations_stays_within_half_a_step(type_name):
     shards = _layer(type_name, seed=3)
     k = _in_features(type_name)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(11)).double()  # float32 values: rounded from them
-    weight = cpu_gguf.dequantize(shards, k, torch.float64)
+    weight = _weight(shards, k)
     _, d = cpu_gguf.quantize_reference(x)
     bound = (d.double().repeat_interleave(cpu_gguf.ACTIVATION_BLOCK, 1) / 2) @ weight.abs().T
     err = (cpu_gguf.linear_reference(x, shards, None) - x @ weight.T).abs()
@@ -87,10 +79,11 @@ def test_rounding_the_activations_stays_within_half_a_step(type_name):
     assert err.max() > 0  # the rounding is there: the bound is not met trivially
 
 
-def test_zero_activations_give_the_bias():
+@pytest.mark.parametrize("rows", [2, 5])  # both paths
+def test_zero_activations_give_the_bias(rows):
     shards = _layer("Q5_0", seed=0)
     bias = torch.arange(64, dtype=torch.float32)
-    assert torch.equal(cpu_gguf.linear(torch.zeros(2, 96), shards, bias), bias.expand(2, 64))
+    assert torch.equal(cpu_gguf.linear(torch.zeros(rows, 96), shards, bias), bias.expand(rows, 64))
 
 
 def test_blocks_of_the_wrong_width_are_refused():

@@ -125,7 +125,7 @@ def test_the_block_table_stays_mapped_from_the_file(mixed_gguf, tmp_path, monkey
 @pytest.mark.parametrize("kernels", [True, False], ids=["blocks", "planes"])
 def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tmp_path, monkeypatch, kernels):
     """An lm_head of Q8_0 blocks (the demo model's) in a bfloat16 model on the CPU: from its blocks through
-    kernels/cpu_gguf.py, as the layers of wider codes are, or where those kernels cannot be built, as two 4-bit
+    kernels/cpu_gguf.py, as the other block layers are, or where those kernels cannot be built, as two 4-bit
     planes through torch's int4 matmul; never a bfloat16 copy. Its logits stay within bfloat16's rounding of
     the float32 model's (the plain weights dequantized at load)."""
     import functools
@@ -153,8 +153,12 @@ def test_a_wide_lm_head_on_the_cpu_runs_from_its_blocks_or_as_two_4bit_planes(tm
         assert hasattr(model.lm_head, "gguf_blocks") == (bf16 and kernels)
         assert hasattr(model.lm_head, "int4_high_weight") == (bf16 and not kernels)
         assert hasattr(model.lm_head, "weight") == (not bf16)
-        # q|k|v of Q4_K, Q5_K, Q6_K: wider codes, so from the blocks too
-        assert hasattr(model.model.layers[0].self_attn.qkv_proj, "gguf_blocks") == (bf16 and kernels)
+        # q|k|v of Q4_K, Q5_K, Q6_K from the blocks too, and the Q4_0 o_proj: 4-bit layers go to torch's int4
+        # matmul only where the kernels cannot be built
+        attention = model.model.layers[0].self_attn
+        assert hasattr(attention.qkv_proj, "gguf_blocks") == (bf16 and kernels)
+        assert hasattr(attention.o_proj, "gguf_blocks") == (bf16 and kernels)
+        assert hasattr(attention.o_proj, "int4_weight") == (bf16 and not kernels)
         with torch.no_grad(), forward_context(AttentionMetadata.prefill_without_cache([len(ids)])):
             logits[dtype] = model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids))))
     ref = logits[torch.float32]

@@ -3,7 +3,9 @@
 torch ships no CPU kernel for GGUF's 5-, 6- and 8-bit blocks, so without this file those layers are
 dequantized to bfloat16 at load: 2.9x the bytes of Q5_0 read by every decode step, and 2 bytes a weight held.
 The kernels round the activations to int8 in blocks of 32 (one float scale a block, `quantize_reference`)
-and take integer dot products with each block's codes (AVX2, VNNI where the CPU has it). That rounding is
+and take integer dot products with each block's codes (AVX2, VNNI where the CPU has it): calls of a row or two
+weight row by weight row, prefills and wider batches over tiles of 16 outputs repacked for the call (an int8
+GEMM; on AVX-512 CPUs at oneDNN's bfloat16 speed without holding a bfloat16 weight). That rounding is
 the only difference from the exact weights: each output moves by at most sum(|w| * d / 2) over its inputs,
 d the block's activation scale (tests/test_cpu_gguf.py checks that bound and the kernels against
 `linear_reference`).
@@ -28,11 +30,6 @@ def linear(x: torch.Tensor, shards: list[tuple[str, torch.Tensor]], bias: torch.
     """x [M, K] times a layer whose weight is `shards` (type name, uint8 blocks [rows, row bytes]) stacked along
     the outputs, plus bias -> [M, outputs] in x's dtype."""
     return build().linear(x, [blocks for _, blocks in shards], [TYPE_IDS[t] for t, _ in shards], bias)
-
-
-def dequantize(shards: list[tuple[str, torch.Tensor]], in_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's weight [outputs, in_features] in `dtype`: exactly the gguf decoder's values, rounded once."""
-    return build().dequantize([blocks for _, blocks in shards], [TYPE_IDS[t] for t, _ in shards], in_features, dtype)
 
 
 def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,6 @@ namespace qwen_serve_cpu {
 // cpu_gguf.cpp
 at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& blocks,
                      const std::vector<int64_t>& types, const c10::optional<at::Tensor>& bias);
-at::Tensor dequantize(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& types,
-                         int64_t in_features, at::ScalarType dtype);
 
 // cpu_attention.cpp
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rotary, const at::Tensor& k_cache,

@@ -7,13 +7,13 @@ w = code * scale - minimum per group, with small integer codes and float32 scale
 times a small integer), so `decode` returns (codes, scales, minimums) that reproduce the gguf package's own
 dequantization bit for bit (tests/test_gguf.py checks every format against it).
 
-Linears (the lm_head among them, unless it is also the input table) whose shards are all 4-bit go to torch's
-int4 matmul where it runs (kernels/int4pack.py: bfloat16 on a GPU, bfloat16 / float16 on the CPU). Otherwise,
-served on a GPU, the decoded codes are packed (4 bits for Q4_0 / Q4_K, 8 for the others) for the kernels of
-kernels/quant_linear.py in their "min form"; the shards of a merged layer (q|k|v, gate|up) of different
-formats share the wider code and the smaller group, which is exact too. On the CPU, in bfloat16 / float16
-models, those layers keep the file's blocks and compute from them (`GGUFBlocksMethod`, kernels/cpu_gguf.py).
-Where those kernels cannot be built, an lm_head of wider codes in groups the int4 matmul takes (Q5_0, Q5_K,
+On the CPU, in bfloat16 / float16 models, block layers that multiply (the lm_head among them, a tied one too)
+keep the file's blocks and compute from them (`GGUFBlocksMethod`, kernels/cpu_gguf.py). Otherwise linears
+whose shards are all 4-bit go to torch's int4 matmul where it runs (kernels/int4pack.py: bfloat16 on a GPU,
+bfloat16 / float16 on the CPU), and on a GPU the other layers' decoded codes are packed (4 bits for Q4_0 / Q4_K,
+8 for the others) for the kernels of kernels/quant_linear.py in their "min form"; the shards of a merged layer
+(q|k|v, gate|up) of different formats share the wider code and the smaller group, which is exact too. On the CPU
+where those kernels cannot be built, an lm_head of wider codes in groups the int4 matmul takes (Q5_0, Q5_K,
 Q8_0) runs through it as two 4-bit planes (layers/quantization/packed.py) and the other layers are dequantized
 once at load into the compute dtype and served as unquantized; so are all of a float32 model's (whose users
 want the exact weights: the kernels round the activations to int8). An input table that is not also the lm_head
@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen_serve.kernels import cpu_extension, cpu_gguf, int4pack
@@ -316,18 +315,19 @@ class GGUFLinearMethod(LinearMethod):
         types = [shards[s][0] for s in names]
         blocks = all(t in BLOCK_FORMATS for t in types)
         lookup, logits = getattr(layer, "used_for_lookup", False), getattr(layer, "used_for_logits", False)
-        int4_fits = blocks and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
-                                                  sum(self._shards(layer).values()), layer.compute_dtype, device)
-        four_bit = blocks and all(BLOCK_FORMATS[t].bits == 4 for t in types)
-        # On the CPU the layers of wider codes compute from the file's blocks where the kernels build; torch's int4
-        # matmul stays faster for 4-bit ones (a Q4_K down of the demo model at 1 / 16 rows: 0.065 / 0.41 ms
-        # against 0.089 / 1.14). float32 models keep exact weights (the kernels round the activations to int8).
-        if (device.type == "cpu" and blocks and (not lookup or logits) and not (four_bit and int4_fits)
+        # On the CPU every block layer computes from the file's blocks where the kernels build, 4-bit ones included
+        # (the demo model with its Q4_K downs there rather than in torch's int4 matmul, one process, 8 alternated
+        # rounds: decode 1.00-1.14x, TTFT of fresh 46 / 512-token prompts 0.73-0.96x / 0.76-0.86x). float32
+        # models keep exact weights (the kernels round the activations to int8).
+        if (device.type == "cpu" and blocks and (not lookup or logits)
                 and layer.compute_dtype in (torch.bfloat16, torch.float16) and cpu_extension.available()):
             layer.gguf_blocks = [(t, shards[s][1].contiguous()) for s, t in zip(names, types)]
             del layer.weight, layer.gguf_shards
             layer.quant_method = GGUFBlocksMethod()
             return
+        int4_fits = blocks and int4pack.supported(min(BLOCK_FORMATS[t].group for t in types), layer.in_features,
+                                                  sum(self._shards(layer).values()), layer.compute_dtype, device)
+        four_bit = blocks and all(BLOCK_FORMATS[t].bits == 4 for t in types)
         # A linear (not a looked-up table) whose shards are all 4-bit goes to torch's int4 matmul where it runs;
         # on the CPU without the blocks' kernels the lm_head's wider codes too, as two 4-bit planes: it multiplies
         # only the sampled rows, where the planes beat a bfloat16 weight, while a prefill's many rows ran 2-3x
@@ -363,18 +363,7 @@ class GGUFLinearMethod(LinearMethod):
 
 class GGUFBlocksMethod(LinearMethod):
     """A CPU layer that keeps the file's blocks (`gguf_blocks`: type name and uint8 [rows, row bytes] a shard)
-    and computes from them (kernels/cpu_gguf.py): calls of few rows take the blocks' integer dot products;
-    from DEQUANTIZE_FROM_ROWS rows (prefill) the weight is dequantized for the call into the compute dtype
-    and multiplied by torch, which is faster there and holds the copy only for the call."""
-
-    # The demo model's layers, 2 threads, ms: blocks' dot products / dequantize + F.linear (2026-12-07):
-    #   rows                 4          8          14         24         46
-    #   qkv 1152x896     0.05/0.13  0.09/0.13  0.16/0.14  0.26/0.16  0.50/0.21
-    #   gate_up 9728x896 0.37/1.18  0.75/1.87  1.97/1.96  3.25/2.36  5.13/2.27
-    #   down 896x4864    0.20/0.55  0.41/0.61  0.73/0.72  1.20/0.78  2.35/1.05  (Q6_K)
-    # Level at 12-14 rows alone, but in the engine a 14-row prefill took 68-70 ms from 16 against 74-78 from 12
-    # (scripts/bench_cpu_vs_llamacpp.py, alternated): the call's fresh bfloat16 weight costs more there.
-    DEQUANTIZE_FROM_ROWS = 16
+    and computes from them for any number of rows (kernels/cpu_gguf.py)."""
 
     def create_weights(self, layer: nn.Module, in_features: int, output_sizes: list[int],
                        params_dtype: torch.dtype) -> None:
@@ -382,11 +371,7 @@ class GGUFBlocksMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        if x.shape[0] < self.DEQUANTIZE_FROM_ROWS:
-            out = cpu_gguf.linear(x.contiguous(), layer.gguf_blocks, bias)
-        else:
-            out = F.linear(x, cpu_gguf.dequantize(layer.gguf_blocks, shape[-1], x.dtype), bias)
+        out = cpu_gguf.linear(x.reshape(-1, shape[-1]).contiguous(), layer.gguf_blocks, bias)
         return out.reshape(*shape[:-1], out.shape[-1])
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
