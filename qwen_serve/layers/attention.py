@@ -316,11 +316,13 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         # Query row r sits at absolute position kv_len - q_len + r and sees keys up to it.
         rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
         mask, causal = torch.arange(kv_len, device=q.device)[None, :] <= rows, False
+    # A batch dimension of one: torch's CPU flash-attention kernel takes only 4-D inputs, and 3-D ones went to the
+    # math path (a 2,048-token prompt of the demo model: 489 against 68 ms a layer).
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class Attention(nn.Module):
