@@ -152,6 +152,24 @@ def set_max_tokens(page, n: int) -> None:
     close_settings(page)
 
 
+# A message's content as the page stored it (IndexedDB "qwen-serve", store "messages", keyed by the message's id),
+# not as rendered: markdown's rendering drops and adds characters.
+_STORED_CONTENT = """async (id) => {
+  const db = await new Promise((ok, fail) => {
+    const r = indexedDB.open('qwen-serve'); r.onsuccess = () => ok(r.result); r.onerror = () => fail(r.error); });
+  return await new Promise((ok, fail) => {
+    const r = db.transaction('messages').objectStore('messages').get(id);
+    r.onsuccess = () => ok(r.result ? r.result.content : null); r.onerror = () => fail(r.error); });
+}"""
+
+
+def stored_content(page, message) -> str:
+    """The stored content of `message` (an `.msg` locator)."""
+    content = page.evaluate(_STORED_CONTENT, message.get_attribute("data-id"))
+    assert content is not None, "the message is not in the page's store"
+    return content
+
+
 def context_count(page) -> int:
     page.wait_for_selector("#context-info .ctx-count")
     return int(page.get_attribute("#context-info .ctx-count", "data-count"))
