@@ -366,9 +366,13 @@ template <> void unpack_row<Q6_K>(const uint8_t* row, int64_t blocks, uint8_t* c
     for (int h = 0; h < 2; ++h) {
       __m256i c[4];
       q6_k_half_codes(b, h, c);
-      for (int t = 0; t < 4; ++t) _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 256 * i + 128 * h + 32 * t), c[t]);
+      for (int t = 0; t < 4; ++t)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 256 * i + 128 * h + 32 * t), c[t]);
     }
-    for (int j = 0; j < 16; ++j) scale[(16 * i + j) * TILE] = d * scales[j], min[(16 * i + j) * TILE] = 32 * d * scales[j];
+    for (int j = 0; j < 16; ++j) {  // w = d * scale_j * (code - 32)
+      scale[(16 * i + j) * TILE] = d * scales[j];
+      min[(16 * i + j) * TILE] = 32 * d * scales[j];
+    }
   }
 }
 
@@ -449,7 +453,8 @@ void tile_dots(const uint8_t* codes, const float* scale, const float* min, int64
     }
     const __m512 sv = _mm512_loadu_ps(scale + g * TILE);
     const float* dx = x.d + g * G / 32 * TILE_ROWS;
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(sv, _mm512_set1_ps(dx[r])), acc[r]);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(sv, _mm512_set1_ps(dx[r])), acc[r]);
     if constexpr (F::has_min) {
       const __m512 mv = _mm512_loadu_ps(min + g * TILE);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fnmadd_ps(mv, _mm512_set1_ps(sums[g * TILE_ROWS + r]), acc[r]);
@@ -665,7 +670,9 @@ struct Activations {
     else
       quantize(x, rows, k, RowMajor{k}, q.data(), d.data(), isum.data(), sum32.data(), sum16.data());
   }
-  Act row(int64_t m) const { return {q.data() + m * k, d.data() + m * k / 32, isum.data() + m * k / 32, sum32.data() + m * k / 32}; }
+  Act row(int64_t m) const {
+    return {q.data() + m * k, d.data() + m * k / 32, isum.data() + m * k / 32, sum32.data() + m * k / 32};
+  }
   RowChunk chunk(int64_t c) const {
     return {q.data() + c * TILE_ROWS * k, d.data() + c * TILE_ROWS * k / 32, sum32.data() + c * TILE_ROWS * k / 32,
             sum16.data() + c * TILE_ROWS * k / 16};
