@@ -5,6 +5,7 @@ counts) and compare against the server's own answers; the two tests that need ex
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import urllib.request
@@ -447,6 +448,29 @@ def test_deleting_the_chat_that_is_streaming_stops_it_for_good(chat) -> None:
     expect(page.locator(".conv-item")).to_have_count(0)
     expect(page.locator(".msg")).to_have_count(0)
     assert page.is_visible("#send")
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    expect(page.locator(".conv-item")).to_have_count(0)
+
+
+def test_a_settings_save_pending_at_deletion_does_not_bring_the_chat_back(chat) -> None:
+    """Settings are stored 300 ms after the last change. Page timers run on Playwright's paused clock
+    here, and that save is let go while the deletion runs: it must not write the deleted chat back.
+    Three rounds, as where the timer lands in the deletion varies (the old order lost about half)."""
+    page, _ = chat
+    page.clock.pause_at(datetime.datetime(2030, 1, 1))
+    for rounds in range(3):
+        fake_reply(page, ["Noted."])
+        n = replies_done(page)
+        send(page, f"Remember {rounds}.")
+        wait_replies(page, n + 1)
+        set_max_tokens(page, 7 + rounds)
+        page.click(".conv-item.active .conv-delete")
+        page.click("#dialog-ok")
+        page.clock.run_for(1000)
+        expect(page.locator(".conv-empty")).to_have_count(1)
+        page.wait_for_timeout(200)
+        expect(page.locator(".conv-item")).to_have_count(0)
     page.reload()
     page.wait_for_selector('body[data-ready="true"]')
     expect(page.locator(".conv-item")).to_have_count(0)

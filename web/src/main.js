@@ -196,9 +196,11 @@ async function deleteConversation(id) {
     state.generation.controller.abort();
     await state.generation.done;
   }
+  // Leave the chat before deleting it: a save still pending for it (settings are stored 300 ms after
+  // the last change) then finds a new, unsaved chat on screen and cannot write the deleted one back.
+  if (state.conv?.id === id) newConversation();
   await db.deleteConversation(id);
   await refreshConversationList();
-  if (state.conv?.id === id) newConversation();
 }
 
 // ---------- export / import ----------
