@@ -2,9 +2,9 @@
 (GGUF linears from the file's blocks, kernels/cpu_gguf.py), cpu_attention.cpp (a decode step's
 attention, kernels/cpu_attention.py) and cpu_norm.cpp (RMSNorm, kernels/cpu_norm.py).
 
-Compiled once per machine at first use, for the CPU it runs on (`-march=native`; ~40 s on 2 cores, cached
-under TORCH_EXTENSIONS_DIR). Where it cannot be built (no compiler, no AVX2) `available()` is False and the
-layers keep their torch paths.
+Compiled once per machine, while the first model loads (worker/model_runner.py), for the CPU it runs on
+(`-march=native`; ~40 s on 2 cores, cached under TORCH_EXTENSIONS_DIR). Where it cannot be built (no
+compiler, no AVX2) `available()` is False and the layers keep their torch paths.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ class ModelRunner:
 
             # Built (~40 s the first time on a machine) before the server says it is ready, not inside
             # the first request, whose reply would wait for it (a GGUF model's load builds them anyway).
-            cpu_extension.available()
+            if config.fused_kernels:
+                cpu_extension.available()
             pack_linears(model)
             trim_heap()  # the load's temporaries leave their pages with the allocator otherwise
         return cls(model, model_config, config, device, dtype, max_model_len, eos_token_ids, parallel)
