@@ -476,6 +476,30 @@ def test_a_settings_save_pending_at_deletion_does_not_bring_the_chat_back(chat) 
     expect(page.locator(".conv-item")).to_have_count(0)
 
 
+def test_a_setting_changed_just_before_switching_chats_is_kept(chat) -> None:
+    """A setting is stored 300 ms after the last change; switching chats within that time (here: on Playwright's
+    paused clock, so the timer has not fired) must store it with the chat it was changed in, not lose it."""
+    page, _ = chat
+    for name in ("first chat", "second chat"):
+        page.click("#new-conv")
+        fake_reply(page, ["Noted."])
+        n = replies_done(page)
+        send(page, name)
+        wait_replies(page, n + 1)
+    page.clock.pause_at(datetime.datetime(2030, 1, 1))
+    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
+    set_max_tokens(page, 321)
+    page.locator(".conv-item", has_text="second chat").locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text("second chat")
+    page.clock.run_for(1000)
+    page.reload()
+    page.wait_for_selector('body[data-ready="true"]')
+    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text("first chat")
+    open_settings(page)
+    assert page.input_value("#max-tokens") == "321"
+
+
 def test_reload_mid_stream_keeps_the_partial_reply(chat) -> None:
     page, _ = chat
     set_max_tokens(page, 2000)

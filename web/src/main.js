@@ -95,12 +95,23 @@ function dialog(text, { value = null } = {}) {
   });
 }
 
+/** `fn` called `ms` after the last call; `.flush()` calls a pending one now. */
 function debounce(fn, ms) {
   let t = null;
-  return (...args) => {
+  let pending = null;
+  const call = (...args) => {
     clearTimeout(t);
-    t = setTimeout(() => fn(...args), ms);
+    pending = args;
+    t = setTimeout(() => call.flush(), ms);
   };
+  call.flush = () => {
+    clearTimeout(t);
+    if (pending === null) return;
+    const args = pending;
+    pending = null;
+    fn(...args);
+  };
+  return call;
 }
 
 // ---------- conversations ----------
@@ -117,6 +128,7 @@ function blankConversation() {
 
 function newConversation() {
   if (state.generation) return;
+  saveSettings.flush(); // a setting changed just now belongs to the chat being left
   const { conv, msgs } = blankConversation();
   state.conv = conv;
   state.msgs = msgs;
@@ -131,6 +143,7 @@ async function openConversation(id) {
   if (state.generation || state.conv?.id === id) return closeDrawers();
   const conv = state.conversations.find((c) => c.id === id);
   if (!conv) return;
+  saveSettings.flush();
   const messages = await db.getMessages(id);
   state.conv = { ...conv, settings: { ...DEFAULT_SETTINGS, ...conv.settings } };
   state.msgs = new Map(messages.map((m) => [m.id, m]));
