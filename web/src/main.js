@@ -209,8 +209,8 @@ async function deleteConversation(id) {
     state.generation.controller.abort();
     await state.generation.done;
   }
-  // Leave the chat before deleting it: a save still pending for it (settings are stored 300 ms after
-  // the last change) then finds a new, unsaved chat on screen and cannot write the deleted one back.
+  // Leave the chat before deleting it: leaving stores a settings change still pending for it (they are
+  // stored 300 ms after the last change), so no save of it can come after the deletion and bring it back.
   if (state.conv?.id === id) newConversation();
   await db.deleteConversation(id);
   await refreshConversationList();
