@@ -177,8 +177,8 @@ def test_int4pack_cpu_packing_in_slices_is_the_whole(monkeypatch):
 @pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
 def test_int4pack_cuda_layout_round_trip(inner_k_tiles):
     """The CUDA layout written out in torch (what the GPU kernels are tested on in Triton's interpreter):
-    layout_reference and dequantize_reference undo each other, and nibble i + 4 h of lane 4 a + b's word j
-    holds output a, input 32 j + 8 i + 2 b + h of its tile (tests/gpu checks both against torch's packing)."""
+    layout_reference and dequantize_reference undo each other, and nibble i + 4 h of output a's word 4 j + b of a
+    tile holds output a, input 32 j + 8 i + 2 b + h of it (tests/gpu checks both against torch's packing)."""
     from qwen_serve.kernels import int4pack
 
     n, k = 24, 16 * inner_k_tiles * 3
@@ -188,7 +188,7 @@ def test_int4pack_cuda_layout_round_trip(inner_k_tiles):
     unit = torch.stack([torch.ones(1, n), torch.full((1, n), 8.0)], dim=-1)
     assert torch.equal(int4pack.dequantize_reference(packed, unit, k), codes.float())
     for nt, kt, a, b, j, i, h in [(0, 0, 0, 0, 0, 0, 0), (2, 1, 7, 3, inner_k_tiles // 2 - 1, 3, 1), (1, 2, 4, 1, 0, 2, 1)]:
-        word = int(packed[nt, kt, 4 * a + b, j]) & 0xFFFFFFFF
+        word = int(packed[nt, kt].reshape(8, -1)[a, 4 * j + b]) & 0xFFFFFFFF
         assert (word >> (4 * (i + 4 * h))) & 15 == codes[8 * nt + a, 16 * inner_k_tiles * kt + 32 * j + 8 * i + 2 * b + h]
 
 

@@ -1,6 +1,11 @@
 """4-bit weights in torch's packed int4 layouts: on CUDA (sm80 and later) the layout of its int4 matmul
-("tinygemm", `_convert_weight_to_int4pack`) read by the Triton kernels below, on the CPU
-`_weight_int4pack_mm_for_cpu`.
+("tinygemm", `_convert_weight_to_int4pack`) with each output's words of a k-tile reordered, read by the Triton
+kernels below; on the CPU `_weight_int4pack_mm_for_cpu`'s own.
+
+The reorder (`pack`): torch's order holds input 32 j + 8 i + 2 b + h in nibble i + 4 h of an output's word
+(b, j), with b fastest in x but j in memory; ours stores word (j, b), so that the words one thread reads and the
+x pairs they meet (16 j + 4 i + b) are both contiguous and load as 16-byte vectors in one layout (BENCHMARKS.md
+run 82: the one-row GEMV 7% faster). torch's own int4 matmul reads torch's order: `torchs_order` gives it back.
 
 All compute w = (q - 8) * scale + zero per group of inputs, with scale and zero in the compute dtype, so an
 AWQ/GPTQ zero point z becomes zero = (8 - z) * s and a GGUF minimum m becomes 8 * s - m. That rounding (a
@@ -35,8 +40,8 @@ INNER_K_TILES = 8
 # (k-tiles a program, warps) of the dequantize pass.
 DEQUANT_TILES = (2, 4)
 # (outputs, k-tiles a step, warps) of `gemv`, for layers of fewer inputs than GEMV_LONG_K and for the rest: the
-# best of run 55's sweep on the 7B's projections (more k-tiles a step where K is long and the grid small).
-GEMV_TILES = {"short": (8, 4, 2), "long": (8, 16, 4)}
+# best of run 82's sweep on the 7B's projections, cold (one setting for qkv, o and gate_up together; down alone).
+GEMV_TILES = {"short": (8, 16, 1), "long": (4, 32, 4)}
 GEMV_LONG_K = 8192
 # CUDA: 2 to this many rows `mm`, beyond it dequantize + cuBLAS.
 MM_ROWS_MAX = 256
@@ -75,12 +80,25 @@ def pack(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     if codes.is_cuda:  # two codes a byte, the even input in the high nibble
         codes = codes.to(torch.int32).contiguous()
         pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES)
+        packed = _reorder(torch.ops.aten._convert_weight_to_int4pack(pairs, INNER_K_TILES))
     else:  # the CPU packer wants int32 codes: a slice of rows at a time keeps that copy small
         packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             codes[start : start + CPU_PACK_ROWS].to(torch.int32).contiguous(), 1)
             for start in range(0, codes.shape[0], CPU_PACK_ROWS)])
     return packed, scales_and_zeros(zeros, scales, dtype)
+
+
+def _reorder(packed: torch.Tensor) -> torch.Tensor:
+    """torch's CUDA packing [N / 8, K / (16 T), 32, T / 2] -> ours, same shape: each output's words of a k-tile
+    go from (b, j) to (j, b)."""
+    n_tiles, k_tiles, _, words = packed.shape
+    return packed.view(n_tiles, k_tiles, 8, 4, words).transpose(3, 4).contiguous().view(packed.shape)
+
+
+def torchs_order(packed: torch.Tensor) -> torch.Tensor:
+    """Our CUDA packing -> torch's (for its `_weight_int4pack_mm`): `_reorder` undone."""
+    n_tiles, k_tiles, _, words = packed.shape
+    return packed.view(n_tiles, k_tiles, 8, words, 4).transpose(3, 4).contiguous().view(packed.shape)
 
 
 def scales_and_zeros(zeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,27 +110,29 @@ def scales_and_zeros(zeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 
 
 def layout_reference(codes: torch.Tensor, inner_k_tiles: int = INNER_K_TILES) -> torch.Tensor:
-    """codes [N, K] in 0..15 -> CUDA's packed int32 [N / 8, K / (16 T), 32, T / 2], T = inner_k_tiles: what
-    torch's `_convert_weight_to_int4pack` makes on CUDA, written out (`dequantize_reference` undoes it)."""
+    """codes [N, K] in 0..15 -> the CUDA packing int32 [N / 8, K / (16 T), 32, T / 2], T = inner_k_tiles, that
+    `pack` makes (torch's `_convert_weight_to_int4pack`, then `_reorder`), written out (`dequantize_reference`
+    undoes it)."""
     n, k = codes.shape
     words = inner_k_tiles // 2
-    # [nt, a, kt, j, i, b, h] -> [nt, kt, a, b, j, h, i]
-    nibbles = codes.to(torch.int64).reshape(n // 8, 8, k // (32 * words), words, 4, 4, 2).permute(0, 2, 1, 5, 3, 6, 4)
+    # [nt, a, kt, j, i, b, h] -> [nt, kt, a, j, b, h, i]
+    nibbles = codes.to(torch.int64).reshape(n // 8, 8, k // (32 * words), words, 4, 4, 2).permute(0, 2, 1, 3, 5, 6, 4)
     nibbles = nibbles.reshape(n // 8, k // (32 * words), 32, words, 8)
     packed = (nibbles << torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)).sum(-1)
     return (packed - (packed >= 2**31).to(torch.int64) * 2**32).to(torch.int32)
 
 
 def dequantize_reference(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """CUDA's packed codes [N / 8, K / (16 T), 32, T / 2] (T inner k-tiles) -> float32 weight [N, K].
+    """The CUDA packing [N / 8, K / (16 T), 32, T / 2] (T inner k-tiles) -> float32 weight [N, K].
 
-    A tile of 8 outputs x 16 T inputs is one warp's m16n8k16 B fragments: lane t = 4 a + b holds output
-    a's inputs, and nibble s = i + 4 h of its word j is input 32 j + 8 i + 2 b + h of the tile (torch's
-    matrix_to_m16n8k16_Bint4_layout)."""
+    A tile of 8 outputs x 16 T inputs is 32 T / 2 words, output a's 4 T / 2 of them together; in torch's order
+    (its matrix_to_m16n8k16_Bint4_layout, one warp's m16n8k16 B fragments) lane 4 a + b holds words j, and
+    nibble s = i + 4 h of word j is input 32 j + 8 i + 2 b + h of the tile. Ours stores output a's words as
+    (j, b): word 4 j + b of the output's."""
     n_tiles, k_tiles, _, words = packed.shape
     nibbles = (packed[..., None] >> torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)) & 0xF
-    # [nt, kt, a, b, j, h, i] -> [nt, a, kt, j, i, b, h]
-    codes = nibbles.reshape(n_tiles, k_tiles, 8, 4, words, 2, 4).permute(0, 2, 1, 4, 6, 3, 5)
+    # [nt, kt, a, j, b, h, i] -> [nt, a, kt, j, i, b, h]
+    codes = nibbles.reshape(n_tiles, k_tiles, 8, words, 4, 2, 4).permute(0, 2, 1, 3, 6, 4, 5)
     codes = codes.reshape(n_tiles * 8, k_tiles * words * 32)
     scale, zero = (t.float().t().repeat_interleave(group, dim=1) for t in scales_and_zeros.unbind(-1))
     return (codes.float() - 8) * scale + zero
@@ -122,7 +142,7 @@ def dequantize_reference(packed: torch.Tensor, scales_and_zeros: torch.Tensor, g
 def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, WORDS: tl.constexpr, TILES: tl.constexpr,
                     USE_PDL: tl.constexpr):
     """Outputs [8, TILES k-tiles] of one n-tile: the tiles' words read once as they lie, their nibbles put in
-    `dequantize_reference`'s order in registers ([t, a, b, j, h, i] -> [a, t, j, i, b, h]), whole rows stored."""
+    `dequantize_reference`'s order in registers ([t, a, j, b, h, i] -> [a, t, j, i, b, h]), whole rows stored."""
     SPAN: tl.constexpr = WORDS * 32  # inputs of one k-tile
     KB: tl.constexpr = TILES * SPAN
     GK: tl.constexpr = GROUP if GROUP < KB else KB  # inputs that share a scale within the program's span
@@ -134,7 +154,7 @@ def _dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, WORDS: tl
     wait_for_previous(USE_PDL)
     packed = tl.load(w_ptr + words, mask=(kt < k_tiles)[:, None, None], other=0)  # [t, lane, j]
     q = (packed[:, :, :, None] >> (4 * tl.arange(0, 8))[None, None, None, :]) & 0xF  # [t, lane, j, nibble]
-    q = tl.permute(tl.reshape(q, (TILES, 8, 4, WORDS, 2, 4)), (1, 0, 3, 5, 2, 4))
+    q = tl.permute(tl.reshape(q, (TILES, 8, WORDS, 4, 2, 4)), (1, 0, 2, 5, 3, 4))
     q = tl.reshape(q, (8, KB // GK, GK)).to(tl.float32)
     n = tl.program_id(0) * 8 + tl.arange(0, 8)
     first = tl.program_id(1) * KB + tl.arange(0, KB // GK) * GK
@@ -203,36 +223,36 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, N, K, GROUP: tl.constexpr, 
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, LOP3: tl.constexpr,
                  USE_PDL: tl.constexpr):
     """y[ROWS outputs] for one row x, TILES k-tiles a step, from the packed codes as they lie (see
-    `dequantize_reference`): an output's words of a k-tile are 4 * WORDS consecutive int32, word w = WORDS b + j
-    holding in nibble i + 4 h input 32 j + 8 i + 2 b + h of the tile. x and scales_and_zeros come as int32
-    views (bfloat16 pairs): one load gives x of nibbles i and i + 4, one the scale and zero of a group.
+    `dequantize_reference`): an output's words of a k-tile are 4 * WORDS consecutive int32, word 4 j + b holding
+    in nibble i + 4 h input 32 j + 8 i + 2 b + h of the tile. x and scales_and_zeros come as int32 views
+    (bfloat16 pairs): x pair 16 j + 4 i + b holds the inputs of nibbles i and i + 4 of word (j, b), and one load
+    gives a group's scale and zero.
 
-    The tile is [word, k-tile, output] with every output of a word in one thread, so that x is loaded and
-    summed once for all of them. Its contiguity hints are 1 on purpose: the words then load one a thread
-    (coalesced across the lanes), in the same layout as the gathers of x and of the scales; a vector load
-    of the words would give them a layout of their own, and Triton would move every code through shared
-    memory to meet x. Per group, with v = o + q (`_nibble_as_float`, o = 2**(23 - field)) and
+    The tile is [j, b, k-tile, output]: a word's four b are contiguous in memory and so are the x pairs they meet,
+    so both load as 16-byte vectors in the same layout, and each thread holds every output of its words, so x is
+    loaded, converted and summed once for all of them. The four b of a j share a group: their sums are added
+    before the scale. Per group, with v = o + q (`_nibble_as_float`, o = 2**(23 - field)) and
     w = (q - 8) s + zero: sum w x = s (sum v x - sum (o + 8) x) + zero sum x."""
     SPAN: tl.constexpr = 32 * WORDS  # inputs of a k-tile
     TW: tl.constexpr = 4 * WORDS  # an output's words of a k-tile
     k_tiles = K // SPAN
     rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    n_ok = (rn < N)[None, None, :]
-    kt = tl.arange(0, TILES)[None, :, None]
-    w = tl.arange(0, TW)[:, None, None]
-    b, j = w // WORDS, w % WORDS
+    n_ok = (rn < N)[None, None, None, :]
+    j = tl.arange(0, WORDS)[:, None, None, None]
+    b = tl.arange(0, 4)[None, :, None, None]
+    kt = tl.arange(0, TILES)[None, None, :, None]
     row_words = (rn // 8).to(tl.int64) * k_tiles * 8 * TW + (rn % 8) * TW
-    w_ptrs = w_ptr + tl.max_contiguous(row_words[None, None, :] + kt * 8 * TW + w, [1, 1, 1])
-    x_ptrs = x_ptr + tl.max_contiguous(kt * (SPAN // 2) + 16 * j + b, [1, 1, 1])
+    w_ptrs = w_ptr + (row_words[None, None, None, :] + kt * 8 * TW + 4 * j + b)
+    x_ptrs = x_ptr + (kt * (SPAN // 2) + 16 * j + b)
     first = kt * SPAN + 32 * j  # the word's first input, in the step
-    acc = tl.zeros((TW, TILES, ROWS), dtype=tl.float32)
+    acc = tl.zeros((WORDS, 1, TILES, ROWS), dtype=tl.float32)
     wait_for_previous(USE_PDL)
     for t0 in range(0, k_tiles, TILES):
         kt_ok = t0 + kt < k_tiles
         words = tl.load(w_ptrs, mask=kt_ok & n_ok, other=0)
-        part = tl.zeros((TW, TILES, ROWS), dtype=tl.float32)
-        x_even = tl.zeros((TW, TILES, 1), dtype=tl.float32)  # x of the nibbles read at bit 16
-        x_odd = tl.zeros((TW, TILES, 1), dtype=tl.float32)  # and at bit 12
+        part = tl.zeros((WORDS, 4, TILES, ROWS), dtype=tl.float32)
+        x_even = tl.zeros((WORDS, 4, TILES, 1), dtype=tl.float32)  # x of the nibbles read at bit 16
+        x_odd = tl.zeros((WORDS, 4, TILES, 1), dtype=tl.float32)  # and at bit 12
         for i in tl.static_range(4):
             low, high = _bfloat16_halves(tl.load(x_ptrs + 4 * i, mask=kt_ok, other=0))
             part += _nibble_as_float(words, i, LOP3) * low
@@ -241,15 +261,17 @@ def _gemv_kernel(x_ptr, w_ptr, sz_ptr, b_ptr, y_ptr, N, K, GROUP: tl.constexpr, 
                 x_even += low + high
             else:
                 x_odd += low + high
+        x_even = tl.sum(x_even, 1, keep_dims=True)
+        x_odd = tl.sum(x_odd, 1, keep_dims=True)
         groups = (t0 * SPAN + first) // GROUP
-        scale, zero = _bfloat16_halves(tl.load(sz_ptr + tl.max_contiguous(groups * N + rn[None, None, :], [1, 1, 1]),
-                                               mask=kt_ok & n_ok, other=0))
+        scale, zero = _bfloat16_halves(tl.load(sz_ptr + groups * N + rn[None, None, None, :], mask=kt_ok & n_ok,
+                                               other=0))
         offsets = (2.0**(23 - _field(0)) + 8) * x_even + (2.0**(23 - _field(1)) + 8) * x_odd
-        acc += scale * (part - offsets)
+        acc += scale * (tl.sum(part, 1, keep_dims=True) - offsets)
         acc += zero * (x_even + x_odd)
         w_ptrs += TILES * 8 * TW
         x_ptrs += TILES * (SPAN // 2)
-    y = tl.sum(tl.sum(acc, 0), 0)
+    y = tl.sum(tl.sum(tl.sum(acc, 0), 0), 0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -281,11 +303,11 @@ def _codes_as_bfloat16(words, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
     """An output's words of one k-tile [BLOCK_N, 4 * WORDS] -> its codes as bfloat16 128 + q [BLOCK_N, 32 * WORDS] in
     input order. Nibbles i and i + 4 of a word are inputs 2 apart (h = 0, 1), so one shift and one mask put both
     in a word as two bfloat16: q OR-ed into the mantissa of 128 (exact, no conversion). The word order
-    (b, j, h, i) then permutes to the input order (j, i, b, h) in registers, so that x is used as it lies."""
+    (j, b, h, i) then permutes to the input order (j, i, b, h) in registers, so that x is used as it lies."""
     pairs = (words[:, :, None] >> (4 * tl.arange(0, 4))[None, None, :]) & 0x000F000F | 0x43004300  # [BN, w, i]
     low, high = _bfloat16_pair(pairs)
-    v = tl.reshape(tl.join(low, high), (BLOCK_N, 4, WORDS, 4, 2))  # [n, b, j, i, h]
-    return tl.reshape(tl.permute(v, (0, 2, 3, 1, 4)), (BLOCK_N, 32 * WORDS))
+    v = tl.reshape(tl.join(low, high), (BLOCK_N, WORDS, 4, 4, 2))  # [n, j, b, i, h]
+    return tl.reshape(tl.permute(v, (0, 1, 3, 2, 4)), (BLOCK_N, 32 * WORDS))
 
 
 @triton.jit

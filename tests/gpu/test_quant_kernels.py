@@ -183,7 +183,7 @@ def test_int4pack_gemv_matches_reference(shape, group, min_form, words):
         assert rel_err(out, ref) < 5e-3, tiles
     assert rel_err(int4pack.gemv(dev[0], dev[1], group, dev[2], None), ref - bias.float()) < 5e-3
     if DEVICE == "cuda" and words == 4:
-        tinygemm = torch.ops.aten._weight_int4pack_mm(dev[0], dev[1], group, dev[2]) + dev[3]
+        tinygemm = torch.ops.aten._weight_int4pack_mm(dev[0], int4pack.torchs_order(dev[1]), group, dev[2]) + dev[3]
         assert rel_err(out, tinygemm) < 5e-3
 
 
@@ -219,8 +219,8 @@ def test_int4pack_mm_matches_reference(shape, rows, group, min_form):
 @pytest.mark.skipif(INTERPRETED, reason="torch's int4 packing is a CUDA kernel, not Triton")
 @pytest.mark.parametrize("tiles", [2, 4, 8])
 def test_int4pack_layout_is_torchs(tiles, monkeypatch):
-    """dequantize_reference undoes torch's own CUDA packing (the codes come back where they were), and
-    layout_reference makes it."""
+    """dequantize_reference undoes `pack` (the codes come back where they were), layout_reference makes it,
+    and torchs_order gives back torch's own CUDA packing of the same codes."""
     from qwen_serve.kernels import int4pack
 
     monkeypatch.setattr(int4pack, "INNER_K_TILES", tiles)
@@ -231,6 +231,9 @@ def test_int4pack_layout_is_torchs(tiles, monkeypatch):
     unit = torch.stack([torch.ones(k // group, n), torch.full((k // group, n), 8.0)], dim=-1)
     assert torch.equal(int4pack.dequantize_reference(packed.cpu(), unit, group), codes.float())
     assert torch.equal(int4pack.layout_reference(codes, tiles), packed.cpu())
+    pairs = (codes[:, ::2].to(torch.int32) << 4 | codes[:, 1::2].to(torch.int32)).to(torch.uint8)
+    torchs = torch.ops.aten._convert_weight_to_int4pack(pairs.to(DEVICE), tiles)
+    assert torch.equal(int4pack.torchs_order(packed), torchs)
     s, z = (t.float().cpu().t().repeat_interleave(group, dim=1) for t in scales_zeros.unbind(-1))
     weight = int4pack.dequantize(packed, scales_zeros, group)
     torch.testing.assert_close(weight.cpu(), ((codes.float() - 8) * s + z).bfloat16())  # one bfloat16 rounding
