@@ -500,6 +500,38 @@ def test_a_setting_changed_just_before_switching_chats_is_kept(chat) -> None:
     assert page.input_value("#max-tokens") == "321"
 
 
+def test_a_draft_and_its_attachment_stay_with_their_chat(chat, tmp_path) -> None:
+    """Text written and a document attached in one chat, left unsent: another chat opens with an empty composer,
+    and going back brings both back; a new chat starts empty too."""
+    page, _ = chat
+    for name in ("first chat", "second chat"):
+        page.click("#new-conv")
+        fake_reply(page, ["Noted."])
+        n = replies_done(page)
+        send(page, name)
+        wait_replies(page, n + 1)
+    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text("first chat")
+    page.fill("#input", "half a question")
+    doc = tmp_path / "notes.docx"
+    doc.write_bytes(make_docx(["Meeting notes", "The launch moves to May."]))
+    page.set_input_files("#file-input", str(doc))
+    page.locator('.attachments .doc-chip[data-name="notes.docx"]').wait_for()
+
+    page.locator(".conv-item", has_text="second chat").locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text("second chat")
+    assert page.input_value("#input") == ""
+    expect(page.locator(".attachments .doc-chip")).to_have_count(0)
+    page.click("#new-conv")
+    assert page.input_value("#input") == ""
+    expect(page.locator(".attachments .doc-chip")).to_have_count(0)
+
+    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text("first chat")
+    assert page.input_value("#input") == "half a question"
+    expect(page.locator('.attachments .doc-chip[data-name="notes.docx"]')).to_have_count(1)
+
+
 def test_reload_mid_stream_keeps_the_partial_reply(chat) -> None:
     page, _ = chat
     set_max_tokens(page, 2000)

@@ -31,6 +31,7 @@ const state = {
   maxModelLen: null,
   presets: [],
   pendingDocs: [], // documents attached to the message being written: {name, text, chars, tokens}
+  drafts: new Map(), // conversation id -> {text, docs}: what was being written in a chat left unsent
   generation: null, // {controller, id, done: Promise} while a reply streams
   needsKey: false, // the server answered 401: the API-key field keeps the focus
   contextSeq: 0,
@@ -126,14 +127,32 @@ function blankConversation() {
   return { conv, msgs: new Map([[root.id, root]]) };
 }
 
+/** Keeps the composer's text and attachments with the chat being left (or forgets them, both empty). */
+function keepDraft() {
+  const id = state.conv?.id;
+  if (!id) return;
+  const text = $('input').value;
+  if (text || state.pendingDocs.length) state.drafts.set(id, { text, docs: state.pendingDocs });
+  else state.drafts.delete(id);
+}
+
+/** Puts the chat's kept draft, if any, back in the composer. */
+function restoreDraft(id) {
+  const draft = state.drafts.get(id);
+  $('input').value = draft?.text ?? '';
+  state.pendingDocs = draft?.docs ?? [];
+  autosize();
+}
+
 function newConversation() {
   if (state.generation) return;
   saveSettings.flush(); // a setting changed just now belongs to the chat being left
+  keepDraft();
   const { conv, msgs } = blankConversation();
   state.conv = conv;
   state.msgs = msgs;
   state.unsaved = true;
-  state.pendingDocs = [];
+  restoreDraft(conv.id);
   showConversation();
   closeDrawers();
   if (!state.needsKey) $('input').focus();
@@ -145,10 +164,11 @@ async function openConversation(id) {
   if (!conv) return;
   saveSettings.flush();
   const messages = await db.getMessages(id);
+  keepDraft();
   state.conv = { ...conv, settings: { ...DEFAULT_SETTINGS, ...conv.settings } };
   state.msgs = new Map(messages.map((m) => [m.id, m]));
   state.unsaved = false;
-  state.pendingDocs = [];
+  restoreDraft(id);
   showConversation();
   closeDrawers();
 }
@@ -212,6 +232,7 @@ async function deleteConversation(id) {
   // Leave the chat before deleting it: leaving stores a settings change still pending for it (they are
   // stored 300 ms after the last change), so no save of it can come after the deletion and bring it back.
   if (state.conv?.id === id) newConversation();
+  state.drafts.delete(id);
   await db.deleteConversation(id);
   await refreshConversationList();
 }
