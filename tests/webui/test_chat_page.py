@@ -81,6 +81,20 @@ def fake_reply(page, pieces: list[str], seen: list[dict] | None = None, crlf: bo
     page.route("**/v1/chat/completions", handle, times=1)
 
 
+def chats_of_one_turn(page, names: list[str]) -> None:
+    """A new chat for each name, holding that message and a canned reply."""
+    for name in names:
+        page.click("#new-conv")
+        fake_reply(page, ["Noted."])
+        n = replies_done(page)
+        send(page, name)
+        wait_replies(page, n + 1)
+
+
+def open_chat(page, name: str) -> None:
+    page.locator(".conv-item", has_text=name).locator(".conv-open").click()
+    expect(page.locator(".conv-item.active")).to_contain_text(name)
+
 def test_send_streams_reply_with_stats(chat, chat_server) -> None:
     page, rec = chat
     set_max_tokens(page, 24)
@@ -480,12 +494,7 @@ def test_a_setting_changed_just_before_switching_chats_is_kept(chat) -> None:
     """A setting is stored 300 ms after the last change; switching chats within that time (here: on Playwright's
     paused clock, so the timer has not fired) must store it with the chat it was changed in, not lose it."""
     page, _ = chat
-    for name in ("first chat", "second chat"):
-        page.click("#new-conv")
-        fake_reply(page, ["Noted."])
-        n = replies_done(page)
-        send(page, name)
-        wait_replies(page, n + 1)
+    chats_of_one_turn(page, ["first chat", "second chat"])
     page.clock.pause_at(datetime.datetime(2030, 1, 1))
     page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
     set_max_tokens(page, 321)
@@ -504,30 +513,22 @@ def test_a_draft_and_its_attachment_stay_with_their_chat(chat, tmp_path) -> None
     """Text written and a document attached in one chat, left unsent: another chat opens with an empty composer,
     and going back brings both back; a new chat starts empty too."""
     page, _ = chat
-    for name in ("first chat", "second chat"):
-        page.click("#new-conv")
-        fake_reply(page, ["Noted."])
-        n = replies_done(page)
-        send(page, name)
-        wait_replies(page, n + 1)
-    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
-    expect(page.locator(".conv-item.active")).to_contain_text("first chat")
+    chats_of_one_turn(page, ["first chat", "second chat"])
+    open_chat(page, "first chat")
     page.fill("#input", "half a question")
     doc = tmp_path / "notes.docx"
     doc.write_bytes(make_docx(["Meeting notes", "The launch moves to May."]))
     page.set_input_files("#file-input", str(doc))
     page.locator('.attachments .doc-chip[data-name="notes.docx"]').wait_for()
 
-    page.locator(".conv-item", has_text="second chat").locator(".conv-open").click()
-    expect(page.locator(".conv-item.active")).to_contain_text("second chat")
+    open_chat(page, "second chat")
     assert page.input_value("#input") == ""
     expect(page.locator(".attachments .doc-chip")).to_have_count(0)
     page.click("#new-conv")
     assert page.input_value("#input") == ""
     expect(page.locator(".attachments .doc-chip")).to_have_count(0)
 
-    page.locator(".conv-item", has_text="first chat").locator(".conv-open").click()
-    expect(page.locator(".conv-item.active")).to_contain_text("first chat")
+    open_chat(page, "first chat")
     assert page.input_value("#input") == "half a question"
     expect(page.locator('.attachments .doc-chip[data-name="notes.docx"]')).to_have_count(1)
 
