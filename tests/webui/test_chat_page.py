@@ -533,6 +533,30 @@ def test_a_draft_and_its_attachment_stay_with_their_chat(chat, tmp_path) -> None
     expect(page.locator('.attachments .doc-chip[data-name="notes.docx"]')).to_have_count(1)
 
 
+def test_a_document_read_after_its_chat_was_left_waits_in_that_chat(chat, tmp_path) -> None:
+    """A document still being read (the server's answer held back) when the user opens another chat: it joins
+    the draft of the chat it was attached in, not the chat on screen."""
+    page, _ = chat
+    chats_of_one_turn(page, ["first chat", "second chat"])
+    open_chat(page, "first chat")
+    held = []
+    page.route("**/v1/documents/extract", lambda route: held.append(route), times=1)
+    doc = tmp_path / "late.docx"
+    doc.write_bytes(make_docx(["Late notes", "Read after the chat was left."]))
+    page.set_input_files("#file-input", str(doc))
+    for _ in range(100):
+        if held:
+            break
+        page.wait_for_timeout(50)
+    open_chat(page, "second chat")
+    with page.expect_response("**/v1/documents/extract"):
+        held[0].continue_()
+    page.wait_for_timeout(300)  # the page has the text by now
+    expect(page.locator(".attachments .doc-chip")).to_have_count(0)
+    open_chat(page, "first chat")
+    expect(page.locator('.attachments .doc-chip[data-name="late.docx"]')).to_have_count(1)
+
+
 def test_reload_mid_stream_keeps_the_partial_reply(chat) -> None:
     page, _ = chat
     set_max_tokens(page, 2000)

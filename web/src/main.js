@@ -672,6 +672,7 @@ function renderAttachments() {
 }
 
 async function attachFiles(files) {
+  const convId = state.conv.id; // a file read after the user opened another chat goes to this one's draft
   for (const file of files) {
     let doc;
     try {
@@ -682,7 +683,13 @@ async function attachFiles(files) {
       showBanner(`Could not attach ${file.name}: ${e.message}`);
       continue;
     }
-    state.pendingDocs.push(doc);
+    if (state.conv.id === convId) {
+      state.pendingDocs.push(doc);
+    } else {
+      const draft = state.drafts.get(convId) ?? { text: '', docs: [] };
+      draft.docs.push(doc);
+      state.drafts.set(convId, draft);
+    }
     renderAttachments();
     try {
       doc.tokens = (await api.tokenize({ model: state.conv.settings.model || undefined, prompt: doc.text })).count;
