@@ -28,6 +28,9 @@ KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m
 class EngineConfig:
     model: str = _opt("demo", "model to serve: a HF folder, a .gguf file, a hub id, or 'demo' (Qwen2.5-Coder-0.5B-Instruct)")
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id, when it differs from the model's")
+    chat_template: str | None = _opt(
+        None, "chat template (vLLM's flag): a Jinja file or the template itself, used instead of the model's own "
+              "(e.g. to chat with a base model, which has none)")
     dtype: str = _opt("auto", "weights and activations: auto, float32, bfloat16, float16")
     quantization: str | None = _opt(
         None, "weight quantization: awq, gptq, gguf, fp8 (also applied to a bf16 checkpoint as it loads) or "
@@ -105,6 +108,13 @@ class EngineConfig:
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ValueError(f"--master-port must be in [1, 65535], got {self.master_port}")
         SpeculativeConfig.parse(self.speculative_config)  # refused here, before anything loads
+        if self.chat_template is not None:
+            from qwen_serve.tokenizer.chat_template import ChatTemplate, read_chat_template
+
+            try:
+                ChatTemplate(read_chat_template(self.chat_template))
+            except ValueError as e:
+                raise ValueError(f"--chat-template: {e}") from None
         if self.overlap_steps not in ("auto", "on", "off"):
             raise ValueError(f"--overlap-steps must be auto, on or off, got {self.overlap_steps!r}")
         if self.rope_scaling not in (None, "yarn"):

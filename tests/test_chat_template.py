@@ -157,3 +157,67 @@ def test_bad_message_lists(messages, match: str) -> None:
 def test_bad_tools() -> None:
     with pytest.raises(ChatTemplateError, match="tools must be a list"):
         ChatTemplate("x").render([{"role": "user", "content": "x"}], tools={"name": "f"})
+
+
+# -- --chat-template: a template given at start-up instead of the model's own ------------------------------
+# ChatML written for these tests (a base model has no template of its own to fall back on).
+CHATML = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_chat_checkpoint: Path) -> Path:
+    """The tiny chat checkpoint as a base model: its tokenizer_config.json without a chat template."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("base") / "model"
+    shutil.copytree(tiny_chat_checkpoint, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_template_flag_reads_a_file_or_takes_the_template(tmp_path: Path) -> None:
+    from qwen_serve.config import EngineConfig
+    from qwen_serve.tokenizer.chat_template import read_chat_template
+
+    path = tmp_path / "chatml.jinja"
+    path.write_text(CHATML, encoding="utf-8")
+    assert read_chat_template(str(path)) == CHATML
+    assert read_chat_template(CHATML) == CHATML  # not a file, but Jinja
+    with pytest.raises(ChatTemplateError, match="neither a readable file"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
+    # Refused when the engine's configuration is made, before any weight is read.
+    with pytest.raises(ValueError, match="--chat-template: .*neither a readable file"):
+        EngineConfig(chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="--chat-template: the chat template does not compile"):
+        EngineConfig(chat_template="{% for m in messages %}")
+
+
+def test_chat_template_flag_lets_a_base_model_chat(base_checkpoint: Path, tmp_path: Path) -> None:
+    """A base model (no template) refuses chat naming the flag; with --chat-template it renders the chat as
+    transformers does with that template, through a real server's /tokenize and the openai SDK."""
+    import httpx
+    import openai
+    from transformers import AutoTokenizer
+
+    from server_process import ServerProcess
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    with pytest.raises(ChatTemplateError, match="--chat-template"):
+        Tokenizer.from_folder(base_checkpoint).apply_chat_template(messages)
+    theirs = AutoTokenizer.from_pretrained(base_checkpoint)
+    expected = theirs.apply_chat_template(messages, chat_template=CHATML, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+    path = tmp_path / "chatml.jinja"
+    path.write_text(CHATML, encoding="utf-8")
+    proc = ServerProcess(base_checkpoint, tmp_path / "server.log", "--served-model-name", "base",
+                         "--chat-template", str(path))
+    try:
+        assert httpx.post(f"{proc.base_url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"] == expected
+        client = openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="none", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="base", messages=messages, max_tokens=3, temperature=0)
+        assert out.usage.prompt_tokens == len(expected) and out.usage.completion_tokens >= 1
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]

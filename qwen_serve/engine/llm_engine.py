@@ -61,7 +61,11 @@ class LLMEngine:
             if generation_config is None:
                 generation_config = load_generation_config(folder)
             if tokenizer is None:
-                tokenizer = _load_tokenizer(Path(config.tokenizer) if config.tokenizer else folder)
+                tokenizer_folder = Path(config.tokenizer) if config.tokenizer else folder
+                tokenizer = _load_tokenizer(tokenizer_folder, config.chat_template)
+            elif config.chat_template is not None:
+                raise ValueError("--chat-template applies to the tokenizer the engine loads; give the template to the "
+                                 "tokenizer passed in instead")
         elif model_config is None:
             raise ValueError("LLMEngine needs a model folder or a model config")
         self.model_config = model_config
@@ -349,13 +353,17 @@ def _can_overlap(seqs: list[Sequence]) -> bool:
     return True
 
 
-def _load_tokenizer(folder: Path) -> Any:
+def _load_tokenizer(folder: Path, chat_template: str | None) -> Any:
+    """The folder's tokenizer, with `chat_template` (a --chat-template value) in place of its own template."""
     if not (folder / "tokenizer.json").is_file():
+        if chat_template is not None:
+            raise ValueError(f"--chat-template needs a tokenizer, and {folder} has no tokenizer.json")
         log.warning("no tokenizer.json in %s: prompts must be token ids", folder)
         return None
+    from qwen_serve.tokenizer.chat_template import read_chat_template
     from qwen_serve.tokenizer.tokenizer import Tokenizer
 
-    return Tokenizer.from_folder(folder)
+    return Tokenizer.from_folder(folder, read_chat_template(chat_template) if chat_template is not None else None)
 
 
 def _eos_ids(tokenizer: Any, generation_config: dict[str, Any], cfg: ModelConfig) -> list[int]:

@@ -163,8 +163,9 @@ def make_proposer(config: SpeculativeConfig, target: "LLMEngine") -> Proposer:
     # One request at a time, so a KV cache of twice the served context (the second half keeps prefixes cached
     # between proposals), a fixed size: on a GPU the served model's profile already took its share.
     bs = target.config.block_size
-    draft_config = replace(target.config, model=config.model, tokenizer=None, speculative_config=None,
-                           quantization=None, enable_prefix_caching=True, overlap_steps="off", max_num_seqs=1,
+    draft_config = replace(target.config, model=config.model, tokenizer=None, chat_template=None,
+                           speculative_config=None, quantization=None, enable_prefix_caching=True, overlap_steps="off",
+                           max_num_seqs=1,
                            max_model_len=target.max_model_len, num_kv_blocks=2 * -(-target.max_model_len // bs))
     draft = LLMEngine.from_config(draft_config)
     problem = None

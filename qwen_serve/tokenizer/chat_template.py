@@ -27,6 +27,21 @@ class ChatTemplateError(ValueError):
     """A malformed message list, or a template that fails to compile or render."""
 
 
+def read_chat_template(value: str) -> str:
+    """A `--chat-template` value as template text, read as vLLM reads it: the file at that path when one opens,
+    else the value itself when it looks like Jinja (has a brace or a line break); anything else is a file
+    that is not there."""
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        if any(c in value for c in "{}\n"):
+            return value
+        raise ChatTemplateError(f"{value!r} is neither a readable file ({e.strerror}) nor a Jinja template") from None
+    except UnicodeDecodeError:
+        raise ChatTemplateError(f"{value}: not a UTF-8 text file") from None
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 

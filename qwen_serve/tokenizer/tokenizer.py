@@ -114,7 +114,8 @@ class Tokenizer:
         self._template = ChatTemplate(chat_template) if chat_template else None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path, chat_template: str | None = None) -> "Tokenizer":
+        """The tokenizer files of a model folder; `chat_template` (template text) replaces the folder's own."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -125,7 +126,7 @@ class Tokenizer:
             raise ValueError(f"{path}: cannot load tokenizer: {e}") from None
         config = _read_json(folder / "tokenizer_config.json")
         try:
-            template = _pick_template(config, folder)
+            template = chat_template if chat_template is not None else _pick_template(config, folder)
             return cls(backend, config, _read_json(folder / "generation_config.json"), template, name=str(folder))
         except ChatTemplateError as e:
             raise ValueError(f"{folder}: {e}") from None
@@ -216,7 +217,8 @@ class Tokenizer:
         model continues it, as transformers does: the message is rendered with a marker after its
         content and the text is cut at the marker."""
         if self._template is None:
-            raise ChatTemplateError(f"{self.name} has no chat template; send plain prompts to /v1/completions instead")
+            raise ChatTemplateError(f"{self.name} has no chat template; give one with --chat-template, or send plain "
+                                    "prompts to /v1/completions instead")
         if continue_final_message:
             if add_generation_prompt:
                 raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be true")
